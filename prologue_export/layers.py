@@ -1,0 +1,231 @@
+"""Transformer building blocks shared by the tokenizer and the AR model.
+
+Every detail follows `shared/reference/OFFICIAL_MODEL.md` §2: RMS norm without epsilon and a
+`1 + w` scale, a constant null-class condition embedding, gated pre-norm residuals, QK-norm,
+interleaved three-axis RoPE, GeGLU with the tanh GELU on the second half. Submodule names match
+the release's state-dict keys below the top-level prefix, so the importer only renames prefixes.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ffn_hidden
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """`x / max(||x||, 1e-12) * sqrt(n)` over the last axis, in float32, cast back."""
+    n = x.shape[-1]
+    return (F.normalize(x.float(), dim=-1, eps=1e-12) * math.sqrt(n)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Learned-offset RMS norm: `rms(x) * (1 + weight)` (weight initialised to 0)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms(x) * (1 + self.weight)
+
+
+class AdaRMSNorm(nn.Module):
+    """Conditional RMS norm: `rms(x) * (1 + affine(c))`."""
+
+    def __init__(self, dim: int, cond_dim: int):
+        super().__init__()
+        self.affine = nn.Linear(cond_dim, dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return rms(x) * (1 + self.affine(cond))
+
+
+class GeGLU(nn.Module):
+    """`(gelu_tanh(v) * u) W2` with `[u, v] = h W1` (activation on the second half)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u, v = self.fc1(h).chunk(2, dim=-1)
+        return self.fc2(F.gelu(v, approximate="tanh") * u)
+
+
+def rope_table(
+    positions: torch.Tensor, axes: typing.Sequence[int], theta: torch.Tensor
+) -> typing.Tuple[torch.Tensor, torch.Tensor]:
+    """Cos/sin tables `[L, head_dim / 2]` of the three-axis interleaved RoPE.
+
+    positions: `[L, 3]` float position ids; theta: `[L]` per-token base (grid tokens and query
+    tokens of one encoder use different bases). Chunk m of the head dim is rotated by component m
+    with frequencies `theta ** (-2k / a_m)`.
+    """
+    angles = []
+    for m, a in enumerate(axes):
+        if a == 0:
+            continue
+        exponent = torch.arange(0, a, 2, dtype=torch.float32, device=positions.device) / a  # [a/2]
+        omega = 1.0 / (theta.float()[:, None] ** exponent[None, :])  # [L, a/2]
+        angles.append(positions[:, m : m + 1].float() * omega)
+    angle = torch.cat(angles, dim=-1)  # [L, d/2]
+    return torch.cos(angle), torch.sin(angle)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (2j, 2j+1). x: `[B, H, L, d]`, cos/sin: `[L, d/2]`."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, d/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    y0 = cos * x0 - sin * x1
+    y1 = sin * x0 + cos * x1
+    return torch.stack((y0, y1), dim=-1).flatten(-2).to(x.dtype)
+
+
+def grid_positions(side: int) -> torch.Tensor:
+    """`(row, col, 0)` ids of a raster-ordered `side x side` grid: `[side*side, 3]`."""
+    idx = torch.arange(side * side, device="cpu")  # buffers: real even under a meta device
+    return torch.stack((idx // side, idx % side, torch.zeros_like(idx)), dim=-1).float()
+
+
+def sequence_positions(length: int, axis: int) -> torch.Tensor:
+    """1-D ids `0..length-1` on one RoPE axis, zeros elsewhere: `[length, 3]`."""
+    pos = torch.zeros(length, 3, device="cpu")
+    pos[:, axis] = torch.arange(length, device="cpu").float()
+    return pos
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, out_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)  # first `dim` outputs are K
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim, bias=out_bias)
+
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Post-norm, post-RoPE q, k and v, each `[B, H, L, d]`."""
+        B, L, _ = h.shape
+        q = self.to_q(h).view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        kv = self.to_kv(h).view(B, L, 2, self.heads, self.head_dim)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        return q, k, v
+
+    def attend(self, q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p
+        )  # [B, H, L, d]
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, h, cos, sin, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+        q, k, v = self.qkv(h, cos, sin)
+        return self.attend(q, k, v, is_causal=causal, dropout_p=dropout_p)
+
+
+class Block(nn.Module):
+    """Pre-norm layer with adaptive norms and gated residuals (OFFICIAL_MODEL.md §2.3)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, cond_dim: int, bias: bool):
+        super().__init__()
+        self.adaln_1 = AdaRMSNorm(dim, cond_dim)
+        self.attn1 = Attention(dim, heads, out_bias=bias)
+        self.gate1 = nn.Linear(cond_dim, dim, bias=bias)
+        self.adaln_mlp = AdaRMSNorm(dim, cond_dim)
+        self.ffn = GeGLU(dim, hidden, bias=bias)
+        self.gate_mlp = nn.Linear(cond_dim, dim, bias=bias)
+
+    def forward(self, x, cond, cos, sin, causal: bool = False, dropout_p: float = 0.0):
+        x = x + self.gate1(cond) * self.attn1(self.adaln_1(x, cond), cos, sin, causal, dropout_p)
+        return x + self.gate_mlp(cond) * self.ffn(self.adaln_mlp(x, cond))
+
+    def forward_cached(self, x, cond, cos, sin, k_cache, v_cache, write_index, attn_mask):
+        """One step over a static KV cache.
+
+        x `[B, T, D]`; k_cache/v_cache `[B, H, S, d]`; write_index `[T]` long (cache slots of the
+        new tokens); attn_mask `[T, S]` bool (True = may attend). Returns x and the updated caches
+        (new tensors: the inputs are not modified).
+        """
+        q, k, v = self.attn1.qkv(self.adaln_1(x, cond), cos, sin)
+        index = write_index.view(1, 1, -1, 1).expand_as(k)
+        k_cache = k_cache.scatter(2, index, k)
+        v_cache = v_cache.scatter(2, index, v)
+        x = x + self.gate1(cond) * self.attn1.attend(q, k_cache, v_cache, attn_mask=attn_mask)
+        x = x + self.gate_mlp(cond) * self.ffn(self.adaln_mlp(x, cond))
+        return x, k_cache, v_cache
+
+
+class Transformer(nn.Module):
+    """The release's Transformer wrapper (OFFICIAL_MODEL.md §2.5).
+
+    `cond_proj` maps the (always null) class one-hot to the condition vector; an optional
+    `input_layer` embeds the inputs; optional learned queries are appended after the inputs;
+    an optional output norm + output layer close the stack (encoders have neither).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: str,
+        cond_dim: int,
+        cond_classes: int,
+        bias: bool,
+        input_dim: typing.Optional[int] = None,
+        num_queries: int = 0,
+        output_dim: typing.Optional[int] = None,
+        output_bias: bool = False,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.cond_classes = cond_classes
+        hidden = ffn_hidden(dim, mlp_ratio)
+        self.cond_proj = nn.Sequential(
+            nn.Linear(cond_classes, cond_dim), RMSNorm(cond_dim), nn.GELU(approximate="tanh")
+        )
+        self.input_layer = nn.Linear(input_dim, dim) if input_dim is not None else None
+        self.learnable_query = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02) if num_queries else None
+        self.layers = nn.ModuleList(Block(dim, heads, hidden, cond_dim, bias) for _ in range(layers))
+        if output_dim is not None:
+            self.out_norm = AdaRMSNorm(dim, cond_dim)
+            self.out = nn.Linear(dim, output_dim, bias=output_bias)
+        else:
+            self.out_norm = None
+            self.out = None
+
+    def null_condition(self) -> torch.Tensor:
+        """Condition vector of the null class, `[1, 1, C]` (every released model uses only this)."""
+        weight = self.cond_proj[0].weight
+        onehot = torch.zeros(1, 1, self.cond_classes, device=weight.device, dtype=weight.dtype)
+        onehot[..., -1] = 1.0
+        return self.cond_proj(onehot)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.input_layer(x) if self.input_layer is not None else x
+        if self.learnable_query is not None:
+            e = torch.cat([e, self.learnable_query.expand(e.shape[0], -1, -1).to(e.dtype)], dim=1)
+        return e
+
+    def head(self, e: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        e = e.float()
+        if self.out_norm is not None:
+            e = self.out(self.out_norm(e, cond))
+        return e
+
+    def forward(self, x, cos, sin, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+        cond = self.null_condition()
+        e = self.embed(x)
+        for layer in self.layers:
+            e = layer(e, cond, cos, sin, causal, dropout_p)
+        return self.head(e, cond)

@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PROLOGUE_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+FIXTURE_A = REFERENCE / "fixture_a"
+OFFICIAL_KEYS = REFERENCE / "official_keys"
+
+
+def _need_reference():
+    if not REFERENCE.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"reference data not found at {REFERENCE} (CI must provide ../shared)")
+        pytest.skip(f"reference data not found at {REFERENCE}; set PROLOGUE_SHARED")
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    _need_reference()
+    return REFERENCE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> torch.nn.Module:
+    """Give every parameter O(1) random values so that every gate, norm and bias matters.
+
+    Mirrors how fixture_a was made: default inits leave norm offsets at 0 and would hide bugs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2 and not name.endswith("learnable_query"):
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=g) * scale / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module
