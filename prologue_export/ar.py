@@ -15,6 +15,7 @@ from __future__ import annotations
 import typing
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ARConfig, VocabLayout
@@ -47,7 +48,7 @@ class ARModel(nn.Module):
         self.token_emb = nn.Embedding(V, cfg.dim)  # visual, prologue and EOS tokens
         self.transformer = Transformer(
             cfg.dim, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio, cond_dim=cfg.cond_dim,
-            cond_classes=num_classes + 1, bias=False, output_dim=V, output_bias=False,
+            cond_classes=num_classes + 1, bias=False, output_dim=V, output_bias=False, dropout=cfg.dropout,
         )
         T = vocab.seq_len  # BOS + T-1 tokens occupy positions 0 .. T-1
         cos, sin = rope_table(sequence_positions(T, axis=0), cfg.rope_axes, torch.full((T,), cfg.rope_theta, device="cpu"))
@@ -116,6 +117,7 @@ class ARModel(nn.Module):
     ) -> torch.Tensor:
         """Teacher-forced logits `[B, L, V]`: position t predicts `seq[:, t]` (no logit mask)."""
         e = self.input_embeddings(seq, class_ids, prologue_onehot, drop_visual_inputs)
+        e = F.dropout(e, self.cfg.emb_dropout, self.training)
         L = e.shape[1]
         return self.transformer(e, self.rope_cos[:L], self.rope_sin[:L], causal=True)
 

@@ -8,6 +8,7 @@ strict: a missing, unexpected or misshaped tensor is an error that names it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -42,6 +43,16 @@ class PrologueModel(nn.Module):
         self.tokenizer = Tokenizer(config.tokenizer, config.num_classes)
         self.ar = ARModel(config.ar, config.vocab(), config.num_classes) if config.ar is not None else None
 
+    @classmethod
+    def from_parts(cls, config: ModelConfig, tokenizer: nn.Module, ar: typing.Optional[nn.Module] = None) -> "PrologueModel":
+        """Assemble a model from existing modules (no new parameters are allocated)."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config = config.validate()
+        model.tokenizer = tokenizer
+        model.ar = ar
+        return model
+
     def components(self) -> typing.Dict[str, nn.Module]:
         out = {"tokenizer": self.tokenizer}
         if self.ar is not None:
@@ -71,17 +82,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(model: PrologueModel, path, extra_files: typing.Optional[typing.Dict[str, typing.Any]] = None) -> Path:
+def save_checkpoint(
+    model: PrologueModel,
+    path,
+    extra_files: typing.Optional[typing.Dict[str, typing.Any]] = None,
+    extra_json: typing.Optional[typing.Dict[str, typing.Any]] = None,
+    _test_hook=None,
+) -> Path:
     """Write `model` to the folder `path` atomically (replacing an existing checkpoint there).
 
-    extra_files: more `{name: state_dict}` tensors files (e.g. a joint AR, EMA) saved beside.
+    extra_files: more `{name: state_dict}` tensor files saved beside (training state, EMA);
+    extra_json: more `{filename: object}` JSON files. Leftover temporary folders of an
+    earlier, interrupted save are removed.
     """
     model = unwrap(model)
     path = Path(path)
     if path.exists() and not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} exists and is not a checkpoint folder; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed mid-write
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    written: typing.List[str] = []
     try:
         tensors = {name: unwrap(m).state_dict() for name, m in model.components().items()}
         tensors = {COMPONENT_FILES[k]: v for k, v in tensors.items()}
@@ -92,10 +115,21 @@ def save_checkpoint(model: PrologueModel, path, extra_files: typing.Optional[typ
             save_file(state, str(tmp / filename), metadata={"format": "pt"})
             with open(tmp / filename, "rb") as fh:
                 os.fsync(fh.fileno())
-        with open(tmp / CONFIG_FILE, "w") as fh:
-            fh.write(model.config.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
+            written.append(filename)
+            if _test_hook is not None:
+                _test_hook(tmp, written)
+        texts = {CONFIG_FILE: model.config.to_json()}
+        texts.update({name: json.dumps(obj) for name, obj in (extra_json or {}).items()})
+        for filename, text in texts.items():
+            with open(tmp / filename, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():  # mkdtemp and safetensors create owner-only files
+            file.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         _fsync_dir(tmp)
         old = None
         if path.exists():
@@ -109,6 +143,19 @@ def save_checkpoint(model: PrologueModel, path, extra_files: typing.Optional[typ
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def recover_interrupted(path) -> None:
+    """If a save was killed between its two renames, put the previous checkpoint back."""
+    path = Path(path)
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return
+    if not path.exists() and (olds[-1] / CONFIG_FILE).is_file():
+        os.replace(olds[-1], path)
+        olds = olds[:-1]
+    for stale in olds:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_tensors(file: Path) -> typing.Dict[str, torch.Tensor]:
@@ -149,6 +196,8 @@ def _clip(items: typing.List[str], n: int = 8) -> typing.List[str]:
 
 def load_config(path) -> ModelConfig:
     path = Path(path)
+    if not path.is_dir():
+        recover_interrupted(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     cfg_file = path / CONFIG_FILE

@@ -52,6 +52,48 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train import run_cli
+
+    return run_cli(args)
+
+
+def _add_train_parsers(sub) -> None:
+    train = sub.add_parser("train", help="train a tokenizer (phase 1), pretokenize (phase 2) or train the AR (phase 3)",
+                           description="Training phases. Each runs under `accelerate launch` unchanged for several "
+                           "processes, GPUs or nodes.")
+    phases = train.add_subparsers(dest="phase", required=True, metavar="PHASE")
+
+    def common(p, config_help):
+        p.add_argument("--config", required=True, metavar="FILE|PRESET", help=config_help)
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides with JSON values, e.g. steps=200 optim_tokenizer.lr=3e-4")
+        p.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoint/, metrics.jsonl, images/)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        p.add_argument("--no-compile", action="store_true", help="do not torch.compile the models")
+        p.set_defaults(func=_cmd_train)
+
+    p = phases.add_parser("tokenizer", help="phase 1: tokenizer + joint AR (variants prologue, 2d, post)")
+    common(p, "a JSON training config or a preset: tiny, tiny-2d, tiny-post, prologue-b, 2d")
+    p.add_argument("--data", default="fashion-mnist", metavar="PATH",
+                   help="fashion-mnist (default; Debian's dataset-fashion-mnist), synthetic[:N], a folder "
+                   "with the Fashion-MNIST IDX files, or ImageNet-style class folders")
+
+    p = phases.add_parser("ar", help="phase 3: the class-conditional AR on pretokenized shards")
+    common(p, "a JSON training config or a preset: tiny, base, large, xlarge")
+    p.add_argument("--tokens", required=True, metavar="DIR", help="the shard folder written by `prologue train pretokenize`")
+
+    p = phases.add_parser("pretokenize", help="phase 2: encode a data set with the EMA tokenizer into id shards")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a tokenizer checkpoint (phase 1's checkpoint/ folder)")
+    p.add_argument("--data", default="fashion-mnist", metavar="PATH", help="as for `train tokenizer`")
+    p.add_argument("--out", required=True, metavar="DIR", help="shard folder (index.json + shard_*.npz); resumable")
+    p.add_argument("--crops", choices=["ten", "center"], default="ten", help="ten-crop augmentation (default) or one centre crop")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    p.add_argument("--shard-size", type=int, default=8192, help="images per shard file")
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes")
+    p.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prologue", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.set_defaults(func=_cmd_import_official)
 
+    _add_train_parsers(sub)
+
     p = sub.add_parser("presets", help="list the model presets with their parameter counts")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_presets)
@@ -84,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data import DataError
 
     args = build_parser().parse_args(argv)
+    errors: tuple = (CheckpointError, ConfigError, DataError)
+    if args.command == "train":
+        from .train.common import TrainError
+
+        errors += (TrainError,)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError) as exc:
+    except errors as exc:
         print(f"prologue {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -134,6 +134,8 @@ class ARConfig:
     rope_axes: typing.List[int] = field(default_factory=lambda: [24, 20, 20])
     rope_theta: float = 10000.0
     cond_dim: int = 32
+    dropout: float = 0.0  # residual-branch dropout, training only (the release's phase 3: 0.1)
+    emb_dropout: float = 0.0  # input-embedding dropout, training only (phase 3: 0.1)
 
     @property
     def head_dim(self) -> int:
@@ -142,6 +144,9 @@ class ARConfig:
     def validate(self) -> None:
         _validate_stack("ar", TransformerSize(self.dim, self.layers, self.heads), self.rope_axes)
         _validate_ratio("ar.mlp_ratio", self.mlp_ratio)
+        for name in ("dropout", "emb_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"ar.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -353,6 +358,11 @@ def _validate_ratio(name: str, ratio: str) -> None:
         raise ConfigError(f"{name}: {ratio!r} is not a ratio like '8/3'") from None
     if value <= 0:
         raise ConfigError(f"{name} must be > 0, got {ratio!r}")
+
+
+def build_dataclass(cls, data, path: str):
+    """A dataclass from a dict, strictly: unknown, missing or ill-typed keys raise ConfigError naming them."""
+    return _build(cls, data, path)
 
 
 def _build(cls, data, path: str):

@@ -122,22 +122,21 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k), cos, sin)
         return q, k, v
 
-    def attend(self, q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p
-        )  # [B, H, L, d]
+    def attend(self, q, k, v, attn_mask=None, is_causal=False) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, L, d]
         return self.proj(out.transpose(1, 2).flatten(2))
 
-    def forward(self, h, cos, sin, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    def forward(self, h, cos, sin, causal: bool = False) -> torch.Tensor:
         q, k, v = self.qkv(h, cos, sin)
-        return self.attend(q, k, v, is_causal=causal, dropout_p=dropout_p)
+        return self.attend(q, k, v, is_causal=causal)
 
 
 class Block(nn.Module):
     """Pre-norm layer with adaptive norms and gated residuals (OFFICIAL_MODEL.md §2.3)."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, cond_dim: int, bias: bool):
+    def __init__(self, dim: int, heads: int, hidden: int, cond_dim: int, bias: bool, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout  # residual-branch dropout (training only)
         self.adaln_1 = AdaRMSNorm(dim, cond_dim)
         self.attn1 = Attention(dim, heads, out_bias=bias)
         self.gate1 = nn.Linear(cond_dim, dim, bias=bias)
@@ -145,9 +144,11 @@ class Block(nn.Module):
         self.ffn = GeGLU(dim, hidden, bias=bias)
         self.gate_mlp = nn.Linear(cond_dim, dim, bias=bias)
 
-    def forward(self, x, cond, cos, sin, causal: bool = False, dropout_p: float = 0.0):
-        x = x + self.gate1(cond) * self.attn1(self.adaln_1(x, cond), cos, sin, causal, dropout_p)
-        return x + self.gate_mlp(cond) * self.ffn(self.adaln_mlp(x, cond))
+    def forward(self, x, cond, cos, sin, causal: bool = False):
+        attn = self.attn1(self.adaln_1(x, cond), cos, sin, causal)
+        x = x + self.gate1(cond) * F.dropout(attn, self.dropout, self.training)
+        ffn = self.ffn(self.adaln_mlp(x, cond))
+        return x + self.gate_mlp(cond) * F.dropout(ffn, self.dropout, self.training)
 
     def forward_cached(self, x, cond, cos, sin, k_cache, v_cache, write_index, attn_mask):
         """One step over a static KV cache.
@@ -186,6 +187,7 @@ class Transformer(nn.Module):
         num_queries: int = 0,
         output_dim: typing.Optional[int] = None,
         output_bias: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.dim = dim
@@ -196,7 +198,7 @@ class Transformer(nn.Module):
         )
         self.input_layer = nn.Linear(input_dim, dim) if input_dim is not None else None
         self.learnable_query = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02) if num_queries else None
-        self.layers = nn.ModuleList(Block(dim, heads, hidden, cond_dim, bias) for _ in range(layers))
+        self.layers = nn.ModuleList(Block(dim, heads, hidden, cond_dim, bias, dropout) for _ in range(layers))
         if output_dim is not None:
             self.out_norm = AdaRMSNorm(dim, cond_dim)
             self.out = nn.Linear(dim, output_dim, bias=output_bias)
@@ -223,9 +225,9 @@ class Transformer(nn.Module):
             e = self.out(self.out_norm(e, cond))
         return e
 
-    def forward(self, x, cos, sin, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    def forward(self, x, cos, sin, causal: bool = False) -> torch.Tensor:
         cond = self.null_condition()
         e = self.embed(x)
         for layer in self.layers:
-            e = layer(e, cond, cos, sin, causal, dropout_p)
+            e = layer(e, cond, cos, sin, causal)
         return self.head(e, cond)

@@ -1,0 +1,416 @@
+"""What the three training phases share: accelerate set-up, schedules, EMA, exact-resume
+training state (safetensors + JSON, no pickle), metrics log, progress bar, image grids.
+
+Exact resume: every piece of randomness is either derived from `(seed, step, ...)` (data order,
+augmentation, label drop, visual-input dropout) or restored from the checkpoint (torch RNG for
+dropout and discriminator augmentation), and optimizer, EMA, discriminator statistics and the
+step are saved with the weights. A run killed at any point resumes from its last checkpoint
+and ends with the same weights as an uninterrupted run (CPU, deterministic kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..checkpoint import CheckpointError, read_tensors, save_checkpoint, unwrap
+
+STATE_FILE = "train_state.json"
+CHECKPOINT_DIR = "checkpoint"
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or continue as asked; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# processes, devices, precision
+
+
+def make_accelerator(run, log_with=None):
+    """An `accelerate.Accelerator` (DDP under `accelerate launch`; CPU when there is no GPU)."""
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+    except ImportError:  # pragma: no cover - the train extra installs it
+        raise TrainError("training needs accelerate: pip install 'prologue-export[train]'") from None
+    cuda = torch.cuda.is_available()
+    precision = run.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision != "no" and not cuda:
+        precision = "no"  # autocast on CPU would change numerics for no gain here
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(cpu=not cuda, mixed_precision=precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
+    return torch.compile(module) if enabled else module
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A torch generator that depends only on (seed, step, stream): process-count independent."""
+    mixed = np.random.SeedSequence([seed, step, stream]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(mixed[0] % (2**63)))
+
+
+def rank_slice(global_tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = global_tensor.shape[0] // world
+    return global_tensor[rank * n:(rank + 1) * n]
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules and EMA
+
+
+def lr_at(step: int, total: int, opt) -> float:
+    """Linear warm-up to `lr`, flat for `flat_steps`, then linear decay to `lr_min` at `total`."""
+    if opt.warmup_steps and step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    decay_start = opt.warmup_steps + opt.flat_steps
+    if step < decay_start or total <= decay_start:
+        return opt.lr
+    frac = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return opt.lr + (opt.lr_min - opt.lr) * frac
+
+
+def make_optimizer(params, opt) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # norms, biases, gains
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=opt.lr, betas=tuple(opt.betas))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_and_step(optimizer, params, grad_clip: float, accelerator) -> float:
+    params = [p for p in params if p.grad is not None]
+    norm = float("nan")
+    if params:
+        if grad_clip > 0:
+            norm = float(accelerator.clip_grad_norm_(params, grad_clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+    optimizer.step()
+    return norm
+
+
+class EMA:
+    """Exponential moving average of a module's floating state, decay from a half-life in steps."""
+
+    def __init__(self, module: nn.Module, halflife: float):
+        self.decay = 0.5 ** (1.0 / halflife) if halflife > 0 else 0.0
+        self.shadow = {k: v.detach().clone() for k, v in unwrap(module).state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for k, v in unwrap(module).state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        unwrap(module).load_state_dict(self.shadow, strict=True)
+        return module
+
+
+# ---------------------------------------------------------------------------------------------
+# training state: weights + optimizers + EMA + RNG, as safetensors and JSON
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> typing.Tuple[dict, dict]:
+    """(tensors, json) for an optimizer state dict, without pickle."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: typing.Dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_to_files() -> typing.Tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def rng_from_files(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+
+
+def _jsonable(obj):
+    if isinstance(obj, tuple):
+        return [_jsonable(x) for x in obj]
+    return obj
+
+
+def save_training_checkpoint(
+    out_dir: Path,
+    model,
+    step: int,
+    train_config: dict,
+    modules: typing.Dict[str, nn.Module],
+    optimizers: typing.Dict[str, torch.optim.Optimizer],
+    emas: typing.Dict[str, EMA],
+    extra: typing.Optional[dict] = None,
+) -> Path:
+    """Write `out_dir/checkpoint` atomically: the inference model (loadable by
+    `load_checkpoint`) plus `train_*.safetensors` and `train_state.json` for `--resume`."""
+    files: typing.Dict[str, dict] = {}
+    for name, module in modules.items():
+        files[f"train_{name}"] = unwrap(module).state_dict()
+    meta: typing.Dict[str, typing.Any] = {"step": step, "config": train_config, "optimizers": {}, "extra": extra or {}}
+    for name, opt in optimizers.items():
+        tensors, opt_meta = optimizer_to_files(opt)
+        files[f"train_optim_{name}"] = tensors
+        meta["optimizers"][name] = opt_meta
+    for name, ema in emas.items():
+        files[f"train_ema_{name}"] = ema.shadow
+    rng_tensors, meta["rng"] = rng_to_files()
+    files["train_rng"] = rng_tensors
+    return save_checkpoint(model, out_dir / CHECKPOINT_DIR, extra_files=files,
+                           extra_json={STATE_FILE: meta}, _test_hook=_kill_hook(step))
+
+
+def load_training_state(ckpt_dir: Path) -> dict:
+    state_file = ckpt_dir / STATE_FILE
+    if not state_file.is_file():
+        raise TrainError(f"{ckpt_dir} has no {STATE_FILE}: not a resumable training checkpoint")
+    return json.loads(state_file.read_text())
+
+
+def restore_training_state(
+    ckpt_dir: Path,
+    meta: dict,
+    modules: typing.Dict[str, nn.Module],
+    optimizers: typing.Dict[str, torch.optim.Optimizer],
+    emas: typing.Dict[str, EMA],
+) -> None:
+    for name, module in modules.items():
+        unwrap(module).load_state_dict(read_tensors(ckpt_dir / f"train_{name}.safetensors"), strict=True)
+    for name, opt in optimizers.items():
+        optimizer_from_files(opt, load_file(ckpt_dir / f"train_optim_{name}.safetensors"), meta["optimizers"][name])
+    for name, ema in emas.items():
+        shadow = read_tensors(ckpt_dir / f"train_ema_{name}.safetensors")
+        if shadow.keys() != ema.shadow.keys():
+            raise CheckpointError(f"EMA '{name}' in {ckpt_dir} does not match the model")
+        ema.shadow = shadow
+    rng_from_files(load_file(ckpt_dir / "train_rng.safetensors"), meta["rng"])
+
+
+def start_or_resume(out: Path, resume: bool, main: bool, cfg_dict: dict, modules, optimizers, emas, phase: str) -> int:
+    """Restore the run's state when resuming (returns its step), else record the config (step 0)."""
+    if not resume:
+        if main:
+            (out / "train_config.json").write_text(json.dumps(cfg_dict, indent=2))
+        return 0
+    ckpt_dir = out / CHECKPOINT_DIR
+    meta = load_training_state(ckpt_dir)
+    check_resume_config(meta["config"], cfg_dict, ckpt_dir)
+    restore_training_state(ckpt_dir, meta, modules, optimizers, emas)
+    if main:
+        print(f"[{phase}] resuming {out} at step {meta['step']}", flush=True)
+    return meta["step"]
+
+
+def check_resume_config(saved: dict, current: dict, where: Path) -> None:
+    """Resuming needs the same model and recipe; run length, logging and I/O may change."""
+    free = {"run"}  # steps, log/checkpoint cadence, workers, compile may differ on resume
+    clashes = [k for k in sorted(set(saved) | set(current))
+               if k not in free and saved.get(k) != current.get(k)]
+    run_keys = ("batch_size", "grad_accum", "seed")
+    clashes += [f"run.{k}" for k in run_keys if saved.get("run", {}).get(k) != current.get("run", {}).get(k)]
+    if clashes:
+        raise TrainError(f"--resume: {where} was trained with another config (differs in: {', '.join(clashes)}); "
+                         "resume with the same config, or start a new --out folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# logging, progress, pictures
+
+
+class MetricsLog:
+    """JSON-lines metrics (main process only); appends, so a resumed run continues its log."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self.fh = open(path, "a", buffering=1) if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    """uint8 `[N, C, H, W]` -> one PNG grid with `nrow` images per row (1-pixel gaps)."""
+    from PIL import Image
+
+    images = images.cpu()
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    canvas = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = images[i]
+    array = canvas.permute(1, 2, 0).numpy()
+    mode = "L" if c == 1 else "RGB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(array[..., 0] if c == 1 else array, mode=mode).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
+    """Create the run folder; refuse to reuse one that holds a run unless --resume."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} exists and is not a folder")
+    ckpt = out / CHECKPOINT_DIR
+    if resume:
+        if not (ckpt / STATE_FILE).is_file():
+            raise TrainError(f"--resume: no checkpoint in {out} (expected {ckpt}/{STATE_FILE})")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise TrainError(f"--out {out} already holds files; pass --resume to continue that run or choose a new folder")
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise TrainError(f"cannot write to --out {out}: {exc.strerror}; choose a writable folder") from None
+
+
+class Reporter:
+    """Per-step bookkeeping of a run: test kill hook, progress bar, JSON-lines log, cadences."""
+
+    def __init__(self, out: Path, run, start: int, main: bool, desc: str, items_per_step: int, unit: str):
+        self.run, self.main = run, main
+        self.items, self.unit = items_per_step, unit
+        self.log = MetricsLog(out / "metrics.jsonl", main)
+        self.bar = progress(run.steps, start, main, desc)
+        self.timer = Timer()
+
+    def step_done(self, done: int, stats: dict, shown: str) -> None:
+        maybe_kill_at_step(done)
+        dt = self.timer.lap()
+        rate = self.items / dt
+        if self.main:
+            self.bar.update(1)
+            self.bar.set_postfix({shown: f"{stats[shown]:.4f}", f"{self.unit}/s": f"{rate:.0f}"}, refresh=False)
+        if self.due(done, self.run.log_every):
+            self.log.write({"step": done, "time": time.time(), **{k: round(float(v), 6) for k, v in stats.items()},
+                            f"{self.unit}_per_s": rate})
+
+    def due(self, done: int, every: int) -> bool:
+        return done % every == 0 or done == self.run.steps
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        t = time.perf_counter()
+        dt, self.t0 = t - self.t0, t
+        return dt
+
+
+# ---------------------------------------------------------------------------------------------
+# fault injection for the resume tests (a real SIGKILL at a chosen point)
+
+
+def _maybe_test_kill(var: str, step: int) -> None:
+    if os.environ.get(var) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_hook(step: int):
+    if os.environ.get("PROLOGUE_TEST_KILL_MID_WRITE") != str(step):
+        return None
+
+    def hook(tmp_dir: Path, written: typing.List[str]) -> None:
+        if len(written) >= 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def maybe_kill_at_step(step: int) -> None:
+    _maybe_test_kill("PROLOGUE_TEST_KILL_AT_STEP", step)
+
+
+@contextlib.contextmanager
+def no_sync_if(accelerator, modules, condition: bool):
+    """DDP gradient sync only on the last micro-step of an accumulation."""
+    if not condition:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(accelerator.no_sync(m))
+        yield

@@ -1,0 +1,205 @@
+"""Phase 2: encode a data set with the (EMA) tokenizer into shards of integer ids.
+
+Output folder:
+  index.json                      layout, counts, shard list, `complete`
+  tokenizer/                      a copy of the tokenizer checkpoint (the folder is self-contained)
+  shard_00000_ids.npy             int16/int32 [n, crops, Z + X]: `[prologue ids (raw) | visual ids]`
+  shard_00000_labels.npy          int64 [n]
+Shard k holds data-set items [k*S, (k+1)*S) in order (unreadable images skipped and counted).
+Each shard is written to a temporary name and renamed, then listed in index.json (also
+replaced atomically), so an interrupted run resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import PrologueModel, load_checkpoint, save_checkpoint
+from ..config import ModelConfig
+from ..data import ten_crop, to_model_input, train_transform
+from .common import TrainError, progress
+from .datasets import open_dataset
+
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+
+
+class _Crops(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices, image_size, channels, crops):
+        self.dataset, self.indices = dataset, indices
+        self.image_size, self.channels, self.crops = image_size, channels, crops
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[self.indices[i]]
+        if image is None:
+            return None, label
+        if self.crops == "ten":
+            views = ten_crop(image, self.image_size, self.channels)  # [10, C, S, S]
+        else:
+            rng = np.random.default_rng(0)  # unused: centre crop without flip is deterministic
+            views = train_transform(image, self.image_size, self.channels, rng, crop="center", flip=False)[None]
+        return views, label
+
+
+def _collate(items):
+    good = [(v, l) for v, l in items if v is not None]
+    views = torch.from_numpy(np.stack([v for v, _ in good])) if good else None  # [b, crops, C, S, S]
+    labels = torch.tensor([l for _, l in good], dtype=torch.int64)
+    return views, labels, len(items) - len(good)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def pretokenize(checkpoint, data: typing.Optional[str], out, crops: str = "ten", batch_size: int = 256,
+                shard_size: int = 8192, num_workers: int = 2, device: typing.Optional[str] = None) -> dict:
+    """Encode `data` into id shards in `out`; resumes an interrupted run of the same inputs."""
+    if batch_size < 1 or shard_size < 1:
+        raise TrainError("--batch-size and --shard-size must be >= 1")
+    model = load_checkpoint(checkpoint)
+    tok = model.tokenizer
+    tcfg = tok.cfg
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok.to(device).eval()
+    dataset = open_dataset(data, tcfg.image_size, tcfg.channels, model.config.num_classes)
+    if dataset.num_classes > model.config.num_classes:
+        raise TrainError(f"the data set has {dataset.num_classes} classes, the tokenizer was built for "
+                         f"{model.config.num_classes}")
+    out = Path(out)
+    vocab = model.config.vocab()
+    max_id = max(vocab.visual_codebook_size, vocab.prologue_codebook_size)
+    dtype = np.int16 if max_id <= np.iinfo(np.int16).max else np.int32
+    n = len(dataset)
+    source = {"data": str(data), "num_items": n, "tokenizer_sha256": _sha256(Path(checkpoint) / "tokenizer.safetensors"),
+              "crops": crops, "shard_size": shard_size}
+    index_path = out / INDEX_FILE
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        if index.get("source") != source:
+            raise TrainError(f"{out} holds shards of other inputs ({index.get('source')}); use a new --out folder")
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise TrainError(f"--out {out} already holds files and no {INDEX_FILE}; choose a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        tok_dir = out / "tokenizer"
+        save_checkpoint(PrologueModel.from_parts(
+            ModelConfig(num_classes=model.config.num_classes, tokenizer=tcfg, ar=None), tok), tok_dir)
+        index = {
+            "format_version": FORMAT_VERSION, "source": source, "complete": False,
+            "num_classes": model.config.num_classes, "class_names": list(getattr(dataset, "class_names", [])),
+            "num_prologue_tokens": vocab.num_prologue_tokens, "num_visual_tokens": vocab.num_visual_tokens,
+            "crops_per_image": 10 if crops == "ten" else 1, "dtype": np.dtype(dtype).name,
+            "shards": [], "num_images": 0, "skipped": 0,
+        }
+        _write_json_atomic(index_path, index)
+    done = {s["index"] for s in index["shards"]}
+    num_shards = (n + shard_size - 1) // shard_size
+    bar = progress(n, sum(min(shard_size, n - k * shard_size) for k in done), True, "pretokenize")
+    try:
+        for k in range(num_shards):
+            if k in done:
+                continue
+            indices = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
+            loader = torch.utils.data.DataLoader(
+                _Crops(dataset, indices, tcfg.image_size, tcfg.channels, crops), batch_size=batch_size,
+                num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+            ids_parts, label_parts, skipped = [], [], 0
+            for views, labels, n_skipped in loader:
+                skipped += n_skipped
+                if views is not None:
+                    b, c = views.shape[:2]
+                    x = to_model_input(views.flatten(0, 1), device)  # [b*crops, C, S, S]
+                    prologue_ids, visual_ids = tok.encode(x)
+                    ids = torch.cat([prologue_ids, visual_ids], dim=1).view(b, c, -1)  # [b, crops, Z+X]
+                    ids_parts.append(ids.cpu().numpy().astype(dtype))
+                    label_parts.append(labels.numpy())
+                bar.update(views.shape[0] + n_skipped if views is not None else n_skipped)
+            L = vocab.num_prologue_tokens + vocab.num_visual_tokens
+            ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, index["crops_per_image"], L), dtype)
+            labels = np.concatenate(label_parts) if label_parts else np.zeros(0, np.int64)
+            ids_name, labels_name = f"shard_{k:05d}_ids.npy", f"shard_{k:05d}_labels.npy"
+            _save_npy_atomic(out / ids_name, ids)
+            _save_npy_atomic(out / labels_name, labels)
+            index["shards"].append({"index": k, "ids": ids_name, "labels": labels_name, "count": int(len(labels)),
+                                    "skipped": skipped})
+            index["shards"].sort(key=lambda s: s["index"])
+            index["num_images"] = sum(s["count"] for s in index["shards"])
+            index["skipped"] = sum(s["skipped"] for s in index["shards"])
+            _write_json_atomic(index_path, index)
+    finally:
+        bar.close()
+    index["complete"] = True
+    _write_json_atomic(index_path, index)
+    if index["skipped"]:
+        print(f"[pretokenize] skipped {index['skipped']} unreadable images", flush=True)
+    return index
+
+
+class TokenShards:
+    """Read-only view of a shard folder: `ids` [N, crops, Z+X] (memory-mapped), `labels` [N]."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        index_path = self.folder / INDEX_FILE
+        if not index_path.is_file():
+            raise TrainError(f"--tokens {folder}: no {INDEX_FILE}; run `prologue train pretokenize` first")
+        self.index = json.loads(index_path.read_text())
+        if not self.index.get("complete"):
+            raise TrainError(f"--tokens {folder}: pretokenization did not finish; rerun the same "
+                             "`prologue train pretokenize` command to complete it")
+        self.ids = [np.load(self.folder / s["ids"], mmap_mode="r") for s in self.index["shards"]]
+        self.labels = np.concatenate([np.load(self.folder / s["labels"]) for s in self.index["shards"]])
+        self.offsets = np.cumsum([0] + [len(a) for a in self.ids])
+        if len(self.labels) == 0:
+            raise TrainError(f"--tokens {folder} holds no images")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.folder / "tokenizer"
+
+    def rows(self, indices: np.ndarray, crop: np.ndarray) -> np.ndarray:
+        """ids `[len(indices), Z+X]` of the chosen crop of each item."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        out = np.empty((len(indices), self.ids[0].shape[-1]), dtype=np.int64)
+        for j, (s, i, c) in enumerate(zip(shard, indices, crop)):
+            out[j] = self.ids[s][i - self.offsets[s], c]
+        return out
+
+

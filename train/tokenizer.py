@@ -1,0 +1,290 @@
+"""Phase 1: the tokenizer with the joint AR (DESIGN.md §1).
+
+Each step alternates, on the same batch:
+  A) tokenizer update (encoder, quantizers, decoder) on L1 (+L2) + perceptual + GAN generator
+     + VQ + weighted CE of the frozen joint AR; the CE reaches the encoder only through the
+     straight-through prologue one-hots;
+  B) discriminator update (+LeCam, R1) on real vs detached reconstructions, and joint-AR update
+     on the detached (hard) tokens.
+For half the rows (`visual_input_dropout`) every visual *input* of the AR is EOS, in both A and
+B, so the prologue alone must predict the image. Variants: `2d` (no prologue, no joint AR),
+`post` (a trained 2d tokenizer frozen; a separate prologue encoder + joint AR trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..ar import ARModel
+from ..checkpoint import PrologueModel, load_checkpoint
+from ..config import ModelConfig
+from ..data import make_loader, to_model_input
+from ..losses import GANLoss, load_perceptual
+from ..tokenizer import images_to_uint8
+from . import common
+from .common import CHECKPOINT_DIR, EMA, TrainError
+from .configs import TokenizerTrainConfig
+from .datasets import fill_skipped, open_dataset
+
+
+def joint_ce(ar, vocab, prologue_ids, visual_ids, onehot, drop_rows, null_class):
+    """Per-segment CE of the unconditional joint AR: (prologue + EOS targets, visual targets)."""
+    B = visual_ids.shape[0]
+    seq = torch.cat([prologue_ids + vocab.prologue_offset,
+                     torch.full((B, 1), vocab.eos_id, device=visual_ids.device), visual_ids], dim=1)  # [B, T]
+    classes = torch.full((B,), null_class, device=visual_ids.device)
+    logits = ar(seq, classes, prologue_onehot=onehot, drop_visual_inputs=drop_rows)  # [B, T, V]
+    ce = F.cross_entropy(logits.float().flatten(0, 1), seq.flatten(), reduction="none").view(B, -1)
+    Z = vocab.num_prologue_tokens
+    return ce[:, :Z + 1].mean(), ce[:, Z + 1:].mean()
+
+
+def _drop_rows(cfg, step: int, stream: int, rank: int, world: int, micro: slice, device) -> torch.Tensor:
+    g = common.step_generator(cfg.run.seed, step, stream)
+    rows = torch.rand(cfg.run.batch_size, generator=g) < cfg.visual_input_dropout  # [G] global
+    return common.rank_slice(rows, rank, world)[micro].to(device)
+
+
+class TokenizerTrainer:
+    """Modules, optimizers, EMAs and the two alternating updates of phase 1 for one process."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, acc):
+        self.cfg, self.acc = cfg, acc
+        run, tcfg = cfg.run, cfg.tokenizer
+        self.world, self.rank = acc.num_processes, acc.process_index
+        if run.batch_size % (self.world * run.grad_accum):
+            raise TrainError(f"run.batch_size {run.batch_size} must be divisible by processes x grad_accum "
+                             f"({self.world} x {run.grad_accum})")
+        self.micro_bs = run.batch_size // self.world // run.grad_accum
+        torch.manual_seed(run.seed)
+        self.model_cfg = ModelConfig(num_classes=cfg.num_classes, tokenizer=tcfg, ar=None).validate()
+        self.vocab = self.model_cfg.vocab()
+        self.tok = PrologueModel(self.model_cfg).tokenizer
+        if tcfg.variant == "post":
+            _load_frozen_2d(self.tok, cfg.init_from)
+        self.joint = ARModel(cfg.joint_ar, self.vocab, cfg.num_classes) if cfg.joint_ar is not None else None
+        self.gan = None
+        if tcfg.variant != "post" and cfg.gan_weight > 0:
+            g = cfg.gan
+            self.gan = GANLoss(tcfg.channels, base_channels=g.base_channels, num_layers=g.num_layers, loss=g.loss,
+                               lecam_weight=g.lecam_weight, r1_weight=g.r1_weight, aug_prob=g.aug_prob)
+        self.perceptual = None
+        if tcfg.variant != "post" and cfg.perceptual_weight > 0:
+            self.perceptual = load_perceptual(cfg.perceptual_weights)
+            if self.perceptual is None and acc.is_main_process:
+                print("[phase 1] no perceptual weights given (perceptual_weights=PATH to a local VGG16/LPIPS "
+                      "file): training without the perceptual loss", flush=True)
+        self.device = acc.device
+        for m in (self.tok, self.joint, self.gan, self.perceptual):
+            if m is not None:
+                m.to(self.device)
+        self.tok_params = [p for p in self.tok.parameters() if p.requires_grad]
+        self.optimizers = {"tokenizer": common.make_optimizer(self.tok_params, cfg.optim_tokenizer)}
+        self.modules: typing.Dict[str, torch.nn.Module] = {"tokenizer": self.tok}
+        self.emas = {"tokenizer": EMA(self.tok, cfg.ema_halflife)}
+        if self.joint is not None:
+            self.optimizers["joint_ar"] = common.make_optimizer(self.joint.parameters(), cfg.optim_ar)
+            self.modules["joint_ar"] = self.joint
+            self.emas["joint_ar"] = EMA(self.joint, cfg.ema_halflife)
+        if self.gan is not None:
+            self.optimizers["disc"] = common.make_optimizer(self.gan.parameters(), cfg.optim_disc)
+            self.modules["gan"] = self.gan
+        self._kept: list = []
+
+    def wrap(self) -> None:
+        """torch.compile (optional) and DDP wrappers for the forwards; call after restoring state."""
+        compile_ = self.cfg.run.compile
+        self.tok_fwd = self.acc.prepare(common.maybe_compile(self.tok, compile_))
+        self.joint_fwd = self.acc.prepare(common.maybe_compile(self.joint, compile_)) if self.joint is not None else None
+        if self.gan is not None:
+            self.gan.discriminator = self.acc.prepare(self.gan.discriminator)
+        self.synced = [m for m in (self.tok_fwd, self.joint_fwd, self.gan.discriminator if self.gan else None)
+                       if m is not None]
+
+    def set_lr(self, step: int) -> float:
+        names = {"tokenizer": "optim_tokenizer", "joint_ar": "optim_ar", "disc": "optim_disc"}
+        lrs = {n: common.lr_at(step, self.cfg.run.steps, getattr(self.cfg, names[n])) for n in self.optimizers}
+        for n, opt in self.optimizers.items():
+            common.set_lr(opt, lrs[n])
+        return lrs["tokenizer"]
+
+    def gan_on(self, step: int) -> bool:
+        return self.gan is not None and step >= self.cfg.gan_start
+
+    def step_a(self, images: torch.Tensor, step: int) -> dict:
+        """Update the tokenizer; the joint AR and discriminator only pass gradients through."""
+        cfg, run, acc = self.cfg, self.cfg.run, self.acc
+        stats: typing.Dict[str, float] = {}
+        self._kept = []
+        for i in range(run.grad_accum):
+            micro = slice(i * self.micro_bs, (i + 1) * self.micro_bs)
+            x = to_model_input(images[micro], self.device)  # [b, C, H, W] in [-1, 1]
+            with common.no_sync_if(acc, self.synced, i < run.grad_accum - 1), acc.autocast():
+                outs = self.tok_fwd(x)
+                rec = outs["reconstruction"].float()
+                parts = {"l1": (rec - x).abs().mean(), "vq": outs["vq_loss"]}
+                loss = cfg.l1_weight * parts["l1"] + cfg.vq_weight * parts["vq"]
+                if cfg.l2_weight:
+                    parts["l2"] = (rec - x).square().mean()
+                    loss = loss + cfg.l2_weight * parts["l2"]
+                if self.perceptual is not None:
+                    parts["perceptual"] = self.perceptual(rec, x).mean()
+                    loss = loss + cfg.perceptual_weight * parts["perceptual"]
+                if self.gan_on(step):
+                    parts["gan_g"] = self.gan.generator_loss(rec)
+                    loss = loss + cfg.gan_weight * parts["gan_g"]
+                if self.joint is not None:
+                    drop = _drop_rows(cfg, step, 1, self.rank, self.world, micro, self.device)
+                    ce_p, ce_v = joint_ce(self.joint_fwd, self.vocab, outs["prologue_ids"], outs["visual_ids"],
+                                          outs["prologue_onehot"], drop, cfg.num_classes)
+                    parts["ce_prologue"], parts["ce_visual"] = ce_p, ce_v
+                    loss = loss + cfg.ce_weight_prologue * ce_p + cfg.ce_weight_visual * ce_v
+                acc.backward(loss / run.grad_accum)
+            _accumulate(stats, parts, run.grad_accum)
+            self._kept.append((x, rec.detach(), outs.get("prologue_ids"), outs["visual_ids"].detach(), micro))
+        stats["grad_norm_tokenizer"] = common.clip_and_step(
+            self.optimizers["tokenizer"], self.tok_params, cfg.optim_tokenizer.grad_clip, acc)
+        for opt in self.optimizers.values():  # AR / discriminator gradients of step A are discarded
+            opt.zero_grad(set_to_none=True)
+        return stats
+
+    def step_b(self, step: int) -> dict:
+        """Update the discriminator (real vs detached reconstructions) and the joint AR (hard tokens)."""
+        cfg, run, acc = self.cfg, self.cfg.run, self.acc
+        stats: typing.Dict[str, float] = {}
+        gan_on = self.gan_on(step)
+        if not gan_on and self.joint is None:
+            return stats
+        for i, (x, rec, prologue_ids, visual_ids, micro) in enumerate(self._kept):
+            with common.no_sync_if(acc, self.synced, i < run.grad_accum - 1), acc.autocast():
+                loss = torch.zeros((), device=self.device)
+                parts = {}
+                if gan_on:
+                    d = self.gan.discriminator_loss(x, rec)
+                    parts.update({k: d[k] for k in ("d_loss", "lecam", "r1", "logits_real", "logits_fake")})
+                    loss = loss + d["loss"]
+                if self.joint is not None:
+                    drop = _drop_rows(cfg, step, 2, self.rank, self.world, micro, self.device)
+                    ce_p, ce_v = joint_ce(self.joint_fwd, self.vocab, prologue_ids.detach(), visual_ids, None, drop,
+                                          cfg.num_classes)
+                    v = self.vocab
+                    parts["ar_ce"] = (ce_p * (v.num_prologue_tokens + 1) + ce_v * v.num_visual_tokens) / v.seq_len
+                    loss = loss + parts["ar_ce"]
+                acc.backward(loss / run.grad_accum)
+            _accumulate(stats, parts, run.grad_accum)
+        if gan_on:
+            stats["grad_norm_disc"] = common.clip_and_step(
+                self.optimizers["disc"], list(self.gan.parameters()), cfg.optim_disc.grad_clip, acc)
+        if self.joint is not None:
+            stats["grad_norm_joint_ar"] = common.clip_and_step(
+                self.optimizers["joint_ar"], list(self.joint.parameters()), cfg.optim_ar.grad_clip, acc)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self._kept = []
+        return stats
+
+    def update_emas(self) -> None:
+        for name, ema in self.emas.items():
+            ema.update(self.modules[name])
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, data: typing.Optional[str], out, resume: bool = False) -> Path:
+    """Run phase 1 into the folder `out`; returns the checkpoint folder."""
+    out = Path(out)
+    acc = common.make_accelerator(cfg.run)
+    common.prepare_out_dir(out, resume, acc.is_main_process)
+    acc.wait_for_everyone()
+    main = acc.is_main_process
+    run, tcfg = cfg.run, cfg.tokenizer
+    cfg_dict = dataclasses.asdict(cfg)
+    dataset = open_dataset(data, tcfg.image_size, tcfg.channels, cfg.num_classes)
+    if dataset.num_classes > cfg.num_classes:
+        raise TrainError(f"the data set has {dataset.num_classes} classes but num_classes={cfg.num_classes}: "
+                         f"pass num_classes={dataset.num_classes}")
+    trainer = TokenizerTrainer(cfg, acc)
+    ckpt_dir = out / CHECKPOINT_DIR
+    start = common.start_or_resume(out, resume, main, cfg_dict, trainer.modules, trainer.optimizers, trainer.emas,
+                                   "phase 1")
+    if start >= run.steps:
+        if main:
+            print(f"[phase 1] {out} already reached step {start} >= steps={run.steps}", flush=True)
+        return ckpt_dir
+    trainer.wrap()
+    loader = make_loader(dataset, run.batch_size, seed=run.seed, rank=trainer.rank, world_size=trainer.world,
+                         start_step=start, num_workers=run.num_workers, image_size=tcfg.image_size,
+                         channels=tcfg.channels)
+    report = common.Reporter(out, run, start, main, f"tokenizer[{tcfg.variant}]", run.batch_size, "images")
+    skipped_total = 0
+    batches = iter(loader)
+    try:
+        for step in range(start, run.steps):
+            batch = next(batches)
+            skipped_total += batch["skipped"]
+            images, _ = fill_skipped(batch["images"], batch["labels"], run.batch_size // trainer.world)
+            lr = trainer.set_lr(step)
+            stats = trainer.step_a(images, step)
+            stats.update(trainer.step_b(step))
+            trainer.update_emas()
+            done = step + 1
+            report.step_done(done, {**stats, "lr": lr, "skipped_total": skipped_total}, "l1")
+            if main and report.due(done, run.image_every):
+                _recon_grid(trainer.emas["tokenizer"], trainer.model_cfg, images[:8],
+                            out / "images" / f"recon_step{done:07d}.png", trainer.device)
+            if report.due(done, run.checkpoint_every):
+                acc.wait_for_everyone()
+                if main:
+                    common.save_training_checkpoint(
+                        out, _inference_model(trainer.model_cfg, trainer.emas["tokenizer"]), done, cfg_dict,
+                        trainer.modules, trainer.optimizers, trainer.emas, extra={"skipped_total": skipped_total})
+                acc.wait_for_everyone()
+    finally:
+        report.close()
+    if main and skipped_total:
+        print(f"[phase 1] skipped {skipped_total} unreadable images", flush=True)
+    return ckpt_dir
+
+
+def _accumulate(stats: dict, parts: dict, n: int) -> None:
+    for k, v in parts.items():
+        stats[k] = stats.get(k, 0.0) + float(v.detach()) / n
+
+
+def _inference_model(model_cfg: ModelConfig, ema: EMA) -> PrologueModel:
+    """The checkpoint's model: the EMA tokenizer (what the release reconstructs and tokenizes with)."""
+    with torch.device("meta"):
+        model = PrologueModel(model_cfg)
+    model.tokenizer.load_state_dict({k: v.detach().cpu() for k, v in ema.shadow.items()}, strict=True, assign=True)
+    return model
+
+
+@torch.no_grad()
+def _recon_grid(ema: EMA, model_cfg: ModelConfig, images_u8: torch.Tensor, path: Path, device) -> None:
+    model = _inference_model(model_cfg, ema).to(device).eval()
+    x = to_model_input(images_u8, device)
+    _, visual_ids = model.tokenizer.encode(x)
+    rec = images_to_uint8(model.tokenizer.decode(visual_ids)).cpu()
+    common.save_grid(torch.cat([images_u8.cpu(), rec]), path, nrow=images_u8.shape[0])
+
+
+def _load_frozen_2d(tok, init_from: typing.Optional[str]) -> None:
+    """`post`: copy a trained 2d tokenizer's encoder, visual quantizer and decoder; freeze them."""
+    if not init_from or init_from == "REQUIRED":
+        raise TrainError("variant 'post' needs init_from=PATH: the checkpoint of a trained 2d tokenizer "
+                         "(phase 1 with the 2d variant)")
+    base = load_checkpoint(init_from).tokenizer
+    if base.cfg.variant != "2d":
+        raise TrainError(f"init_from {init_from} is a '{base.cfg.variant}' tokenizer; 'post' needs a '2d' one")
+    for name in ("encoder", "visual_quantizer", "decoder"):
+        mine, theirs = getattr(tok, name), getattr(base, name)
+        try:
+            mine.load_state_dict(theirs.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise TrainError(f"init_from {init_from}: its {name} does not fit this config ({exc})") from None
+        mine.requires_grad_(False)
+
+
