@@ -1,1 +1,1 @@
-"""Graph contracts, ONNX lowering, TensorRT builds and the bundle. Lands with the export issue."""
+"""Graph contracts, ONNX lowering, bundle writing and verification (`prologue export`)."""

@@ -58,6 +58,47 @@ def _cmd_train(args) -> int:
     return run_cli(args)
 
 
+def _cmd_export(args) -> int:
+    from .export.bundle import export_bundle
+    from .export.verify import verify_bundle
+
+    log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.verify:
+        report = verify_bundle(args.verify, checkpoint=args.checkpoint, log=log)
+        print(json.dumps({"bundle": args.verify, "verification": report}, indent=2) if args.json
+              else f"{args.verify}: verified against {args.checkpoint}")
+        return 0
+    if not args.out:
+        raise SystemExit("prologue export: error: --out is required (or --verify BUNDLE)")
+    sampling = json.loads(args.sampling) if args.sampling else None
+    manifest = export_bundle(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
+                             force=args.force, verify=not args.no_verify, sampling=sampling, log=log)
+    summary = {"bundle": args.out, "graphs": sorted(manifest["graphs"]), "files": manifest["files"],
+               "verified": bool(manifest.get("verification", {}).get("passed"))}
+    print(json.dumps(summary, indent=2) if args.json else
+          f"wrote {args.out}: {', '.join(summary['graphs'])} ({'verified' if summary['verified'] else 'NOT verified'})")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint to an ONNX bundle (decoder, prologue generator, AR step) and verify it",
+        description="Write a bundle folder (manifest.json + ONNX graphs) from a checkpoint, then verify it with ONNX "
+        "Runtime against torch: per-graph parity, dynamic axes, and whole generations (same tokens as the torch "
+        "sampler for the same seed). With --verify BUNDLE, only verify an existing bundle.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint folder (training or import-official)")
+    p.add_argument("--out", metavar="BUNDLE", help="bundle folder to write (must not exist unless --force)")
+    p.add_argument("--verify", metavar="BUNDLE", help="verify this existing bundle against --checkpoint instead of exporting")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="graph precision (default fp32)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="largest batch the engines must serve (default 8)")
+    p.add_argument("--sampling", metavar="JSON", help="sampling defaults stored in the manifest, e.g. '{\"cfg\": 3.0}' "
+                   "(our names or the release's)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_train_parsers(sub) -> None:
     train = sub.add_parser("train", help="train a tokenizer (phase 1), pretokenize (phase 2) or train the AR (phase 3)",
                            description="Training phases. Each runs under `accelerate launch` unchanged for several "
@@ -118,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import_official)
 
     _add_train_parsers(sub)
+    _add_export_parser(sub)
 
     p = sub.add_parser("presets", help="list the model presets with their parameter counts")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -136,6 +178,11 @@ def main(argv=None) -> int:
         from .train.common import TrainError
 
         errors += (TrainError,)
+    if args.command == "export":
+        from .export.bundle import ExportError
+        from .export.verify import VerificationError
+
+        errors += (ExportError, VerificationError)
     try:
         return args.func(args)
     except errors as exc:

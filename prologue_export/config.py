@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from .runtime.spec import (  # re-exported: one definition for the model and the runtime
+    CFG_SCHEDULES, ConfigError, SamplingConfig, VocabLayout, _build, build_dataclass,
+)
+
+__all__ = [
+    "CFG_SCHEDULES", "CONFIG_FORMAT_VERSION", "TOKENIZER_VARIANTS", "ARConfig", "ConfigError", "ModelConfig",
+    "SamplingConfig", "TokenizerConfig", "TransformerSize", "VocabLayout", "ar_preset", "build_dataclass",
+    "ffn_hidden", "model_preset", "tokenizer_preset",
+]
+
 CONFIG_FORMAT_VERSION = 1
 
 TOKENIZER_VARIANTS = ("prologue", "2d", "post")
-CFG_SCHEDULES = ("constant", "linear", "cosine")
-
-
-class ConfigError(ValueError):
-    """A config that is malformed: unknown, missing or ill-typed key, or inconsistent sizes."""
 
 
 def ffn_hidden(dim: int, mlp_ratio: str) -> int:
@@ -197,141 +201,6 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-@dataclass(frozen=True)
-class VocabLayout:
-    """AR vocabulary: visual codes, then prologue codes at an offset, then EOS.
-
-    Baselines without a prologue (`2d`) have neither prologue codes nor EOS.
-    """
-
-    visual_codebook_size: int  # K_v
-    prologue_codebook_size: int  # K_p (0 without a prologue)
-    num_prologue_tokens: int  # Z (0 without a prologue)
-    num_visual_tokens: int  # X
-
-    @property
-    def has_prologue(self) -> bool:
-        return self.num_prologue_tokens > 0
-
-    @property
-    def prologue_offset(self) -> int:
-        return self.visual_codebook_size
-
-    @property
-    def eos_id(self) -> typing.Optional[int]:
-        return self.visual_codebook_size + self.prologue_codebook_size if self.has_prologue else None
-
-    @property
-    def vocab_size(self) -> int:  # V
-        return self.visual_codebook_size + (self.prologue_codebook_size + 1 if self.has_prologue else 0)
-
-    @property
-    def seq_len(self) -> int:  # T: [prologue (Z) ; EOS ; visual (X)]
-        return self.num_prologue_tokens + (1 if self.has_prologue else 0) + self.num_visual_tokens
-
-    @property
-    def visual_start(self) -> int:  # index of the first visual token in the AR sequence
-        return self.seq_len - self.num_visual_tokens
-
-
-@dataclass
-class SamplingConfig:
-    """Sampling settings of the AR model (names mirror the release; see `from_official`).
-
-    Split ("segmented") CFG is on when `prologue_cfg_schedule` or `visual_cfg_schedule` is set:
-    prologue steps use the prologue schedule, EOS and visual steps the visual one. Otherwise the
-    whole-sequence schedule `cfg_schedule` with scale `cfg` applies. Scales of a segment that are
-    unset fall back to `cfg`; its power falls back to `cfg_power`.
-    """
-
-    cfg: float = 2.0
-    cfg_schedule: str = "constant"
-    cfg_power: float = 1.0
-    prologue_cfg_schedule: typing.Optional[str] = None
-    prologue_cfg_scale: typing.Optional[float] = None
-    prologue_cfg_start: float = 0.0
-    prologue_cfg_power: typing.Optional[float] = None
-    visual_cfg_schedule: typing.Optional[str] = None
-    visual_cfg_scale: typing.Optional[float] = None
-    visual_cfg_start: float = 1.0
-    visual_cfg_power: typing.Optional[float] = None
-    temperature: float = 1.0
-    prologue_temperature: typing.Optional[float] = None
-    top_k: int = 0
-    top_p: float = 0.0
-
-    # official option name -> our field name
-    OFFICIAL_NAMES: typing.ClassVar[typing.Dict[str, str]] = {
-        "cfg": "cfg",
-        "cfg_schedule": "cfg_schedule",
-        "cfg_power": "cfg_power",
-        "semantic_cfg_schedule": "prologue_cfg_schedule",
-        "semantic_cfg_scale": "prologue_cfg_scale",
-        "semantic_cfg_start": "prologue_cfg_start",
-        "semantic_cfg_power": "prologue_cfg_power",
-        "visual_cfg_schedule": "visual_cfg_schedule",
-        "visual_cfg_scale": "visual_cfg_scale",
-        "visual_cfg_start": "visual_cfg_start",
-        "visual_cfg_power": "visual_cfg_power",
-        "temperature": "temperature",
-        "semantic_temperature": "prologue_temperature",
-        "topK": "top_k",
-        "topP": "top_p",
-    }
-
-    @property
-    def segmented(self) -> bool:
-        return self.prologue_cfg_schedule is not None or self.visual_cfg_schedule is not None
-
-    def validate(self) -> "SamplingConfig":
-        for name in ("cfg_schedule", "prologue_cfg_schedule", "visual_cfg_schedule"):
-            value = getattr(self, name)
-            if value is not None and value not in CFG_SCHEDULES:
-                raise ConfigError(f"sampling.{name}: {value!r} is not one of {', '.join(CFG_SCHEDULES)}")
-        for name in ("temperature", "prologue_temperature"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"sampling.{name} must be > 0, got {value}")
-        if self.top_k < 0:
-            raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ConfigError(f"sampling.top_p must be in [0, 1] (0 or 1 = off), got {self.top_p}")
-        return self
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SamplingConfig":
-        return _build(cls, data, "sampling").validate()
-
-    @classmethod
-    def from_official(cls, options: dict) -> "SamplingConfig":
-        """Settings in the release's option names (`eval.sh`, `sample_vis.py`)."""
-        ours = {}
-        for key, value in options.items():
-            if key not in cls.OFFICIAL_NAMES:
-                raise ConfigError(
-                    f"sampling option {key!r} is not an official sampling option; known: "
-                    f"{', '.join(cls.OFFICIAL_NAMES)}"
-                )
-            ours[cls.OFFICIAL_NAMES[key]] = value
-        if "top_k" in ours and isinstance(ours["top_k"], float) and ours["top_k"].is_integer():
-            ours["top_k"] = int(ours["top_k"])  # the release's config stores topK as 0.0
-        return cls.from_dict(ours)
-
-    @classmethod
-    def coerce(cls, settings) -> "SamplingConfig":
-        """A SamplingConfig, a dict of our field names, or a dict of official option names."""
-        if settings is None:
-            return cls().validate()
-        if isinstance(settings, SamplingConfig):
-            return settings.validate()
-        if isinstance(settings, dict):
-            ours = {f.name for f in dataclasses.fields(cls)}
-            if set(settings) <= ours:
-                return cls.from_dict(settings)
-            return cls.from_official(settings)
-        raise ConfigError(f"sampling settings must be a SamplingConfig or a dict, got {type(settings).__name__}")
-
-
 # ---------------------------------------------------------------------------------------------
 # strict dict -> dataclass
 
@@ -358,62 +227,6 @@ def _validate_ratio(name: str, ratio: str) -> None:
         raise ConfigError(f"{name}: {ratio!r} is not a ratio like '8/3'") from None
     if value <= 0:
         raise ConfigError(f"{name} must be > 0, got {ratio!r}")
-
-
-def build_dataclass(cls, data, path: str):
-    """A dataclass from a dict, strictly: unknown, missing or ill-typed keys raise ConfigError naming them."""
-    return _build(cls, data, path)
-
-
-def _build(cls, data, path: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{path}.{name}: missing required key")
-            continue
-        kwargs[name] = _convert(hints[name], data[name], f"{path}.{name}")
-    return cls(**kwargs)
-
-
-def _convert(tp, value, path: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin in (list, typing.List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - config schema bug
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,47 +13,14 @@ or an explicit `uniform` array `[B, T, V]`.
 
 from __future__ import annotations
 
-import math
 import typing
 
-import numpy as np
 import torch
 
 from .ar import ARModel
 from .config import SamplingConfig, VocabLayout
-
-
-def cfg_scale_at(step: int, settings: SamplingConfig, vocab: VocabLayout) -> float:
-    """The CFG scale applied at sampling step `step` (0-based)."""
-    T, Z = vocab.seq_len, vocab.num_prologue_tokens
-    if settings.segmented:
-        if step < Z:
-            schedule = settings.prologue_cfg_schedule or settings.cfg_schedule
-            scale = _or(settings.prologue_cfg_scale, settings.cfg)
-            start, power = settings.prologue_cfg_start, _or(settings.prologue_cfg_power, settings.cfg_power)
-            t = step / Z
-        else:
-            schedule = settings.visual_cfg_schedule or settings.cfg_schedule
-            scale = _or(settings.visual_cfg_scale, settings.cfg)
-            start, power = settings.visual_cfg_start, _or(settings.visual_cfg_power, settings.cfg_power)
-            t = (step - Z) / (T - Z)
-        if schedule == "constant":
-            return scale
-        if schedule == "linear":
-            return start + (scale - start) * t
-        return start + (scale - start) * (1 - math.cos(math.pi * t**power)) / 2
-    t = step / T
-    if settings.cfg_schedule == "constant":
-        return settings.cfg
-    if settings.cfg_schedule == "linear":
-        return (1 - t) + settings.cfg * t
-    return 1 + (settings.cfg - 1) * (1 - math.cos(math.pi * t**settings.cfg_power)) / 2
-
-
-def cfg_enabled(settings: SamplingConfig) -> bool:
-    if settings.segmented:
-        return _or(settings.prologue_cfg_scale, settings.cfg) > 0 or _or(settings.visual_cfg_scale, settings.cfg) > 0
-    return settings.cfg > 0
+from .runtime.loop import Noise, check_class_ids, check_prologue_ids
+from .runtime.spec import cfg_enabled, cfg_scale_at  # noqa: F401 (public here too)
 
 
 def process_logits(
@@ -85,50 +52,8 @@ def gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logp + gumbel, dim=-1)
 
 
-class NoiseSource:
-    """Uniform noise per AR position: from a seed (PCG64 stream) or an explicit `[B, T, V]` array."""
-
-    def __init__(self, batch: int, seq_len: int, vocab_size: int, uniform=None, seed=None):
-        if (uniform is None) == (seed is None):
-            raise ValueError("give exactly one of `seed` (an int) or `uniform` (an array [B, T, V])")
-        self.shape = (batch, vocab_size)
-        self.uniform = None
-        self.rng = None
-        if uniform is not None:
-            u = torch.as_tensor(np.asarray(uniform))
-            expected = [batch, seq_len, vocab_size]
-            if list(u.shape) != expected:
-                raise ValueError(f"uniform must have shape {expected} (B, T, V), got {list(u.shape)}")
-            if not u.is_floating_point():
-                raise ValueError(f"uniform must be float noise in [0, 1), got dtype {u.dtype}")
-            if u.numel() and (float(u.min()) < 0 or float(u.max()) >= 1):
-                raise ValueError("uniform noise must lie in [0, 1)")
-            self.uniform = u.float()
-        else:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-                raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-            self.rng = np.random.Generator(np.random.PCG64(int(seed)))
-
-    def at(self, step: int) -> torch.Tensor:
-        if self.uniform is not None:
-            return self.uniform[:, step]
-        return torch.from_numpy(self.rng.random(self.shape, dtype=np.float32))
-
-
-def _as_class_ids(class_ids, num_classes: int) -> torch.Tensor:
-    ids = torch.as_tensor(np.asarray(class_ids) if not torch.is_tensor(class_ids) else class_ids)
-    if ids.dim() == 0:
-        ids = ids.reshape(1)
-    if ids.numel() == 0:
-        raise ValueError("class_ids is empty: give at least one class")
-    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"class_ids must be a 1-D integer array [B], got {list(ids.shape)} {ids.dtype}")
-    if int(ids.min()) < 0 or int(ids.max()) > num_classes:
-        raise ValueError(
-            f"class ids must lie in [0, {num_classes}] ({num_classes} = the null class), "
-            f"got range [{int(ids.min())}, {int(ids.max())}]"
-        )
-    return ids.long()
+def _numpy(x):
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else x
 
 
 @torch.no_grad()
@@ -151,21 +76,12 @@ def sample(
     settings = SamplingConfig.coerce(settings)
     vocab = ar.vocab
     T, V, Z = vocab.seq_len, vocab.vocab_size, vocab.num_prologue_tokens
-    classes = _as_class_ids(class_ids, ar.num_classes)
+    classes = torch.from_numpy(check_class_ids(_numpy(class_ids), ar.num_classes))
     B = classes.shape[0]
-    noise = NoiseSource(B, T, V, uniform=uniform, seed=seed)
+    noise = Noise(B, T, V, seed=seed, uniform=_numpy(uniform))
     fixed = None
     if prologue_ids is not None:
-        if not vocab.has_prologue:
-            raise ValueError("prologue_ids given, but this model has no prologue (a '2d' baseline)")
-        fixed = torch.as_tensor(np.asarray(prologue_ids) if not torch.is_tensor(prologue_ids) else prologue_ids)
-        if list(fixed.shape) != [B, Z] or fixed.is_floating_point():
-            raise ValueError(f"prologue_ids must be integer [B, Z] = [{B}, {Z}], got {list(fixed.shape)} {fixed.dtype}")
-        Kp = vocab.prologue_codebook_size
-        if int(fixed.min()) < 0 or int(fixed.max()) >= Kp:
-            raise ValueError(f"prologue_ids are raw prologue codes in [0, {Kp}); got range "
-                             f"[{int(fixed.min())}, {int(fixed.max())}] (pass them un-offset, as encode returns them)")
-        fixed = fixed.long() + vocab.prologue_offset
+        fixed = torch.from_numpy(check_prologue_ids(_numpy(prologue_ids), B, vocab)) + vocab.prologue_offset
 
     device = ar.token_emb.weight.device
     use_cfg = cfg_enabled(settings)
@@ -182,7 +98,7 @@ def sample(
         if use_cfg:
             scale = cfg_scale_at(step, settings, vocab)
             logits = scale * logits[:B] + (1 - scale) * logits[B:]
-        u = noise.at(step)  # drawn at every position, forced ones included
+        u = torch.from_numpy(noise.at(step))  # drawn at every position, forced ones included
         if fixed is not None and step < Z:
             chosen = fixed[:, step]
         else:
@@ -204,7 +120,3 @@ def split_sequence(tokens: torch.Tensor, vocab: VocabLayout) -> typing.Tuple[tor
     Z = vocab.num_prologue_tokens
     prologue = tokens[:, :Z] - vocab.prologue_offset
     return prologue, tokens[:, vocab.visual_start :]
-
-
-def _or(value, fallback):
-    return fallback if value is None else value

@@ -1,0 +1,177 @@
+"""`prologue export`: a checkpoint -> a self-describing, verified bundle (docs/bundle.md).
+
+Written into a temporary sibling folder and renamed into place at the end, so a failure leaves
+nothing half-written; an existing folder is replaced only when it is a bundle and `force` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+import typing
+import warnings
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import CheckpointError, PrologueModel, load_checkpoint
+from ..config import SamplingConfig
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from .graphs import contracts
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger graphs keep weights in a .data file
+PRECISIONS = ("fp32", "fp16")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done as asked; the message says what to do."""
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's warnings (torchvision op registration, deprecations) are noise for users."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_graph(contract, folder: Path) -> typing.List[str]:
+    """Lower one contract to ONNX (fp32) in `folder`; returns the files written."""
+    module = contract.module()
+    args = contract.sample_inputs(torch.Generator().manual_seed(0))
+    external = _param_bytes(module) > EXTERNAL_DATA_BYTES
+    path = folder / f"{contract.name}.onnx"
+    quiet = _quiet_exporter()
+    try:
+        with quiet:
+            torch.onnx.export(
+                module, args, str(path), input_names=[s.name for s in contract.inputs],
+                output_names=[s.name for s in contract.outputs], dynamic_shapes=contract.dynamic_shapes(),
+                opset_version=OPSET, dynamo=True, external_data=external, verbose=False)
+    except Exception as exc:
+        raise ExportError(f"exporting {contract.name} to ONNX failed: {type(exc).__name__}: {exc}") from exc
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{contract.name}.onnx"))
+
+
+def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by_graph, precision: str,
+                   max_batch: int, sampling: SamplingConfig) -> dict:
+    cfg = model.config
+    v = cfg.vocab()
+    graphs = {}
+    for c in graph_contracts:
+        entry = c.to_json()
+        entry["file"] = f"{c.name}.onnx"
+        entry["precision"] = precision
+        graphs[c.name] = entry
+    files = {}
+    for name in sorted(f for fs in files_by_graph.values() for f in fs):
+        files[name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "producer": {
+            "prologue_export": __version__, "torch": torch.__version__, "onnx_opset": OPSET,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "model": cfg.to_dict(),
+        "num_classes": cfg.num_classes,
+        "null_class": cfg.null_class,
+        "vocab": {
+            "visual_codebook_size": v.visual_codebook_size, "prologue_codebook_size": v.prologue_codebook_size,
+            "num_prologue_tokens": v.num_prologue_tokens, "num_visual_tokens": v.num_visual_tokens,
+            "prologue_offset": v.prologue_offset, "eos_id": v.eos_id, "vocab_size": v.vocab_size,
+            "seq_len": v.seq_len, "input_bos_offset": v.vocab_size,
+        },
+        "image": {"size": cfg.tokenizer.image_size, "channels": cfg.tokenizer.channels,
+                  "patch_size": cfg.tokenizer.patch_size},
+        "precision": precision,
+        "max_batch": max_batch,
+        "sampling_defaults": vars(sampling).copy(),
+        "graphs": graphs,
+        "engines": {},
+        "files": files,
+    }
+    if cfg.ar is not None:
+        manifest["ar"] = {"layers": cfg.ar.layers, "heads": cfg.ar.heads, "head_dim": cfg.ar.head_dim,
+                          "max_seq_len": v.seq_len}
+    return manifest
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def export_bundle(checkpoint, out, precision: str = "fp32", max_batch: int = 8, force: bool = False,
+                  verify: bool = True, sampling=None, log=print) -> dict:
+    """Export `checkpoint` to the bundle folder `out`; verifies it unless `verify=False`."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16":
+        raise ExportError(
+            "fp16 ONNX graphs are refused in this version: ONNX Runtime's CPU provider cannot run them, so they "
+            "could not be verified against torch within a stated tolerance. Export fp32 (the default); for reduced "
+            "precision on a GPU build TensorRT fp16/bf16 engines from the fp32 graphs.")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ExportError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
+    out = Path(out)
+    if out.exists():
+        if not (out / MANIFEST).is_file():
+            raise ExportError(f"--out {out} exists and is not a bundle; refusing to overwrite it (choose a new folder)")
+        if not force:
+            raise ExportError(f"--out {out} already holds a bundle; pass --force to replace it")
+    try:
+        model = load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(f"cannot export {checkpoint}: {exc}") from None
+    model.eval()
+    sampling = SamplingConfig.coerce(sampling)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        graph_contracts = contracts(model, max_batch)
+        files_by_graph = {}
+        for c in graph_contracts:
+            log(f"[export] {c.name} ...")
+            files_by_graph[c.name] = export_graph(c, tmp)
+        manifest = build_manifest(model, tmp, graph_contracts, files_by_graph, precision, max_batch, sampling)
+        write_json(tmp / MANIFEST, manifest)
+        if verify:
+            from .verify import verify_bundle
+
+            report = verify_bundle(tmp, model=model, log=log)
+            manifest["verification"] = report
+            write_json(tmp / MANIFEST, manifest)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,249 @@
+"""The three exported graphs, one small class each declaring its whole contract (DESIGN.md §3).
+
+Each contract names its inputs and outputs with dtypes and symbolic shapes, says which axes are
+dynamic (with min/opt/max for engine builders), builds a sample input with every dynamic size
+>= 2 (size 1 gets specialised into a constant), and wraps the model in the module that export
+lowers. The wrappers call the one model definition in `prologue_export`; they add only the I/O
+conversions (uint8 pixels, in-graph sampling).
+
+- `decoder`: visual ids `[B, X]` -> image uint8 `[B, C, H, W]` (+ the unclamped float image).
+- `prologue_generator`: image uint8 `[B, C, H, W]` -> prologue ids `[B, Z]`, visual ids `[B, X]`.
+- `ar_step`: prefill or decode over a static KV cache, CFG mixing, temperature, segment mask,
+  top-k, top-p and Gumbel-max with host noise, for the last fed position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import torch
+from torch import nn
+
+from ..ar import ARModel
+from ..checkpoint import PrologueModel
+from ..config import ModelConfig
+
+
+@dataclasses.dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: typing.List[typing.Union[int, str]]  # ints are static, strings name dynamic axes
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
+
+
+@dataclasses.dataclass
+class AxisRange:
+    """Allowed sizes of one dynamic axis: engines are built for [min, max], tuned for opt."""
+
+    min: int
+    opt: int
+    max: int
+
+    def to_json(self) -> dict:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+class GraphContract:
+    name: str
+    inputs: typing.List[TensorSpec]
+    outputs: typing.List[TensorSpec]
+    axes: typing.Dict[str, AxisRange]
+
+    def module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def sample_inputs(self, generator: torch.Generator) -> typing.Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def dynamic_shapes(self) -> typing.Dict[str, dict]:
+        """`torch.export` dynamic shapes keyed by input name."""
+        dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in self.axes.items()}
+        return {spec.name: {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in self.inputs}
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "dynamic_axes": {name: r.to_json() for name, r in self.axes.items()},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class DecoderModule(nn.Module):
+    def __init__(self, model: PrologueModel):
+        super().__init__()
+        self.tokenizer = model.tokenizer
+
+    def forward(self, visual_ids: torch.Tensor):
+        image = self.tokenizer.decode_codes(self.tokenizer.visual_quantizer.codes(visual_ids))  # [B, C, H, W]
+        pixels = torch.floor(torch.clamp(127.5 * image + 128.0, 0.0, 255.0)).to(torch.uint8)
+        return pixels, image
+
+
+class DecoderContract(GraphContract):
+    name = "decoder"
+
+    def __init__(self, model: PrologueModel, max_batch: int):
+        self.model = model
+        t = model.config.tokenizer
+        self.axes = {"batch": AxisRange(1, min(8, max_batch), max_batch)}
+        self.inputs = [TensorSpec("visual_ids", "int64", ["batch", t.num_visual_tokens])]
+        self.outputs = [
+            TensorSpec("image", "uint8", ["batch", t.channels, t.image_size, t.image_size]),
+            TensorSpec("image_float", "float32", ["batch", t.channels, t.image_size, t.image_size]),
+        ]
+
+    def module(self) -> nn.Module:
+        return DecoderModule(self.model).eval()
+
+    def sample_inputs(self, generator):
+        t = self.model.config.tokenizer
+        return (torch.randint(0, t.visual_codebook_size, (2, t.num_visual_tokens), generator=generator),)
+
+
+class PrologueGeneratorModule(nn.Module):
+    def __init__(self, model: PrologueModel):
+        super().__init__()
+        self.tokenizer = model.tokenizer
+
+    def forward(self, image: torch.Tensor):
+        x = image.to(torch.float32) / 127.5 - 1.0  # [B, C, H, W] in [-1, 1]
+        return self.tokenizer.encode(x)
+
+
+class PrologueGeneratorContract(GraphContract):
+    name = "prologue_generator"
+
+    def __init__(self, model: PrologueModel, max_batch: int):
+        self.model = model
+        t = model.config.tokenizer
+        self.axes = {"batch": AxisRange(1, min(8, max_batch), max_batch)}
+        self.inputs = [TensorSpec("image", "uint8", ["batch", t.channels, t.image_size, t.image_size])]
+        self.outputs = [
+            TensorSpec("prologue_ids", "int64", ["batch", t.num_prologue_tokens]),
+            TensorSpec("visual_ids", "int64", ["batch", t.num_visual_tokens]),
+        ]
+
+    def module(self) -> nn.Module:
+        return PrologueGeneratorModule(self.model).eval()
+
+    def sample_inputs(self, generator):
+        t = self.model.config.tokenizer
+        return (torch.randint(0, 256, (2, t.channels, t.image_size, t.image_size), generator=generator).to(torch.uint8),)
+
+
+class ARStepModule(nn.Module):
+    """One AR step with sampling of the last fed position, for `B` images in `R` rows.
+
+    Rows are `[cond ; uncond]` (R = 2B) with CFG, or `[cond]` (R = B) without; the CFG mix is
+    `s * cond + (1 - s) * uncond` with `uncond = rows[R - B:]`, so without CFG the host passes
+    `cfg_scale = 1` and the mix is exactly `cond`. Then `/ temperature`, `+ mask[position]`, top-k
+    (`top_k` 0 = off), top-p (`top_p` 0 or >= 1 = off) and `argmax(logits + Gumbel(uniform))`.
+    """
+
+    def __init__(self, ar: ARModel):
+        super().__init__()
+        self.ar = ar
+
+    def forward(self, input_ids, start_pos, k_cache, v_cache, uniform, cfg_scale, temperature, top_k, top_p):
+        R, T = input_ids.shape
+        B = uniform.shape[0]
+        logits, k_all, v_all = self.ar.step(input_ids, start_pos, k_cache, v_cache)  # [R, T, V]
+        last = logits[:, -1].float()  # [R, V]
+        cond, uncond = last[:B], last[R - B:]
+        mixed = cfg_scale * cond + (1.0 - cfg_scale) * uncond  # [B, V]
+        position = start_pos.reshape(-1)[:1] + (T - 1)  # [1] the step being sampled
+        mask = self.ar.logit_mask.index_select(0, position)  # [1, V]
+        scores = mixed / temperature + mask
+        scores = _top_k(scores, top_k)
+        scores = _top_p(scores, top_p)
+        gumbel = -torch.log(-torch.log(uniform))
+        next_tokens = torch.argmax(scores + gumbel, dim=-1)  # [B]
+        # the new K/V slice only: the host writes it into its cache at start_pos
+        positions = start_pos.reshape(-1)[:1] + torch.arange(T, device=input_ids.device)
+        k_new = k_all.index_select(3, positions)  # [L, R, H, T, d]
+        v_new = v_all.index_select(3, positions)
+        return next_tokens, k_new, v_new, last
+
+
+def _top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    V = scores.shape[-1]
+    k = top_k.reshape(-1)[:1].clamp(min=1, max=V)  # [1]
+    sorted_scores = torch.sort(scores, dim=-1, descending=True).values
+    kth = sorted_scores.gather(-1, (k - 1).expand(scores.shape[0], 1))  # [B, 1]
+    active = (top_k.reshape(-1)[:1] > 0) & (top_k.reshape(-1)[:1] < V)
+    return torch.where(active & (scores < kth), torch.full_like(scores, float("-inf")), scores)
+
+
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    p = top_p.reshape(-1)[:1]
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    remove_sorted = before > p
+    remove_sorted[:, 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    active = (p > 0) & (p < 1)
+    return torch.where(active & remove, torch.full_like(scores, float("-inf")), scores)
+
+
+class ARStepContract(GraphContract):
+    name = "ar_step"
+
+    def __init__(self, model: PrologueModel, max_batch: int):
+        if model.ar is None:
+            raise ValueError("the checkpoint has no AR model: ar_step cannot be exported")
+        self.model = model
+        a, v = model.config.ar, model.config.vocab()
+        L, H, S, d = a.layers, a.heads, v.seq_len, a.head_dim
+        self.axes = {
+            "batch": AxisRange(1, min(8, max_batch), max_batch),
+            "rows": AxisRange(1, min(16, 2 * max_batch), 2 * max_batch),
+            "new_tokens": AxisRange(1, 1, S),
+        }
+        self.inputs = [
+            TensorSpec("input_ids", "int64", ["rows", "new_tokens"]),
+            TensorSpec("start_pos", "int64", [1]),
+            TensorSpec("k_cache", "float32", [L, "rows", H, S, d]),
+            TensorSpec("v_cache", "float32", [L, "rows", H, S, d]),
+            TensorSpec("uniform", "float32", ["batch", v.vocab_size]),
+            TensorSpec("cfg_scale", "float32", [1]),
+            TensorSpec("temperature", "float32", [1]),
+            TensorSpec("top_k", "int64", [1]),
+            TensorSpec("top_p", "float32", [1]),
+        ]
+        self.outputs = [
+            TensorSpec("next_tokens", "int64", ["batch"]),
+            TensorSpec("k_new", "float32", [L, "rows", H, "new_tokens", d]),
+            TensorSpec("v_new", "float32", [L, "rows", H, "new_tokens", d]),
+            TensorSpec("logits", "float32", ["rows", v.vocab_size]),
+        ]
+
+    def module(self) -> nn.Module:
+        return ARStepModule(self.model.ar).eval()
+
+    def sample_inputs(self, generator):
+        a, v = self.model.config.ar, self.model.config.vocab()
+        B, R, T = 2, 4, 3
+        ids = torch.randint(0, v.vocab_size, (R, T), generator=generator)
+        ids[:, 0] = v.vocab_size + torch.tensor([1, 2, self.model.config.null_class, self.model.config.null_class])
+        k = torch.zeros(a.layers, R, a.heads, v.seq_len, a.head_dim)
+        return (ids, torch.tensor([0]), k, k.clone(), torch.rand(B, v.vocab_size, generator=generator).clamp(1e-6, 1 - 1e-6),
+                torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.0]))
+
+
+def contracts(model: PrologueModel, max_batch: int) -> typing.List[GraphContract]:
+    out: typing.List[GraphContract] = [DecoderContract(model, max_batch), PrologueGeneratorContract(model, max_batch)]
+    if model.ar is not None:
+        out.append(ARStepContract(model, max_batch))
+    return out
+
+
+def model_config_json(config: ModelConfig) -> dict:
+    return config.to_dict()

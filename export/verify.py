@@ -1,0 +1,215 @@
+"""Bundle verification: ONNX Runtime against the torch model (optimum-style).
+
+1. Every axis the manifest declares dynamic is symbolic in the ONNX file, every static one fixed.
+2. Each graph on fresh random inputs (sizes other than the export sample's) against torch, with
+   the tolerances in `TOLERANCES` (ids and tokens exact except at float near-ties).
+3. Whole generations through ONNX Runtime (the runtime's own loop) give the same tokens as the
+   torch reference sampler for the same seed: with CFG, without, and with a fixed prologue.
+Any failure raises `VerificationError` naming the graph, the check and the numbers.
+"""
+
+from __future__ import annotations
+
+import typing
+import numpy as np
+import torch
+
+from ..checkpoint import PrologueModel, load_checkpoint
+from ..runtime.bundle import Bundle, BundleError
+from ..runtime.loop import TokenLoop
+from ..runtime.onnx_backend import OrtBackend
+from ..sampling import sample
+from .graphs import ARStepModule, DecoderModule, PrologueGeneratorModule
+
+# max abs error allowed against torch, per graph output (fp32 graphs)
+TOLERANCES = {"fp32": {"image_float": 1e-4, "logits": 1e-4, "kv": 1e-4}}
+NEAR_TIE = 1e-4  # ids/tokens may differ only where the top-2 margin in torch is below this
+
+
+class VerificationError(RuntimeError):
+    """An exported bundle that does not reproduce its checkpoint."""
+
+
+def check_dynamic_axes(bundle: Bundle) -> dict:
+    import onnx
+
+    result = {}
+    for name, graph in bundle.graphs.items():
+        proto = onnx.load(str(bundle.graph_file(name)), load_external_data=False)
+        declared = {s["name"]: s["shape"] for s in graph["inputs"] + graph["outputs"]}
+        values = list(proto.graph.input) + list(proto.graph.output)
+        for value in values:
+            if value.name not in declared:
+                continue
+            dims = value.type.tensor_type.shape.dim
+            want = declared[value.name]
+            if len(dims) != len(want):
+                raise VerificationError(f"{name}: {value.name} has rank {len(dims)} in the file, {len(want)} declared")
+            for i, (dim, w) in enumerate(zip(dims, want)):
+                if isinstance(w, str) and dim.HasField("dim_value"):
+                    raise VerificationError(f"{name}: axis {i} of {value.name} is declared dynamic ({w!r}) but the "
+                                            f"file fixes it to {dim.dim_value}")
+                if isinstance(w, int) and dim.HasField("dim_value") and dim.dim_value != w:
+                    raise VerificationError(f"{name}: axis {i} of {value.name} is {dim.dim_value}, declared {w}")
+                if isinstance(w, int) and not dim.HasField("dim_value"):
+                    raise VerificationError(f"{name}: axis {i} of {value.name} is declared static ({w}) but symbolic")
+        result[name] = "ok"
+    return result
+
+
+def _max_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise VerificationError(message)
+
+
+@torch.no_grad()
+def check_decoder(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.random.Generator) -> dict:
+    t = model.config.tokenizer
+    ids = rng.integers(0, t.visual_codebook_size, (3, t.num_visual_tokens))
+    ref_u8, ref_f = DecoderModule(model)(torch.from_numpy(ids))
+    got_u8, got_f = backend.run("decoder", {"visual_ids": ids})
+    err = _max_err(got_f, ref_f)
+    _require(err <= tol["image_float"], f"decoder: image_float differs from torch by {err:.3g} > {tol['image_float']}")
+    diff = np.abs(got_u8.astype(int) - ref_u8.numpy().astype(int))
+    y = 127.5 * ref_f.double().numpy() + 128
+    near = np.abs(y - np.round(y)) < 1e3 * tol["image_float"]
+    _require(diff.max() <= 1 and bool(np.all(near[diff == 1])),
+             f"decoder: uint8 image differs from torch by up to {diff.max()} away from rounding boundaries")
+    return {"image_float_max_err": err, "uint8_pixels_off_by_one": int((diff == 1).sum())}
+
+
+@torch.no_grad()
+def check_prologue_generator(model: PrologueModel, backend: OrtBackend, rng: np.random.Generator) -> dict:
+    t = model.config.tokenizer
+    images = rng.integers(0, 256, (3, t.channels, t.image_size, t.image_size), dtype=np.uint8)
+    ref_p, ref_v = PrologueGeneratorModule(model)(torch.from_numpy(images))
+    got_p, got_v = backend.run("prologue_generator", {"image": images})
+    x = torch.from_numpy(images).float() / 127.5 - 1
+    hidden = model.tokenizer.encoder_hidden(x)
+    report = {}
+    for name, ref, got, quant, h in (
+        ("visual_ids", ref_v, got_v, model.tokenizer.visual_quantizer, hidden["visual"]),
+        ("prologue_ids", ref_p, got_p, model.tokenizer.prologue_quantizer, hidden.get("prologue")),
+    ):
+        if quant is None:
+            continue
+        top2 = torch.topk(quant.cosine_logits(h)[1], 2, dim=-1).values
+        margin = (top2[..., 0] - top2[..., 1]).numpy()
+        wrong = got != ref.numpy()
+        _require(bool(np.all(margin[wrong] < NEAR_TIE)),
+                 f"prologue_generator: {int(wrong.sum())} {name} differ from torch away from ties")
+        report[f"{name}_mismatches_at_ties"] = int(wrong.sum())
+    return report
+
+
+@torch.no_grad()
+def check_ar_step(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.random.Generator) -> dict:
+    ar, v = model.ar, model.config.vocab()
+    B, T = 3, 4
+    classes = rng.integers(0, model.config.num_classes, B)
+    rows = np.concatenate([classes, np.full(B, model.config.null_class)])
+    ids = rng.integers(0, v.vocab_size, (2 * B, T))
+    ids[:, 0] = rows + v.vocab_size
+    k = np.zeros((ar.cfg.layers, 2 * B, ar.cfg.heads, v.seq_len, ar.cfg.head_dim), np.float32)
+    vv = np.zeros_like(k)
+    module = ARStepModule(ar)
+    report = {"logits_max_err": 0.0, "kv_max_err": 0.0, "token_mismatches_at_ties": 0}
+    start = 0
+    for n, settings in ((T, (2.5, 1.0, 0, 0.0)), (1, (1.7, 0.8, 5, 0.9)), (1, (3.0, 1.2, 0, 0.7))):
+        feed = ids[:, :n] if start == 0 else rng.integers(0, v.vocab_size, (2 * B, n))
+        scale, tau, top_k, top_p = settings
+        uniform = rng.random((B, v.vocab_size), dtype=np.float32)
+        feeds = {"input_ids": feed, "start_pos": np.array([start]), "k_cache": k, "v_cache": vv,
+                 "uniform": uniform, "cfg_scale": np.array([scale], np.float32),
+                 "temperature": np.array([tau], np.float32), "top_k": np.array([top_k]),
+                 "top_p": np.array([top_p], np.float32)}
+        ref = module(*[torch.from_numpy(np.asarray(feeds[s])) for s in feeds])
+        got = backend.run("ar_step", feeds)
+        report["logits_max_err"] = max(report["logits_max_err"], _max_err(got[3], ref[3]))
+        report["kv_max_err"] = max(report["kv_max_err"], _max_err(got[1], ref[1]), _max_err(got[2], ref[2]))
+        wrong = got[0] != ref[0].numpy()
+        if wrong.any():  # allowed only where torch's best and second-best Gumbel scores nearly tie
+            report["token_mismatches_at_ties"] += int(wrong.sum())
+        k[:, :, :, start:start + n] = ref[1].numpy()
+        vv[:, :, :, start:start + n] = ref[2].numpy()
+        start += n
+    _require(report["logits_max_err"] <= tol["logits"],
+             f"ar_step: logits differ from torch by {report['logits_max_err']:.3g} > {tol['logits']}")
+    _require(report["kv_max_err"] <= tol["kv"], f"ar_step: K/V differ from torch by {report['kv_max_err']:.3g} > {tol['kv']}")
+    _require(report["token_mismatches_at_ties"] == 0, "ar_step: sampled tokens differ from torch")
+    return report
+
+
+def generation_cases(model: PrologueModel) -> typing.List[typing.Tuple[str, dict, bool]]:
+    cases = [("cfg_split" if model.config.vocab().has_prologue else "cfg_cosine",
+              {"semantic_cfg_schedule": "constant", "semantic_cfg_scale": 0.7, "visual_cfg_schedule": "cosine",
+               "visual_cfg_scale": 3.0, "visual_cfg_power": 0.5} if model.config.vocab().has_prologue
+              else {"cfg": 4.0, "cfg_schedule": "cosine", "cfg_power": 1.5}, False),
+             ("no_cfg_temperatures_topk", {"cfg": 0.0, "semantic_temperature": 0.8, "temperature": 0.9, "topK": 20}, False)]
+    if model.config.vocab().has_prologue:
+        cases.append(("fixed_prologue", {"cfg": 2.0}, True))
+    return cases
+
+
+@torch.no_grad()
+def check_generation(model: PrologueModel, bundle: Bundle, backend: OrtBackend, seed: int = 0) -> dict:
+    v = model.config.vocab()
+    classes = np.arange(3) % model.config.num_classes
+    report = {}
+    for name, settings, fixed in generation_cases(model):
+        prologue = None
+        if fixed:
+            first = sample(model.ar, classes, settings, seed=seed + 100)
+            prologue = (first[:, :v.num_prologue_tokens] - v.prologue_offset).numpy()
+        ref = sample(model.ar, classes, settings, seed=seed, prologue_ids=prologue).numpy()
+        loop = TokenLoop(backend.ar_step, bundle.vocab, bundle.ar_cache_shape, bundle.num_classes, classes,
+                         type(bundle.sampling_defaults).coerce(settings), seed=seed, prologue_ids=prologue)
+        got = loop.run()
+        same = int((got == ref).all(axis=1).sum())
+        _require(same == len(classes), f"generation '{name}': ONNX Runtime tokens differ from the torch sampler in "
+                 f"{len(classes) - same} of {len(classes)} sequences (seed {seed})")
+        report[name] = {"sequences": len(classes), "identical": same, "settings": settings}
+    return report
+
+
+def verify_bundle(bundle_dir, model: typing.Optional[PrologueModel] = None, checkpoint=None, log=print) -> dict:
+    """Verify a bundle against its checkpoint; returns the report (also stored in the manifest)."""
+    if model is None:
+        if checkpoint is None:
+            raise VerificationError("verification needs the checkpoint the bundle came from (--checkpoint CKPT)")
+        model = load_checkpoint(checkpoint)
+    model.eval()
+    try:
+        bundle = Bundle(bundle_dir)
+    except BundleError as exc:
+        raise VerificationError(str(exc)) from None
+    if bundle.manifest["model"] != model.config.to_dict():
+        raise VerificationError(f"{bundle_dir} was exported from a model with another config than the checkpoint")
+    precision = bundle.manifest.get("precision", "fp32")
+    tol = TOLERANCES[precision]
+    backend = OrtBackend(bundle, "cpu")
+    rng = np.random.default_rng(1234)
+    report = {"tolerances": {**tol, "near_tie": NEAR_TIE}, "provider": backend.providers[0]}
+    log("[verify] dynamic axes ...")
+    report["dynamic_axes"] = check_dynamic_axes(bundle)
+    try:
+        log("[verify] decoder vs torch ...")
+        report["decoder"] = check_decoder(model, backend, tol, rng)
+        log("[verify] prologue_generator vs torch ...")
+        report["prologue_generator"] = check_prologue_generator(model, backend, rng)
+        if model.ar is not None:
+            log("[verify] ar_step vs torch ...")
+            report["ar_step"] = check_ar_step(model, backend, tol, rng)
+            log("[verify] whole generations, ONNX Runtime vs torch sampler ...")
+            report["generation"] = check_generation(model, bundle, backend)
+    except BundleError as exc:
+        raise VerificationError(str(exc)) from None
+    report["passed"] = True
+    return report
+
+

@@ -1,0 +1,145 @@
+"""The host side of generation: drives the `ar_step` graph over a KV cache it owns.
+
+Backend-neutral: `step` is any callable taking the `ar_step` inputs as numpy arrays and returning
+`(next_tokens [B], k_new, v_new)`. Noise follows DESIGN.md §3: one
+`rng.random((B, V), dtype=float32)` per AR position, in order, forced positions included, from
+`numpy.random.Generator(PCG64(seed))`, or an explicit `uniform [B, T, V]`.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+
+from .spec import SamplingConfig, VocabLayout, cfg_enabled, cfg_scale_at
+
+
+class InputError(ValueError):
+    """Bad arguments to a generation call; the message says what was expected."""
+
+
+class Noise:
+    def __init__(self, batch: int, seq_len: int, vocab_size: int, seed=None, uniform=None):
+        if (seed is None) == (uniform is None):
+            raise InputError("give exactly one of `seed` (an int) or `uniform` (an array [B, T, V])")
+        self.shape = (batch, vocab_size)
+        self.uniform = None
+        self.rng = None
+        if uniform is not None:
+            u = np.asarray(uniform)
+            if u.shape != (batch, seq_len, vocab_size):
+                raise InputError(f"uniform must have shape {[batch, seq_len, vocab_size]} (B, T, V), got {list(u.shape)}")
+            if u.dtype.kind != "f":
+                raise InputError(f"uniform must be float noise in [0, 1), got dtype {u.dtype}")
+            if u.size and (u.min() < 0 or u.max() >= 1):
+                raise InputError("uniform noise must lie in [0, 1)")
+            self.uniform = u.astype(np.float32, copy=False)
+        else:
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+            self.rng = np.random.Generator(np.random.PCG64(int(seed)))
+
+    def at(self, step: int) -> np.ndarray:
+        if self.uniform is not None:
+            return np.ascontiguousarray(self.uniform[:, step])
+        return self.rng.random(self.shape, dtype=np.float32)
+
+
+def check_class_ids(class_ids, num_classes: int) -> np.ndarray:
+    ids = np.asarray(class_ids)
+    if ids.ndim == 0:
+        ids = ids.reshape(1)
+    if ids.size == 0:
+        raise InputError("class_ids is empty: give at least one class")
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise InputError(f"class_ids must be a 1-D integer array [B], got shape {list(ids.shape)} dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() > num_classes:
+        raise InputError(f"class ids must lie in [0, {num_classes}] ({num_classes} = the null class), "
+                         f"got range [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int64)
+
+
+def check_prologue_ids(prologue_ids, batch: int, vocab: VocabLayout) -> np.ndarray:
+    if not vocab.has_prologue:
+        raise InputError("this model has no prologue (a '2d' baseline): prologue_ids cannot be fixed")
+    p = np.asarray(prologue_ids)
+    Z, Kp = vocab.num_prologue_tokens, vocab.prologue_codebook_size
+    if p.shape != (batch, Z) or p.dtype.kind not in "iu":
+        raise InputError(f"prologue_ids must be integer [B, Z] = [{batch}, {Z}], got {list(p.shape)} {p.dtype}")
+    if p.min() < 0 or p.max() >= Kp:
+        raise InputError(f"prologue_ids are raw prologue codes in [0, {Kp}); got range [{p.min()}, {p.max()}]")
+    return p.astype(np.int64)
+
+
+class TokenLoop:
+    """Stepwise generation state (feed, step, done), in the manner of onnxruntime-genai.
+
+    >>> loop = TokenLoop(step_fn, vocab, cache_shape_fn, num_classes, class_ids, settings, seed=0)
+    >>> while not loop.done: loop.step()
+    >>> loop.tokens  # [B, T] in the AR layout: [prologue + offset ; EOS ; visual]
+    """
+
+    def __init__(self, step_fn: typing.Callable, vocab: VocabLayout, cache_shape: typing.Callable[[int], tuple],
+                 num_classes: int, class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None):
+        self.step_fn, self.vocab, self.settings = step_fn, vocab, settings.validate()
+        self.classes = check_class_ids(class_ids, num_classes)
+        B = len(self.classes)
+        T, V, Z = vocab.seq_len, vocab.vocab_size, vocab.num_prologue_tokens
+        self.noise = Noise(B, T, V, seed=seed, uniform=uniform)
+        self.use_cfg = cfg_enabled(settings)
+        rows = np.concatenate([self.classes, np.full(B, num_classes)]) if self.use_cfg else self.classes
+        self.k_cache = np.zeros(cache_shape(len(rows)), dtype=np.float32)  # [L, R, H, S, d]
+        self.v_cache = np.zeros_like(self.k_cache)
+        self.tokens = np.zeros((B, T), dtype=np.int64)
+        self.position = 0  # next cache slot
+        self.steps_done = 0  # sampled (or forced) tokens so far
+        self.feed = (rows + V)[:, None]  # [R, n] BOS of every row
+        if prologue_ids is not None:
+            fixed = check_prologue_ids(prologue_ids, B, vocab) + vocab.prologue_offset
+            for step in range(Z):  # forced positions still consume their noise
+                self.noise.at(step)
+            self.tokens[:, :Z] = fixed
+            self.steps_done = Z
+            prefix = np.concatenate([fixed, fixed]) if self.use_cfg else fixed
+            self.feed = np.concatenate([self.feed, prefix], axis=1)  # prefill BOS + prologue
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.vocab.seq_len
+
+    def step(self) -> np.ndarray:
+        """Run one `ar_step` call; returns the tokens just sampled `[B]`."""
+        if self.done:
+            raise InputError("generation is finished: every position has a token")
+        s, settings, Z = self.steps_done, self.settings, self.vocab.num_prologue_tokens
+        scale = cfg_scale_at(s, settings, self.vocab) if self.use_cfg else 1.0
+        tau = settings.prologue_temperature if (s < Z and settings.prologue_temperature is not None) else settings.temperature
+        n = self.feed.shape[1]
+        next_tokens, k_new, v_new = self.step_fn(
+            input_ids=np.ascontiguousarray(self.feed, dtype=np.int64),
+            start_pos=np.array([self.position], dtype=np.int64),
+            k_cache=self.k_cache, v_cache=self.v_cache, uniform=self.noise.at(s),
+            cfg_scale=np.array([scale], dtype=np.float32), temperature=np.array([tau], dtype=np.float32),
+            top_k=np.array([settings.top_k], dtype=np.int64), top_p=np.array([settings.top_p], dtype=np.float32))
+        self.k_cache[:, :, :, self.position:self.position + n] = k_new
+        self.v_cache[:, :, :, self.position:self.position + n] = v_new
+        self.position += n
+        next_tokens = np.asarray(next_tokens, dtype=np.int64)
+        self.tokens[:, s] = next_tokens
+        self.steps_done += 1
+        self.feed = (np.concatenate([next_tokens, next_tokens]) if self.use_cfg else next_tokens)[:, None]
+        return next_tokens
+
+    def run(self, progress: typing.Optional[typing.Callable[[int, int], None]] = None) -> np.ndarray:
+        while not self.done:
+            self.step()
+            if progress is not None:
+                progress(self.steps_done, self.vocab.seq_len)
+        return self.tokens
+
+
+def split_tokens(tokens: np.ndarray, vocab: VocabLayout) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """AR sequences `[B, T]` -> (raw prologue ids `[B, Z]`, visual ids `[B, X]`)."""
+    Z = vocab.num_prologue_tokens
+    return tokens[:, :Z] - vocab.prologue_offset, tokens[:, vocab.visual_start:]
