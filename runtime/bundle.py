@@ -65,6 +65,11 @@ class Bundle:
             self.files: typing.Dict[str, dict] = dict(m["files"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{manifest_path} is incomplete or malformed ({exc!r}); re-export the bundle") from None
+        root = self.path.resolve()
+        for name in self.files:
+            target = (self.path / name).resolve()
+            if Path(name).is_absolute() or ".." in Path(name).parts or root not in target.parents:
+                raise BundleError(f"{manifest_path} names a file outside the bundle folder ({name!r}); refusing it")
         for name, graph in self.graphs.items():
             if name not in GRAPHS:
                 raise BundleError(f"{manifest_path}: unknown graph {name!r}")

@@ -111,13 +111,18 @@ class SamplingConfig:
             value = getattr(self, name)
             if value is not None and value not in CFG_SCHEDULES:
                 raise ConfigError(f"sampling.{name}: {value!r} is not one of {', '.join(CFG_SCHEDULES)}")
+        for name in ("cfg", "prologue_cfg_scale", "visual_cfg_scale", "prologue_cfg_start", "visual_cfg_start",
+                     "cfg_power", "prologue_cfg_power", "visual_cfg_power"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"sampling.{name} must be a finite number >= 0, got {value}")
         for name in ("temperature", "prologue_temperature"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"sampling.{name} must be > 0, got {value}")
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"sampling.{name} must be a finite number > 0, got {value}")
         if self.top_k < 0:
             raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
+        if not 0.0 <= self.top_p <= 1.0:  # NaN fails too
             raise ConfigError(f"sampling.top_p must be in [0, 1] (0 or 1 = off), got {self.top_p}")
         return self
 

@@ -1,5 +1,29 @@
 #!/usr/bin/env bash
-# The test suite: sets up .venv (CPU torch + this package with the dev extra) and runs pytest.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k fixture`.
+# The test suite, in two environments:
+#  1. .venv: CPU torch + this package with the dev extra; the whole suite;
+#  2. .venv-runtime: `pip install .` only (numpy, onnxruntime, pillow; no torch): the runtime tests
+#     again, against a bundle that environment 1 prepares.
+# Extra arguments go to the first pytest run only (e.g. `bash scripts/test.sh -k fixture`), and
+# then the second environment is skipped.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec python -m pytest -q "$@"
+python -m pytest -q "$@"
+if [ "$#" -gt 0 ]; then
+  exit 0
+fi
+
+echo "[test] runtime-only environment (no torch)"
+FIXTURE="$ROOT/build/runtime-fixture"
+rm -rf "$FIXTURE"
+python -m tests.runtime_fixture "$FIXTURE" > /dev/null
+RT_VENV="${RT_VENV:-$ROOT/.venv-runtime}"
+if [ ! -x "$RT_VENV/bin/python" ]; then
+  python3 -m venv "$RT_VENV"
+fi
+"$RT_VENV/bin/pip" install -q --disable-pip-version-check --upgrade "$ROOT" pytest
+if "$RT_VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "[test] error: torch is importable in the runtime-only environment $RT_VENV" >&2
+  exit 1
+fi
+cd "$ROOT/build"
+PROLOGUE_TEST_BUNDLE_DIR="$FIXTURE" "$RT_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  --import-mode=importlib --rootdir "$ROOT" "$ROOT/tests/test_runtime.py"

@@ -1,0 +1,180 @@
+"""The runtime's public API: generate, vary and reconstruct images from a bundle, without torch.
+
+>>> from prologue_export.runtime import Generator
+>>> gen = Generator.from_bundle("bundles/tiny")              # backend="auto" picks the best available
+>>> images = gen.generate([3, 3, 7], seed=0, cfg=2.0)        # uint8 [3, H, W, C]
+>>> more = gen.variations(images[0], n=4, seed=1)             # same prologue, new visual tokens
+>>> same = gen.reconstruct(images)                            # encode + decode
+
+A Generator is safe to share between threads: the ONNX Runtime sessions are shared (their `run`
+is thread safe) and every call keeps its own KV cache and noise stream.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .images import ImageError, as_hwc, as_nchw, check_images
+from .loop import InputError, TokenLoop, split_tokens
+from .spec import ConfigError, SamplingConfig
+
+BACKENDS = ("auto", "onnxruntime", "cpu", "cuda", "tensorrt")
+
+
+def make_backend(bundle: Bundle, backend: str = "auto", providers=None):
+    """`auto` (best ONNX Runtime provider available), `onnxruntime`/`cpu`/`cuda` (ONNX Runtime
+    providers), or `tensorrt` (native engines: not in this version)."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "tensorrt":
+        raise BundleError("the native TensorRT backend is not available in this version; use backend='auto' "
+                          "(ONNX Runtime, with its TensorRT provider where onnxruntime-gpu is installed)")
+    from .onnx_backend import OrtBackend
+
+    if providers is None:
+        providers = {"auto": "auto", "onnxruntime": "auto", "cpu": "cpu", "cuda": "cuda"}[backend]
+    return OrtBackend(bundle, providers)
+
+
+class Generation:
+    """One generation in progress (the stepwise interface): `step()` until `done`, then `images()`."""
+
+    def __init__(self, generator: "Generator", loop: TokenLoop):
+        self.generator, self.loop = generator, loop
+
+    @property
+    def done(self) -> bool:
+        return self.loop.done
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """AR sequences so far `[B, T]`: `[prologue + offset ; EOS ; visual]`."""
+        return self.loop.tokens
+
+    def step(self) -> np.ndarray:
+        return self.loop.step()
+
+    def run(self, progress=None) -> "Generation":
+        self.loop.run(progress)
+        return self
+
+    def ids(self) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """(raw prologue ids `[B, Z]`, visual ids `[B, X]`) of a finished generation."""
+        if not self.done:
+            raise InputError("the generation has not finished: call step() until done")
+        return split_tokens(self.loop.tokens, self.generator.bundle.vocab)
+
+    def images(self) -> np.ndarray:
+        return self.generator.decode(self.ids()[1])
+
+
+class Generator:
+    def __init__(self, bundle: Bundle, backend):
+        self.bundle = bundle
+        self.backend = backend
+
+    @classmethod
+    def from_bundle(cls, path, backend: str = "auto", providers=None) -> "Generator":
+        bundle = Bundle(path)
+        return cls(bundle, make_backend(bundle, backend, providers))
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.bundle.manifest.get("max_batch", 8))
+
+    # -- settings -----------------------------------------------------------------------------
+
+    def settings(self, sampling=None, **overrides) -> SamplingConfig:
+        """The bundle's sampling defaults, updated by `sampling` (a dict, our or the release's
+        option names) and keyword overrides (`cfg`, `temperature`, `top_k`, `top_p`, ...)."""
+        merged = dict(vars(self.bundle.sampling_defaults))
+        try:
+            if sampling is not None:
+                merged.update(vars(SamplingConfig.coerce(dict(sampling))) if not isinstance(sampling, SamplingConfig)
+                              else vars(sampling))
+            merged.update({k: v for k, v in overrides.items()})
+            settings = SamplingConfig.from_dict(merged)
+        except ConfigError as exc:
+            raise InputError(str(exc)) from None
+        v = self.bundle.vocab
+        segments = [v.visual_codebook_size] + ([v.prologue_codebook_size] if v.has_prologue else [])
+        if settings.top_k > min(segments):
+            raise InputError(f"top_k {settings.top_k} is larger than the smallest segment's vocabulary "
+                             f"({min(segments)} codes); use at most {min(segments)} or 0 (off)")
+        return settings
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def start(self, class_ids, seed=None, uniform=None, prologue_ids=None, sampling=None, **overrides) -> Generation:
+        if "ar_step" not in self.bundle.graphs:
+            raise BundleError(f"{self.bundle.path} has no ar_step graph (exported from a tokenizer-only checkpoint)")
+        settings = self.settings(sampling, **overrides)
+        loop = TokenLoop(self.backend.ar_step, self.bundle.vocab, self.bundle.ar_cache_shape, self.bundle.num_classes,
+                         class_ids, settings, seed=seed, uniform=uniform, prologue_ids=prologue_ids)
+        return Generation(self, loop)
+
+    def generate(self, class_ids, seed=None, uniform=None, sampling=None, progress=None, **overrides) -> np.ndarray:
+        """Class-conditional images, uint8 `[B, H, W, C]` (`class_ids` may hold the null class)."""
+        return self.start(class_ids, seed=seed, uniform=uniform, sampling=sampling, **overrides).run(progress).images()
+
+    def variations(self, image, n: int, seed=None, class_id: typing.Optional[int] = None, sampling=None,
+                   progress=None, **overrides) -> np.ndarray:
+        """`n` images sharing the prologue of `image` (uint8 `[H, W, C]`), visual tokens resampled.
+
+        Without `class_id` the null class is used and CFG is off unless `cfg` is given."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"n must be an integer >= 1, got {n!r}")
+        if not self.bundle.vocab.has_prologue:
+            raise BundleError("this bundle's model has no prologue (a '2d' baseline): variations need one")
+        prologue_ids, _ = self.encode(check_images(image, self.bundle.image_size, self.bundle.channels)[:1])
+        if class_id is None:
+            class_id = self.bundle.null_class
+            overrides.setdefault("cfg", 0.0)
+        classes = np.full(int(n), class_id)
+        fixed = np.repeat(prologue_ids, int(n), axis=0)
+        gen = self.start(classes, seed=seed, prologue_ids=fixed, sampling=sampling, **overrides)
+        return gen.run(progress).images()
+
+    # -- tokenizer graphs ---------------------------------------------------------------------
+
+    def decode(self, visual_ids) -> np.ndarray:
+        """visual ids `[B, X]` -> uint8 `[B, H, W, C]`."""
+        v = self.bundle.vocab
+        ids = np.asarray(visual_ids)
+        if ids.ndim != 2 or ids.shape[1] != v.num_visual_tokens or ids.dtype.kind not in "iu":
+            raise InputError(f"visual_ids must be integer [B, {v.num_visual_tokens}], got {list(ids.shape)} {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= v.visual_codebook_size):
+            raise InputError(f"visual ids must lie in [0, {v.visual_codebook_size})")
+        out = [self.backend.run("decoder", {"visual_ids": chunk.astype(np.int64)}, ["image"])[0]
+               for chunk in self._chunks(ids)]
+        return as_hwc(np.concatenate(out))
+
+    def encode(self, images) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """uint8 `[B, H, W, C]` -> (raw prologue ids `[B, Z]`, visual ids `[B, X]`)."""
+        images = check_images(images, self.bundle.image_size, self.bundle.channels)
+        parts = [self.backend.run("prologue_generator", {"image": as_nchw(chunk)}) for chunk in self._chunks(images)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def reconstruct(self, images) -> np.ndarray:
+        """uint8 `[B, H, W, C]` -> their reconstructions through the visual tokens."""
+        return self.decode(self.encode(images)[1])
+
+    def _chunks(self, array: np.ndarray):
+        step = self.max_batch
+        for i in range(0, len(array), step):
+            yield array[i:i + step]
+
+
+def parse_images(paths: typing.Sequence[str], bundle: Bundle) -> np.ndarray:
+    from .images import load_image
+
+    if not paths:
+        raise ImageError("give at least one image")
+    return np.stack([load_image(p, bundle.image_size, bundle.channels) for p in paths])
