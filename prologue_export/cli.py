@@ -205,6 +205,40 @@ def _add_runtime_parsers(sub) -> None:
     p.set_defaults(func=_cmd_reconstruct)
 
 
+def _cmd_demo(args) -> int:
+    from .train.demo import run_demo
+
+    report = run_demo(args.out, data=args.data, scale=args.scale, compile_=not args.no_compile,
+                      pretokenize_limit=args.pretokenize_limit or None,
+                      log=(lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True)))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\nPictures (made by the torch-free runtime from the exported bundle):")
+        for name, path in report["pictures"].items():
+            print(f"  {name:<16} {path}")
+        print("Stage timings:")
+        for name, secs in report["seconds"].items():
+            print(f"  {name:<20} {secs:>7.1f} s")
+        print(f"  {'total':<20} {report['total_seconds']:>7.1f} s")
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="train a small Prologue, export it and generate pictures with the runtime",
+                       description="The whole pipeline at demo scale: phase 1, pretokenize, phase 3, export + verify, "
+                       "then class, reconstruction and fixed-prologue grids from the torch-free runtime.")
+    p.add_argument("--data", default="fashion-mnist", metavar="PATH",
+                   help="fashion-mnist (default) or a folder of class subfolders (images are resized to 32x32 RGB)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo); rerunning continues")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the training steps (default 1.0)")
+    p.add_argument("--pretokenize-limit", dest="pretokenize_limit", type=int, default=20000, metavar="N",
+                   help="pretokenize (ten-crop) only the first N images (default 20000; 0 = all)")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the models")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_demo)
+
+
 def _add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="export a checkpoint to an ONNX bundle (decoder, prologue generator, AR step) and verify it",
@@ -257,6 +291,7 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
     p.add_argument("--shard-size", type=int, default=8192, help="images per shard file")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes")
+    p.add_argument("--limit", type=int, metavar="N", help="encode only the first N images of the data set")
     p.set_defaults(func=_cmd_train)
 
 
@@ -286,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parsers(sub)
     _add_export_parser(sub)
     _add_runtime_parsers(sub)
+    _add_demo_parser(sub)
 
     p = sub.add_parser("presets", help="list the model presets with their parameter counts")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -308,11 +344,11 @@ def _errors(command: str) -> tuple:
     from .data import DataError
 
     errors += (CheckpointError, DataError)
-    if command == "train":
+    if command in ("train", "demo"):
         from .train.common import TrainError
 
         errors += (TrainError,)
-    if command == "export":
+    if command in ("export", "demo"):
         from .export.bundle import ExportError
         from .export.verify import VerificationError
 

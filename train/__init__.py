@@ -12,7 +12,7 @@ def run_cli(args) -> int:
         from .pretokenize import pretokenize
 
         index = pretokenize(args.checkpoint, args.data, args.out, crops=args.crops, batch_size=args.batch_size,
-                            shard_size=args.shard_size, num_workers=args.num_workers)
+                            shard_size=args.shard_size, num_workers=args.num_workers, limit=args.limit)
         print(json.dumps({"tokens": str(args.out), "images": index["num_images"], "shards": len(index["shards"])}))
         return 0
     overrides = list(args.overrides)

@@ -86,8 +86,10 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def pretokenize(checkpoint, data: typing.Optional[str], out, crops: str = "ten", batch_size: int = 256,
-                shard_size: int = 8192, num_workers: int = 2, device: typing.Optional[str] = None) -> dict:
-    """Encode `data` into id shards in `out`; resumes an interrupted run of the same inputs."""
+                shard_size: int = 8192, num_workers: int = 2, device: typing.Optional[str] = None,
+                limit: typing.Optional[int] = None) -> dict:
+    """Encode `data` (its first `limit` items, when given) into id shards in `out`; resumes an
+    interrupted run of the same inputs."""
     if batch_size < 1 or shard_size < 1:
         raise TrainError("--batch-size and --shard-size must be >= 1")
     model = load_checkpoint(checkpoint)
@@ -103,7 +105,7 @@ def pretokenize(checkpoint, data: typing.Optional[str], out, crops: str = "ten",
     vocab = model.config.vocab()
     max_id = max(vocab.visual_codebook_size, vocab.prologue_codebook_size)
     dtype = np.int16 if max_id <= np.iinfo(np.int16).max else np.int32
-    n = len(dataset)
+    n = len(dataset) if limit is None else min(len(dataset), int(limit))
     source = {"data": str(data), "num_items": n, "tokenizer_sha256": _sha256(Path(checkpoint) / "tokenizer.safetensors"),
               "crops": crops, "shard_size": shard_size}
     index_path = out / INDEX_FILE
