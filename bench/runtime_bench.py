@@ -109,24 +109,27 @@ def time_runtime(bundle: Path, classes, seed: int, repeats: int):
     return len(classes) / dt, run.tokens, first, last
 
 
+# peak resident memory of this process: VmHWM resets at exec (ru_maxrss would carry the parent's)
+PEAK_RSS = "float([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]) / 1024"
+
 STARTUP = """
-import time, resource, sys
+import time, sys
 t0 = time.perf_counter()
 from prologue_export.runtime import Generator
 g = Generator.from_bundle(sys.argv[1], backend="cpu")
 g.generate([1], seed=0)
 dt = time.perf_counter() - t0
-print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'torch' in sys.modules)
-"""
+print(dt, PEAK, 'torch' in sys.modules)
+""".replace("PEAK", PEAK_RSS)
 
 TORCH_RSS = """
-import resource, sys
+import sys
 import prologue_export as pe
 m = pe.load_checkpoint(sys.argv[1])
 t = pe.sample(m.ar, [1], {"cfg": 2.0}, seed=0)
 m.tokenizer.decode(pe.split_sequence(t, m.config.vocab())[1])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-"""
+print(PEAK)
+""".replace("PEAK", PEAK_RSS)
 
 
 def startup_and_memory(bundle: Path, ckpt: Path) -> dict:

@@ -154,7 +154,7 @@ class ARStepModule(nn.Module):
     def forward(self, input_ids, start_pos, k_cache, v_cache, uniform, cfg_scale, temperature, top_k, top_p):
         R, T = input_ids.shape
         B = uniform.shape[0]
-        logits, k_all, v_all = self.ar.step(input_ids, start_pos, k_cache, v_cache)  # [R, T, V]
+        logits, k_new, v_new = self.ar.step(input_ids, start_pos, k_cache, v_cache)  # [R, T, V], [L, R, H, T, d]
         last = logits[:, -1].float()  # [R, V]
         cond, uncond = last[:B], last[R - B:]
         mixed = cfg_scale * cond + (1.0 - cfg_scale) * uncond  # [B, V]
@@ -166,9 +166,6 @@ class ARStepModule(nn.Module):
         gumbel = -torch.log(-torch.log(uniform))
         next_tokens = torch.argmax(scores + gumbel, dim=-1)  # [B]
         # the new K/V slice only: the host writes it into its cache at start_pos
-        positions = start_pos.reshape(-1)[:1] + torch.arange(T, device=input_ids.device)
-        k_new = k_all.index_select(3, positions)  # [L, R, H, T, d]
-        v_new = v_all.index_select(3, positions)
         return next_tokens, k_new, v_new, last
 
 

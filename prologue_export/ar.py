@@ -142,21 +142,31 @@ class ARModel(nn.Module):
         """Prefill or decode `T` new tokens at positions `start_pos .. start_pos+T-1`.
 
         input_ids `[B, T]` in the input vocabulary (`V + c` = BOS of class c); start_pos a long
-        tensor (0-d or `[1]`); caches `[layers, B, H, S, d]`. Returns logits `[B, T, V]` and the
-        updated caches (new tensors).
+        tensor (0-d or `[1]`); caches `[layers, B, H, S, d]` holding positions `< start_pos` (the
+        rest is ignored). Returns logits `[B, T, V]` and the new keys/values `[layers, B, H, T, d]`,
+        which the caller writes into its cache at `start_pos` (see `write_kv`).
         """
         T = input_ids.shape[1]
         S = k_cache.shape[3]
-        positions = start_pos.reshape(-1)[:1] + torch.arange(T, device=input_ids.device)  # [T]
+        start = start_pos.reshape(-1)[:1]
+        positions = start + torch.arange(T, device=input_ids.device)  # [T]
         cos = self.rope_cos.index_select(0, positions)
         sin = self.rope_sin.index_select(0, positions)
-        attn_mask = torch.arange(S, device=input_ids.device)[None, :] <= positions[:, None]  # [T, S]
+        cache_mask = torch.arange(S, device=input_ids.device)[None, :] < start  # [1, S]: filled slots
+        new_mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # [T, T] causal
         tf = self.transformer
         cond = tf.null_condition()
         e = self.embed_ids(input_ids)
         new_k, new_v = [], []
         for i, layer in enumerate(tf.layers):
-            e, k, v = layer.forward_cached(e, cond, cos, sin, k_cache[i], v_cache[i], positions, attn_mask)
+            e, k, v = layer.forward_cached(e, cond, cos, sin, k_cache[i], v_cache[i], cache_mask, new_mask)
             new_k.append(k)
             new_v.append(v)
         return tf.head(e, cond), torch.stack(new_k), torch.stack(new_v)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
+    """Store `step`'s new keys/values `[L, B, H, T, d]` into the caches at `start` (in place)."""
+    T = k_new.shape[3]
+    k_cache[:, :, :, start:start + T] = k_new
+    v_cache[:, :, :, start:start + T] = v_new

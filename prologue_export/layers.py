@@ -80,12 +80,16 @@ def rope_table(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (2j, 2j+1). x: `[B, H, L, d]`, cos/sin: `[L, d/2]`."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, d/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    y0 = cos * x0 - sin * x1
-    y1 = sin * x0 + cos * x1
-    return torch.stack((y0, y1), dim=-1).flatten(-2).to(x.dtype)
+    """Rotate interleaved channel pairs (2j, 2j+1). x: `[B, H, L, d]`, cos/sin: `[L, d/2]`.
+
+    Written as `x * cos + rot(x) * sin` with `rot(x) = (-x_{2j+1}, x_{2j})`: the same products and
+    sums as the pairwise form (bit-identical), but without split/stack, which lowers to fewer and
+    cheaper ONNX ops.
+    """
+    xf = x.float()
+    sign = torch.tensor([-1.0, 1.0], device=x.device)
+    rot = (xf.unflatten(-1, (-1, 2)).flip(-1) * sign).flatten(-2)  # [B, H, L, d]
+    return (xf * cos.repeat_interleave(2, dim=-1) + rot * sin.repeat_interleave(2, dim=-1)).to(x.dtype)
 
 
 def grid_positions(side: int) -> torch.Tensor:
@@ -150,20 +154,27 @@ class Block(nn.Module):
         ffn = self.ffn(self.adaln_mlp(x, cond))
         return x + self.gate_mlp(cond) * F.dropout(ffn, self.dropout, self.training)
 
-    def forward_cached(self, x, cond, cos, sin, k_cache, v_cache, write_index, attn_mask):
-        """One step over a static KV cache.
+    def forward_cached(self, x, cond, cos, sin, k_cache, v_cache, cache_mask, new_mask):
+        """New tokens attending to a static KV cache plus themselves, without copying the cache.
 
-        x `[B, T, D]`; k_cache/v_cache `[B, H, S, d]`; write_index `[T]` long (cache slots of the
-        new tokens); attn_mask `[T, S]` bool (True = may attend). Returns x and the updated caches
-        (new tensors: the inputs are not modified).
+        x `[B, T, D]`; k_cache/v_cache `[B, H, S, d]` (slots at and after the start position are
+        stale and masked); cache_mask `[T, S]` bool (True = may attend); new_mask `[T, T]` causal.
+        Returns x and this layer's new K, V `[B, H, T, d]` for the caller to store.
         """
-        q, k, v = self.attn1.qkv(self.adaln_1(x, cond), cos, sin)
-        index = write_index.view(1, 1, -1, 1).expand_as(k)
-        k_cache = k_cache.scatter(2, index, k)
-        v_cache = v_cache.scatter(2, index, v)
-        x = x + self.gate1(cond) * self.attn1.attend(q, k_cache, v_cache, attn_mask=attn_mask)
+        attn = self.attn1
+        q, k, v = attn.qkv(self.adaln_1(x, cond), cos, sin)
+        scale = 1.0 / math.sqrt(attn.head_dim)
+        neg = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        scores = torch.cat([
+            torch.where(cache_mask, q @ k_cache.transpose(-1, -2) * scale, neg),  # [B, H, T, S]
+            torch.where(new_mask, q @ k.transpose(-1, -2) * scale, neg),  # [B, H, T, T]
+        ], dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        S = k_cache.shape[2]
+        out = probs[..., :S] @ v_cache + probs[..., S:] @ v  # [B, H, T, d]
+        x = x + self.gate1(cond) * attn.proj(out.transpose(1, 2).flatten(2))
         x = x + self.gate_mlp(cond) * self.ffn(self.adaln_mlp(x, cond))
-        return x, k_cache, v_cache
+        return x, k, v
 
 
 class Transformer(nn.Module):

@@ -17,7 +17,7 @@ import typing
 
 import torch
 
-from .ar import ARModel
+from .ar import ARModel, write_kv
 from .config import SamplingConfig, VocabLayout
 from .runtime.loop import Noise, check_class_ids, check_prologue_ids
 from .runtime.spec import cfg_enabled, cfg_scale_at  # noqa: F401 (public here too)
@@ -93,7 +93,8 @@ def sample(
     probs_out = torch.full((B, T, V), float("nan")) if return_probs else None
     feed = (rows + V).view(-1, 1).to(device)  # BOS of each row
     for step in range(T):
-        logits, k_cache, v_cache = ar.step(feed, torch.tensor([step], device=device), k_cache, v_cache)
+        logits, k_new, v_new = ar.step(feed, torch.tensor([step], device=device), k_cache, v_cache)
+        write_kv(k_cache, v_cache, k_new, v_new, step)
         logits = logits[:, -1].float().cpu()  # [rows, V]
         if use_cfg:
             scale = cfg_scale_at(step, settings, vocab)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import prologue_export as pe
+from prologue_export.ar import write_kv
 from prologue_export.checkpoint import PrologueModel
 from prologue_export.config import model_preset
 
@@ -34,8 +35,13 @@ def test_kv_cache_steps_equal_full_forward(name, chunks):
     model = tiny(name)
     ar, vocab = model.ar, model.config.vocab()
     T = vocab.seq_len
-    chunks = [c for c in chunks]
-    chunks[-1] -= sum(chunks) - T  # cover exactly T inputs: BOS + T-1 tokens
+    cover, total = [], 0
+    for c in chunks + [T]:  # cover exactly T inputs (BOS + T-1 tokens) with these chunk sizes
+        c = min(c, T - total)
+        if c > 0:
+            cover.append(c)
+            total += c
+    chunks = cover
     g = torch.Generator().manual_seed(1)
     B = 3
     seq = random_seq(vocab, B, g)
@@ -44,9 +50,13 @@ def test_kv_cache_steps_equal_full_forward(name, chunks):
         full = ar.logits(seq, classes)  # [B, T, V]
         inputs = torch.cat([(classes + vocab.vocab_size)[:, None], seq[:, :-1]], dim=1)  # BOS as input id
         k, v = ar.new_kv_cache(B)
+        k.normal_()  # slots not yet written must not matter
+        v.normal_()
         got, start = [], 0
         for n in chunks:
-            logits, k, v = ar.step(inputs[:, start:start + n], torch.tensor(start), k, v)
+            logits, k_new, v_new = ar.step(inputs[:, start:start + n], torch.tensor(start), k, v)
+            assert k_new.shape == (ar.cfg.layers, B, ar.cfg.heads, n, ar.cfg.head_dim)
+            write_kv(k, v, k_new, v_new, start)
             got.append(logits)
             start += n
     stepped = torch.cat(got, dim=1)
@@ -58,9 +68,9 @@ def test_step_does_not_modify_its_cache_inputs():
     ar = tiny().ar
     k, v = ar.new_kv_cache(2)
     with torch.no_grad():
-        _, k2, v2 = ar.step(torch.tensor([[ar.vocab.vocab_size], [ar.vocab.vocab_size + 1]]), torch.tensor([0]), k, v)
+        _, k_new, v_new = ar.step(torch.tensor([[ar.vocab.vocab_size], [ar.vocab.vocab_size + 1]]), torch.tensor([0]), k, v)
     assert k.abs().sum() == 0 and v.abs().sum() == 0
-    assert k2[:, :, :, 0].abs().sum() > 0 and k2[:, :, :, 1:].abs().sum() == 0
+    assert k_new.shape == (2, 2, 2, 1, 32) and k_new.abs().sum() > 0
 
 
 def test_decoder_ignores_the_prologue():
