@@ -232,8 +232,8 @@ def _add_demo_parser(sub) -> None:
                    help="fashion-mnist (default) or a folder of class subfolders (images are resized to 32x32 RGB)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo); rerunning continues")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the training steps (default 1.0)")
-    p.add_argument("--pretokenize-limit", dest="pretokenize_limit", type=int, default=20000, metavar="N",
-                   help="pretokenize (ten-crop) only the first N images (default 20000; 0 = all)")
+    p.add_argument("--pretokenize-limit", dest="pretokenize_limit", type=int, default=12000, metavar="N",
+                   help="pretokenize (ten-crop) only the first N images (default 12000; 0 = all)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the models")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_demo)

@@ -257,7 +257,7 @@ def start_or_resume(out: Path, resume: bool, main: bool, cfg_dict: dict, modules
     check_resume_config(meta["config"], cfg_dict, ckpt_dir)
     restore_training_state(ckpt_dir, meta, modules, optimizers, emas)
     if main:
-        print(f"[{phase}] resuming {out} at step {meta['step']}", flush=True)
+        print(f"[{phase}] resuming {out} at step {meta['step']}", file=sys.stderr, flush=True)
     return meta["step"]
 
 

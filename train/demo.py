@@ -28,7 +28,7 @@ def demo_configs(scale: float = 1.0, channels: int = 1, num_classes: int = 10, i
     ar = dataclasses.replace(ar_preset("tiny"), dropout=0.1, emb_dropout=0.1)
     opt = dict(lr=1e-3, lr_min=1e-4, warmup_steps=100)
     tok_steps = max(10, int(1000 * scale))
-    ar_steps = max(10, int(1500 * scale))
+    ar_steps = max(10, int(1300 * scale))
     phase1 = TokenizerTrainConfig(
         num_classes=num_classes, tokenizer=tok, joint_ar=ar_preset("tiny"),
         run=RunConfig(steps=tok_steps, batch_size=64, log_every=20, image_every=max(1, tok_steps // 2),
@@ -59,7 +59,7 @@ def run_demo(out, data=None, scale: float = 1.0, compile_: bool = True, pretoken
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(data)
-    channels = int(np.asarray(dataset[0][0]).shape[0]) if data in (None, "fashion-mnist") else 3
+    channels = _channels(dataset)
     phase1, phase3 = demo_configs(scale, channels=channels, num_classes=dataset.num_classes)
     phase1.run.compile = phase3.run.compile = compile_
     timings = {}
@@ -106,6 +106,16 @@ def run_demo(out, data=None, scale: float = 1.0, compile_: bool = True, pretoken
               "runtime_backend": backend, "phase1_steps": phase1.run.steps, "phase3_steps": phase3.run.steps}
     (out / "demo.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _channels(dataset) -> int:
+    """1 for grey data sets (Fashion-MNIST, grey folders), else 3."""
+    first = dataset[0][0]
+    if first is None:
+        return 3
+    if hasattr(first, "mode"):  # a PIL image from class folders
+        return 1 if first.mode == "L" else 3
+    return int(np.asarray(first).shape[0])
 
 
 def _held_out(data, size: int, channels: int, n: int) -> np.ndarray:

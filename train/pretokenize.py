@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import typing
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def pretokenize(checkpoint, data: typing.Optional[str], out, crops: str = "ten",
     index["complete"] = True
     _write_json_atomic(index_path, index)
     if index["skipped"]:
-        print(f"[pretokenize] skipped {index['skipped']} unreadable images", flush=True)
+        print(f"[pretokenize] skipped {index['skipped']} unreadable images", file=sys.stderr, flush=True)
     return index
 
 

@@ -14,6 +14,7 @@ B, so the prologue alone must predict the image. Variants: `2d` (no prologue, no
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class TokenizerTrainer:
             self.perceptual = load_perceptual(cfg.perceptual_weights)
             if self.perceptual is None and acc.is_main_process:
                 print("[phase 1] no perceptual weights given (perceptual_weights=PATH to a local VGG16/LPIPS "
-                      "file): training without the perceptual loss", flush=True)
+                      "file): training without the perceptual loss", file=sys.stderr, flush=True)
         self.device = acc.device
         for m in (self.tok, self.joint, self.gan, self.perceptual):
             if m is not None:
@@ -212,7 +213,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, data: typing.Optional[str], out, 
                                    "phase 1")
     if start >= run.steps:
         if main:
-            print(f"[phase 1] {out} already reached step {start} >= steps={run.steps}", flush=True)
+            print(f"[phase 1] {out} already reached step {start} >= steps={run.steps}", file=sys.stderr, flush=True)
         return ckpt_dir
     trainer.wrap()
     loader = make_loader(dataset, run.batch_size, seed=run.seed, rank=trainer.rank, world_size=trainer.world,
@@ -245,7 +246,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, data: typing.Optional[str], out, 
     finally:
         report.close()
     if main and skipped_total:
-        print(f"[phase 1] skipped {skipped_total} unreadable images", flush=True)
+        print(f"[phase 1] skipped {skipped_total} unreadable images", file=sys.stderr, flush=True)
     return ckpt_dir
 
 
