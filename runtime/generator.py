@@ -24,7 +24,7 @@ from .spec import ConfigError, SamplingConfig
 BACKENDS = ("auto", "onnxruntime", "cpu", "cuda", "tensorrt")
 
 
-def make_backend(bundle: Bundle, backend: str = "auto", providers=None):
+def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads: typing.Optional[int] = None):
     """`auto` (best ONNX Runtime provider available), `onnxruntime`/`cpu`/`cuda` (ONNX Runtime
     providers), or `tensorrt` (native engines: not in this version)."""
     if backend not in BACKENDS:
@@ -36,7 +36,7 @@ def make_backend(bundle: Bundle, backend: str = "auto", providers=None):
 
     if providers is None:
         providers = {"auto": "auto", "onnxruntime": "auto", "cpu": "cpu", "cuda": "cuda"}[backend]
-    return OrtBackend(bundle, providers)
+    return OrtBackend(bundle, providers, intra_op_threads=threads)
 
 
 class Generation:
@@ -77,9 +77,10 @@ class Generator:
         self.backend = backend
 
     @classmethod
-    def from_bundle(cls, path, backend: str = "auto", providers=None) -> "Generator":
+    def from_bundle(cls, path, backend: str = "auto", providers=None, threads: typing.Optional[int] = None) -> "Generator":
+        """threads: intra-op threads of the ONNX Runtime sessions (default: all logical CPUs)."""
         bundle = Bundle(path)
-        return cls(bundle, make_backend(bundle, backend, providers))
+        return cls(bundle, make_backend(bundle, backend, providers, threads))
 
     @property
     def backend_name(self) -> str:

@@ -55,7 +55,7 @@ class OrtBackend:
         self.bundle = bundle
         self.providers = resolve_providers(providers)
         # ONNX Runtime's default counts physical cores; all logical CPUs measured faster here
-        self.intra_op_threads = os.cpu_count() or 1 if intra_op_threads is None else intra_op_threads
+        self.intra_op_threads = (os.cpu_count() or 1) if intra_op_threads is None else intra_op_threads
         self._sessions: typing.Dict[str, typing.Any] = {}
         self._lock = threading.Lock()
 

@@ -91,7 +91,7 @@ def test_sampling_official_names():
     assert SamplingConfig.coerce({"top_k": 3}).top_k == 3  # our own names work too
     with pytest.raises(ConfigError, match="'cfg_scale' is not an official sampling option"):
         SamplingConfig.coerce({"cfg_scale": 2.0})
-    with pytest.raises(ConfigError, match="sampling.temperature must be > 0"):
+    with pytest.raises(ConfigError, match="sampling.temperature must be a finite number > 0"):
         SamplingConfig.coerce({"temperature": 0.0})
     with pytest.raises(ConfigError, match="not one of constant, linear, cosine"):
         SamplingConfig.coerce({"cfg_schedule": "exp"})
