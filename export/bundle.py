@@ -70,6 +70,34 @@ def export_graph(contract, folder: Path) -> typing.List[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{contract.name}.onnx"))
 
 
+AR_WEIGHTS = ("int8", "int4")
+
+
+def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
+    """Weight-only quantized copy of `ar_step.onnx` (ONNX Runtime `MatMulNBits`, block 32,
+    symmetric): `ar_step_<weights>.onnx`. Activations, norms, softmax and sampling stay fp32."""
+    import onnx
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError:
+        raise ExportError("weight-only quantization needs onnxruntime's quantization tools (pip install onnxruntime)") from None
+    bits = {"int8": 8, "int4": 4}[weights]
+    logger = logging.getLogger("onnxruntime.quantization")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(folder / "ar_step.onnx")), block_size=32, is_symmetric=True,
+                                         bits=bits)
+        quantizer.process()
+    finally:
+        logger.setLevel(level)
+    name = f"ar_step_{weights}.onnx"
+    external = quantizer.model.model.ByteSize() > EXTERNAL_DATA_BYTES
+    quantizer.model.save_model_to_file(str(folder / name), use_external_data_format=external)
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(name))
+
+
 def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by_graph, precision: str,
                    max_batch: int, sampling: SamplingConfig) -> dict:
     cfg = model.config
@@ -80,6 +108,10 @@ def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by
         entry["file"] = f"{c.name}.onnx"
         entry["precision"] = precision
         graphs[c.name] = entry
+    for weights in AR_WEIGHTS:
+        name = f"ar_step_{weights}"
+        if name in files_by_graph:  # same contract as ar_step, weight-only quantized matmuls
+            graphs[name] = dict(graphs["ar_step"], file=f"{name}.onnx", weights=weights)
     files = {}
     for name in sorted(f for fs in files_by_graph.values() for f in fs):
         files[name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
@@ -122,8 +154,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def export_bundle(checkpoint, out, precision: str = "fp32", max_batch: int = 8, force: bool = False,
-                  verify: bool = True, sampling=None, log=print) -> dict:
-    """Export `checkpoint` to the bundle folder `out`; verifies it unless `verify=False`."""
+                  verify: bool = True, sampling=None, log=print, ar_weights: typing.Sequence[str] = ()) -> dict:
+    """Export `checkpoint` to the bundle folder `out`; verifies it unless `verify=False`.
+
+    ar_weights: extra weight-only quantized AR graphs to add (`int8`, `int4`)."""
+    unknown = sorted(set(ar_weights) - set(AR_WEIGHTS))
+    if unknown:
+        raise ExportError(f"--ar-weights must be among {', '.join(AR_WEIGHTS)}, got {', '.join(unknown)}")
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16":
@@ -153,6 +190,11 @@ def export_bundle(checkpoint, out, precision: str = "fp32", max_batch: int = 8, 
         for c in graph_contracts:
             log(f"[export] {c.name} ...")
             files_by_graph[c.name] = export_graph(c, tmp)
+        if ar_weights and "ar_step" not in files_by_graph:
+            raise ExportError("--ar-weights needs an AR model; this checkpoint has only a tokenizer")
+        for weights in dict.fromkeys(ar_weights):
+            log(f"[export] ar_step_{weights} (weight-only {weights}) ...")
+            files_by_graph[f"ar_step_{weights}"] = quantize_ar_step(tmp, weights)
         manifest = build_manifest(model, tmp, graph_contracts, files_by_graph, precision, max_batch, sampling)
         write_json(tmp / MANIFEST, manifest)
         if verify:

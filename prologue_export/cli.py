@@ -72,7 +72,8 @@ def _cmd_export(args) -> int:
         raise SystemExit("prologue export: error: --out is required (or --verify BUNDLE)")
     sampling = json.loads(args.sampling) if args.sampling else None
     manifest = export_bundle(args.checkpoint, args.out, precision=args.precision, max_batch=args.max_batch,
-                             force=args.force, verify=not args.no_verify, sampling=sampling, log=log)
+                             force=args.force, verify=not args.no_verify, sampling=sampling, log=log,
+                             ar_weights=args.ar_weights or ())
     summary = {"bundle": args.out, "graphs": sorted(manifest["graphs"]), "files": manifest["files"],
                "verified": bool(manifest.get("verification", {}).get("passed"))}
     print(json.dumps(summary, indent=2) if args.json else
@@ -121,7 +122,7 @@ def _cmd_generate(args) -> int:
 
     if args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}")
-    gen = Generator.from_bundle(args.bundle, backend=args.backend)
+    gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
     classes = np.repeat(np.asarray(args.class_ids, dtype=np.int64), args.n)
     sampling = json.loads(args.sampling) if args.sampling else None
     images = gen.generate(classes, seed=args.seed, sampling=sampling,
@@ -137,7 +138,7 @@ def _cmd_variations(args) -> int:
     from .runtime.generator import Generator
     from .runtime.images import load_image
 
-    gen = Generator.from_bundle(args.bundle, backend=args.backend)
+    gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
     image = load_image(args.image, gen.bundle.image_size, gen.bundle.channels)
     sampling = json.loads(args.sampling) if args.sampling else None
     images = gen.variations(image, args.n, seed=args.seed, class_id=args.class_id, sampling=sampling,
@@ -182,6 +183,8 @@ def _add_runtime_parsers(sub) -> None:
         p.add_argument("--top-p", dest="top_p", type=float, help="top-p (0 = off)")
         p.add_argument("--sampling", metavar="JSON", help="more settings as JSON (our or the release's option names)")
         p.add_argument("--nrow", type=int, help="images per grid row")
+        p.add_argument("--ar-weights", dest="ar_weights", default="fp32", choices=["fp32", "int8", "int4"],
+                       help="AR graph: fp32 (default) or a weight-only quantized one the bundle carries")
 
     p = sub.add_parser("generate", help="generate class-conditional images from a bundle (no torch needed)")
     common(p)
@@ -252,6 +255,8 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="largest batch the engines must serve (default 8)")
     p.add_argument("--sampling", metavar="JSON", help="sampling defaults stored in the manifest, e.g. '{\"cfg\": 3.0}' "
                    "(our names or the release's)")
+    p.add_argument("--ar-weights", dest="ar_weights", nargs="+", choices=["int8", "int4"], metavar="W",
+                   help="also write weight-only quantized AR graphs (int8 and/or int4, ONNX Runtime MatMulNBits)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")

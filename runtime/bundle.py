@@ -17,7 +17,7 @@ from .spec import SamplingConfig, VocabLayout
 MANIFEST = "manifest.json"
 FORMAT = "prologue-export-bundle"
 FORMAT_VERSION = 1
-GRAPHS = ("decoder", "prologue_generator", "ar_step")
+GRAPHS = ("decoder", "prologue_generator", "ar_step", "ar_step_int8", "ar_step_int4")
 
 
 class BundleError(RuntimeError):

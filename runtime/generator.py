@@ -24,7 +24,11 @@ from .spec import ConfigError, SamplingConfig
 BACKENDS = ("auto", "onnxruntime", "cpu", "cuda", "tensorrt")
 
 
-def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads: typing.Optional[int] = None):
+AR_WEIGHTS = ("fp32", "int8", "int4")
+
+
+def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads: typing.Optional[int] = None,
+                 ar_weights: str = "fp32"):
     """`auto` (best ONNX Runtime provider available), `onnxruntime`/`cpu`/`cuda` (ONNX Runtime
     providers), or `tensorrt` (native engines: not in this version)."""
     if backend not in BACKENDS:
@@ -36,7 +40,13 @@ def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads:
 
     if providers is None:
         providers = {"auto": "auto", "onnxruntime": "auto", "cpu": "cpu", "cuda": "cuda"}[backend]
-    return OrtBackend(bundle, providers, intra_op_threads=threads)
+    if ar_weights not in AR_WEIGHTS:
+        raise InputError(f"ar_weights must be one of {', '.join(AR_WEIGHTS)}, got {ar_weights!r}")
+    ar_graph = "ar_step" if ar_weights == "fp32" else f"ar_step_{ar_weights}"
+    if "ar_step" in bundle.graphs and ar_graph not in bundle.graphs:
+        raise BundleError(f"{bundle.path} has no {ar_weights} AR graph; export it with "
+                          f"`prologue export ... --ar-weights {ar_weights}`")
+    return OrtBackend(bundle, providers, intra_op_threads=threads, ar_graph=ar_graph)
 
 
 class Generation:
@@ -77,10 +87,12 @@ class Generator:
         self.backend = backend
 
     @classmethod
-    def from_bundle(cls, path, backend: str = "auto", providers=None, threads: typing.Optional[int] = None) -> "Generator":
-        """threads: intra-op threads of the ONNX Runtime sessions (default: all logical CPUs)."""
+    def from_bundle(cls, path, backend: str = "auto", providers=None, threads: typing.Optional[int] = None,
+                    ar_weights: str = "fp32") -> "Generator":
+        """threads: intra-op threads of the ONNX Runtime sessions (default: all logical CPUs);
+        ar_weights: `fp32`, or a weight-only quantized AR graph the bundle carries (`int8`, `int4`)."""
         bundle = Bundle(path)
-        return cls(bundle, make_backend(bundle, backend, providers, threads))
+        return cls(bundle, make_backend(bundle, backend, providers, threads, ar_weights))
 
     @property
     def backend_name(self) -> str:

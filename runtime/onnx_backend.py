@@ -51,8 +51,10 @@ class OrtBackend:
     """Lazily created, signature-checked sessions, one per graph. Sessions are thread safe
     (ONNX Runtime allows concurrent `run` calls), and creation is guarded by a lock."""
 
-    def __init__(self, bundle: Bundle, providers=None, intra_op_threads: typing.Optional[int] = None):
+    def __init__(self, bundle: Bundle, providers=None, intra_op_threads: typing.Optional[int] = None,
+                 ar_graph: str = "ar_step"):
         self.bundle = bundle
+        self.ar_graph = ar_graph  # "ar_step" or a weight-only quantized variant ("ar_step_int4", ...)
         self.providers = resolve_providers(providers)
         # ONNX Runtime's default counts physical cores; all logical CPUs measured faster here
         self.intra_op_threads = (os.cpu_count() or 1) if intra_op_threads is None else intra_op_threads
@@ -86,5 +88,5 @@ class OrtBackend:
         return self.session(graph).run(outputs, feeds)
 
     def ar_step(self, **feeds):
-        next_tokens, k_new, v_new = self.run("ar_step", feeds, ["next_tokens", "k_new", "v_new"])
+        next_tokens, k_new, v_new = self.run(self.ar_graph, feeds, ["next_tokens", "k_new", "v_new"])
         return next_tokens, k_new, v_new

@@ -166,3 +166,30 @@ def test_cli_export_json(tmp_path, capsys):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["sampling_defaults"]["prologue_cfg_scale"] == 0.7
     assert main(["export", "--checkpoint", str(ckpt), "--verify", str(tmp_path / "b")]) == 0
+
+
+def test_weight_only_quantized_ar_graphs(exported, tmp_path):
+    import onnx
+
+    from prologue_export.runtime import Generator
+
+    _, ckpt, plain_bundle, _ = exported
+    manifest = export_bundle(ckpt, tmp_path / "q", max_batch=4, ar_weights=("int4", "int8"), log=lambda m: None)
+    graphs = manifest["graphs"]
+    assert graphs["ar_step_int4"]["weights"] == "int4" and graphs["ar_step_int8"]["weights"] == "int8"
+    assert graphs["ar_step_int4"]["inputs"] == graphs["ar_step"]["inputs"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "ar_step_int4.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    for name in ("ar_step_int4", "ar_step_int8"):
+        report = manifest["verification"][name]
+        assert set(report) == {"cfg_split", "no_cfg_temperatures_topk", "fixed_prologue"}
+        assert all(0.0 <= r["token_agreement"] <= 1.0 for r in report.values())
+    # 8-bit weights track fp32 closely; a broken quantized graph would not
+    assert min(r["token_agreement"] for r in manifest["verification"]["ar_step_int8"].values()) >= 0.5
+    gen = Generator.from_bundle(tmp_path / "q", ar_weights="int4")
+    a = gen.generate([1, 2], seed=0)
+    assert a.shape == (2, 32, 32, 1) and (a == gen.generate([1, 2], seed=0)).all()
+    with pytest.raises(BundleError, match="has no int4 AR graph"):
+        Generator.from_bundle(plain_bundle, ar_weights="int4")
+    with pytest.raises(ExportError, match="--ar-weights must be among int8, int4"):
+        export_bundle(ckpt, tmp_path / "x", ar_weights=("int3",))
