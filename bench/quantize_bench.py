@@ -24,29 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from runtime_bench import PRESETS, SETTINGS  # noqa: E402  (same presets and settings)
-
-
-def export_quantized(name: str, folder: Path) -> Path:
-    import dataclasses
-
-    import torch
-
-    import prologue_export as pe
-    from prologue_export.checkpoint import PrologueModel
-    from prologue_export.config import model_preset
-    from prologue_export.export.bundle import export_bundle
-
-    preset, ar_override = PRESETS[name]
-    cfg = model_preset(preset)
-    if ar_override:
-        cfg.ar = dataclasses.replace(cfg.ar, **ar_override)
-    torch.manual_seed(0)
-    pe.save_checkpoint(PrologueModel(cfg.validate()).eval(), folder / f"ckpt_{name}")
-    bundle = folder / f"bundle_{name}"
-    export_bundle(folder / f"ckpt_{name}", bundle, max_batch=8, verify=False, ar_weights=("int8", "int4"),
-                  log=lambda m: None)
-    return bundle
+from runtime_bench import SETTINGS, build_bundle  # noqa: E402  (same presets and settings)
 
 
 def main(argv=None) -> int:
@@ -61,7 +39,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets.split(","):
-            bundle = export_quantized(name, Path(tmp))
+            build_bundle(name, Path(tmp), ar_weights=("int8", "int4"))
+            bundle = Path(tmp) / f"bundle_{name}"
             for batch in (int(b) for b in args.batches.split(",")):
                 classes = list(np.arange(batch) % 10)
                 reference = None

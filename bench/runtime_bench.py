@@ -38,7 +38,8 @@ PRESETS = {
 SETTINGS = {"cfg": 2.0}
 
 
-def build_bundle(name: str, folder: Path) -> Path:
+def build_bundle(name: str, folder: Path, ar_weights=()) -> Path:
+    """A random-weight model of preset `name`: checkpoint `folder/ckpt_<name>`, bundle `folder/bundle_<name>`."""
     import dataclasses
 
     import torch
@@ -56,7 +57,7 @@ def build_bundle(name: str, folder: Path) -> Path:
     model = PrologueModel(cfg.validate()).eval()
     ckpt = folder / f"ckpt_{name}"
     pe.save_checkpoint(model, ckpt)
-    export_bundle(ckpt, folder / f"bundle_{name}", max_batch=8, verify=False, log=lambda m: None)
+    export_bundle(ckpt, folder / f"bundle_{name}", max_batch=8, verify=False, log=lambda m: None, ar_weights=ar_weights)
     return ckpt
 
 

@@ -12,7 +12,6 @@ replaced atomically), so an interrupted run resumes at the first missing shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import torch
 from ..checkpoint import PrologueModel, load_checkpoint, save_checkpoint
 from ..config import ModelConfig
 from ..data import ten_crop, to_model_input, train_transform
+from ..runtime.bundle import sha256_file
 from .common import TrainError, progress
 from .datasets import open_dataset
 
@@ -57,14 +57,6 @@ def _collate(items):
     views = torch.from_numpy(np.stack([v for v, _ in good])) if good else None  # [b, crops, C, S, S]
     labels = torch.tensor([l for _, l in good], dtype=torch.int64)
     return views, labels, len(items) - len(good)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -107,7 +99,7 @@ def pretokenize(checkpoint, data: typing.Optional[str], out, crops: str = "ten",
     max_id = max(vocab.visual_codebook_size, vocab.prologue_codebook_size)
     dtype = np.int16 if max_id <= np.iinfo(np.int16).max else np.int32
     n = len(dataset) if limit is None else min(len(dataset), int(limit))
-    source = {"data": str(data), "num_items": n, "tokenizer_sha256": _sha256(Path(checkpoint) / "tokenizer.safetensors"),
+    source = {"data": str(data), "num_items": n, "tokenizer_sha256": sha256_file(Path(checkpoint) / "tokenizer.safetensors"),
               "crops": crops, "shard_size": shard_size}
     index_path = out / INDEX_FILE
     if index_path.is_file():
