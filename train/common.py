@@ -321,7 +321,12 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
 
 
 def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
-    """Create the run folder; refuse to reuse one that holds a run unless --resume."""
+    """Create the run folder; refuse to reuse one that holds a run unless --resume.
+
+    Only the main process checks and creates it (the others would race with its first files);
+    callers synchronise with `wait_for_everyone()` afterwards."""
+    if not is_main:
+        return
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} exists and is not a folder")
     ckpt = out / CHECKPOINT_DIR
@@ -331,14 +336,13 @@ def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
         return
     if out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {out} already holds files; pass --resume to continue that run or choose a new folder")
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise TrainError(f"cannot write to --out {out}: {exc.strerror}; choose a writable folder") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainError(f"cannot write to --out {out}: {exc.strerror}; choose a writable folder") from None
 
 
 class Reporter:
