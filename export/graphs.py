@@ -22,7 +22,6 @@ from torch import nn
 
 from ..ar import ARModel
 from ..checkpoint import PrologueModel
-from ..config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -240,7 +239,3 @@ def contracts(model: PrologueModel, max_batch: int) -> typing.List[GraphContract
     if model.ar is not None:
         out.append(ARStepContract(model, max_batch))
     return out
-
-
-def model_config_json(config: ModelConfig) -> dict:
-    return config.to_dict()

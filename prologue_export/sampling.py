@@ -19,7 +19,7 @@ import torch
 
 from .ar import ARModel, write_kv
 from .config import SamplingConfig, VocabLayout
-from .runtime.loop import Noise, check_class_ids, check_prologue_ids
+from .runtime.loop import Noise, check_class_ids, check_prologue_ids, split_tokens
 from .runtime.spec import cfg_enabled, cfg_scale_at  # noqa: F401 (public here too)
 
 
@@ -117,7 +117,6 @@ def sample(
 
 
 def split_sequence(tokens: torch.Tensor, vocab: VocabLayout) -> typing.Tuple[torch.Tensor, torch.Tensor]:
-    """AR sequence `[B, T]` -> (raw prologue ids `[B, Z]`, visual ids `[B, X]`)."""
-    Z = vocab.num_prologue_tokens
-    prologue = tokens[:, :Z] - vocab.prologue_offset
-    return prologue, tokens[:, vocab.visual_start :]
+    """AR sequence `[B, T]` -> (raw prologue ids `[B, Z]`, visual ids `[B, X]`); the runtime's
+    `split_tokens`, which slices torch tensors as well as numpy arrays."""
+    return split_tokens(tokens, vocab)
