@@ -75,7 +75,10 @@ AR_WEIGHTS = ("int8", "int4")
 
 def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
     """Weight-only quantized copy of `ar_step.onnx` (ONNX Runtime `MatMulNBits`, block 32,
-    symmetric): `ar_step_<weights>.onnx`. Activations, norms, softmax and sampling stay fp32."""
+    symmetric): `ar_step_<weights>.onnx`. Norms, softmax and sampling stay fp32; the quantized
+    matmuls run at `accuracy_level` 4 (activations rounded to int8 per block inside the matmul),
+    which lets ONNX Runtime's CPU kernels use integer dot products: 1.4-1.5x faster than fp32 at
+    the full AR-B size here, where the default level (fp32 compute) was slower than fp32."""
     import onnx
 
     try:
@@ -88,7 +91,7 @@ def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
     logger.setLevel(logging.ERROR)
     try:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(folder / "ar_step.onnx")), block_size=32, is_symmetric=True,
-                                         bits=bits)
+                                         bits=bits, accuracy_level=4)
         quantizer.process()
     finally:
         logger.setLevel(level)
