@@ -255,8 +255,6 @@ def _cmd_eval(args) -> int:
         if args.metric == "rfid":
             from .checkpoint import load_checkpoint
 
-            if args.bundle:
-                raise SystemExit("prologue eval rfid: error: rFID needs --checkpoint (the torch tokenizer)")
             tokenizer = load_checkpoint(args.checkpoint).tokenizer.eval()
             test, _ = metrics.real_images(args.data, args.ref_split, args.n, size, channels, seed=0)
             report["fid"], _ = metrics.reconstruction_fid(tokenizer, test, net, ref, progress and progress("rFID"))
@@ -277,17 +275,14 @@ def _cmd_eval(args) -> int:
 
 def _geometry(args):
     """(image size, channels, classes) of the model behind --checkpoint or --bundle."""
-    if args.bundle:
+    if getattr(args, "bundle", None):
         from .runtime.bundle import Bundle
 
         b = Bundle(args.bundle)
         return b.image_size, b.channels, b.num_classes
-    import json as _json
-    from pathlib import Path
+    from .checkpoint import load_config
 
-    from .config import ModelConfig
-
-    cfg = ModelConfig.from_dict(_json.loads((Path(args.checkpoint) / "config.json").read_text()))
+    cfg = load_config(args.checkpoint)
     return cfg.tokenizer.image_size, cfg.tokenizer.channels, cfg.num_classes
 
 

@@ -17,3 +17,21 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
 export PATH="$VENV/bin:$PATH"
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist unless the arguments hold --data.
+# Usage: need_fashion_mnist LABEL "$@"
+need_fashion_mnist() {
+  local label="$1"; shift
+  local arg
+  for arg in "$@"; do [ "$arg" = "--data" ] && return 0; done
+  [ -d /usr/share/datasets/fashion-mnist ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[$label] installing Debian's dataset-fashion-mnist"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist
+  else
+    echo "[$label] Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist', or pass" >&2
+    echo "       --data PATH (a folder with the Fashion-MNIST IDX files, or one subfolder of images per class)" >&2
+    exit 2
+  fi
+}
