@@ -76,8 +76,25 @@ def _cmd_export(args) -> int:
                              ar_weights=args.ar_weights or ())
     summary = {"bundle": args.out, "graphs": sorted(manifest["graphs"]), "files": manifest["files"],
                "verified": bool(manifest.get("verification", {}).get("passed"))}
+    if args.tensorrt:
+        from .export.tensorrt import build_engines
+
+        summary["engines"] = build_engines(args.out, precision=args.engine_precision, log=log)
     print(json.dumps(summary, indent=2) if args.json else
-          f"wrote {args.out}: {', '.join(summary['graphs'])} ({'verified' if summary['verified'] else 'NOT verified'})")
+          f"wrote {args.out}: {', '.join(summary['graphs'])} ({'verified' if summary['verified'] else 'NOT verified'})"
+          + (f"; TensorRT engines: {', '.join(summary['engines'])}" if args.tensorrt else ""))
+    return 0
+
+
+def _cmd_build_engines(args) -> int:
+    from .export.tensorrt import build_engines
+
+    log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    engines = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
+                            timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, log=log)
+    print(json.dumps(engines, indent=2) if args.json else
+          "\n".join(f"{g}: {m['file']} ({m['precision']}, TensorRT {m['tensorrt_version']}, {m['device']} "
+                    f"cc {m['compute_capability']})" for g, m in engines.items()))
     return 0
 
 
@@ -382,6 +399,26 @@ def _add_demo_parser(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_build_engines_parser(sub) -> None:
+    p = sub.add_parser(
+        "build-engines", help="build TensorRT engines from a bundle's ONNX graphs (GPU host)",
+        description="One strongly typed TensorRT engine per graph, with an optimisation profile (min 1, opt the serving "
+        "batch, max --max-batch), a reusable timing cache, and the engine's provenance (TensorRT version, GPU, "
+        "precision, profile) written into the manifest. Needs tensorrt and cuda-python on a CUDA GPU host.")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by prologue export")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp16",
+                   help="weight matmuls in this type; norms, softmax, RoPE, sampling and logits stay fp32 (default fp16)")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=None, metavar="N",
+                   help="largest batch (default: the bundle's max_batch)")
+    p.add_argument("--opt-batch", dest="opt_batch", type=int, default=None, metavar="N",
+                   help="the serving batch the engines are tuned for (default min(8, max batch))")
+    p.add_argument("--timing-cache", dest="timing_cache", metavar="FILE",
+                   help="TensorRT timing cache to reuse and update (default ~/.cache/prologue-export/)")
+    p.add_argument("--workspace-gb", dest="workspace_gb", type=float, default=8.0, help="builder workspace (default 8)")
+    p.add_argument("--json", action="store_true", help="print the engines' manifest entries as JSON")
+    p.set_defaults(func=_cmd_build_engines)
+
+
 def _add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="export a checkpoint to an ONNX bundle (decoder, prologue generator, AR step) and verify it",
@@ -399,6 +436,10 @@ def _add_export_parser(sub) -> None:
                    help="also write weight-only quantized AR graphs (int8 and/or int4, ONNX Runtime MatMulNBits)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build TensorRT engines into the bundle (a GPU host with tensorrt and cuda-python)")
+    p.add_argument("--engine-precision", dest="engine_precision", choices=["fp32", "fp16", "bf16"], default="fp16",
+                   help="precision of the TensorRT engines' weight matmuls (default fp16; norms, softmax, logits fp32)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_export)
 
@@ -465,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parsers(sub)
     _add_export_parser(sub)
+    _add_build_engines_parser(sub)
     _add_runtime_parsers(sub)
     _add_demo_parser(sub)
     _add_eval_parser(sub)
@@ -499,7 +541,7 @@ def _errors(command: str) -> tuple:
         from .train.common import TrainError
 
         errors += (TrainError,)
-    if command in ("export", "demo", "experiment"):
+    if command in ("export", "demo", "experiment", "build-engines"):
         from .export.bundle import ExportError
         from .export.verify import VerificationError
 

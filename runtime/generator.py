@@ -30,12 +30,16 @@ AR_WEIGHTS = ("fp32", "int8", "int4")
 def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads: typing.Optional[int] = None,
                  ar_weights: str = "fp32"):
     """`auto` (best ONNX Runtime provider available), `onnxruntime`/`cpu`/`cuda` (ONNX Runtime
-    providers), or `tensorrt` (native engines: not in this version)."""
+    providers), or `tensorrt` (the bundle's TensorRT engines through cuda-python)."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "tensorrt":
-        raise BundleError("the native TensorRT backend is not available in this version; use backend='auto' "
-                          "(ONNX Runtime, with its TensorRT provider where onnxruntime-gpu is installed)")
+        if ar_weights != "fp32":
+            raise InputError("ar_weights applies to ONNX Runtime graphs; TensorRT engines carry their own precision "
+                             "(prologue build-engines --precision)")
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(bundle)
     from .onnx_backend import OrtBackend
 
     if providers is None:
@@ -100,7 +104,7 @@ class Generator:
 
     @property
     def max_batch(self) -> int:
-        return int(self.bundle.manifest.get("max_batch", 8))
+        return int(getattr(self.backend, "max_batch", None) or self.bundle.manifest.get("max_batch", 8))
 
     # -- settings -----------------------------------------------------------------------------
 
@@ -129,9 +133,14 @@ class Generator:
         if "ar_step" not in self.bundle.graphs:
             raise BundleError(f"{self.bundle.path} has no ar_step graph (exported from a tokenizer-only checkpoint)")
         settings = self.settings(sampling, **overrides)
-        loop = TokenLoop(self.backend.ar_step, self.bundle.vocab, self.bundle.ar_cache_shape, self.bundle.num_classes,
-                         class_ids, settings, seed=seed, uniform=uniform, prologue_ids=prologue_ids)
+        loop = TokenLoop(getattr(self.backend, "ar_step", None), self.bundle.vocab, self.bundle.ar_cache_shape,
+                         self.bundle.num_classes, class_ids, settings, seed=seed, uniform=uniform,
+                         prologue_ids=prologue_ids, state=self._ar_state())
         return Generation(self, loop)
+
+    def _ar_state(self):
+        """Each generation's KV cache, from the backend: on the GPU where it can, else on the host."""
+        return lambda rows, batch: self.backend.ar_state(rows, batch, self.bundle.ar_cache_shape(rows))
 
     def generate(self, class_ids, seed=None, uniform=None, sampling=None, progress=None, **overrides) -> np.ndarray:
         """Class-conditional images, uint8 `[B, H, W, C]` (`class_ids` may hold the null class)."""

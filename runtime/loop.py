@@ -1,7 +1,10 @@
-"""The host side of generation: drives the `ar_step` graph over a KV cache it owns.
+"""The host side of generation: drives the `ar_step` graph over a KV cache.
 
 Backend-neutral: `step` is any callable taking the `ar_step` inputs as numpy arrays and returning
-`(next_tokens [B], k_new, v_new)`. Noise follows DESIGN.md §3: one
+`(next_tokens [B], k_new, v_new)`; the cache then lives in host memory (`HostKVState`). A backend
+that keeps the cache on its device passes `state=` instead: a factory `(rows, batch) -> object`
+whose `step(input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p)` returns the
+sampled tokens and updates its own cache. Noise follows DESIGN.md §3: one
 `rng.random((B, V), dtype=float32)` per AR position, in order, forced positions included, from
 `numpy.random.Generator(PCG64(seed))`, or an explicit `uniform [B, T, V]`.
 """
@@ -72,6 +75,24 @@ def check_prologue_ids(prologue_ids, batch: int, vocab: VocabLayout) -> np.ndarr
     return p.astype(np.int64)
 
 
+class HostKVState:
+    """A KV cache in host memory, written in place from each step's new K/V slice."""
+
+    def __init__(self, step_fn: typing.Callable, cache_shape: tuple):
+        self.step_fn = step_fn
+        self.k_cache = np.zeros(cache_shape, dtype=np.float32)  # [L, R, H, S, d]
+        self.v_cache = np.zeros_like(self.k_cache)
+
+    def step(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p) -> np.ndarray:
+        next_tokens, k_new, v_new = self.step_fn(
+            input_ids=input_ids, start_pos=start_pos, k_cache=self.k_cache, v_cache=self.v_cache, uniform=uniform,
+            cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        p, n = int(start_pos[0]), input_ids.shape[1]
+        self.k_cache[:, :, :, p:p + n] = k_new
+        self.v_cache[:, :, :, p:p + n] = v_new
+        return next_tokens
+
+
 class TokenLoop:
     """Stepwise generation state (feed, step, done), in the manner of onnxruntime-genai.
 
@@ -81,7 +102,8 @@ class TokenLoop:
     """
 
     def __init__(self, step_fn: typing.Callable, vocab: VocabLayout, cache_shape: typing.Callable[[int], tuple],
-                 num_classes: int, class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None):
+                 num_classes: int, class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None,
+                 state: typing.Optional[typing.Callable[[int, int], typing.Any]] = None):
         self.step_fn, self.vocab, self.settings = step_fn, vocab, settings.validate()
         self.classes = check_class_ids(class_ids, num_classes)
         B = len(self.classes)
@@ -89,8 +111,7 @@ class TokenLoop:
         self.noise = Noise(B, T, V, seed=seed, uniform=uniform)
         self.use_cfg = cfg_enabled(settings)
         rows = np.concatenate([self.classes, np.full(B, num_classes)]) if self.use_cfg else self.classes
-        self.k_cache = np.zeros(cache_shape(len(rows)), dtype=np.float32)  # [L, R, H, S, d]
-        self.v_cache = np.zeros_like(self.k_cache)
+        self.state = state(len(rows), B) if state is not None else HostKVState(step_fn, cache_shape(len(rows)))
         self.tokens = np.zeros((B, T), dtype=np.int64)
         self.position = 0  # next cache slot
         self.steps_done = 0  # sampled (or forced) tokens so far
@@ -116,14 +137,11 @@ class TokenLoop:
         scale = cfg_scale_at(s, settings, self.vocab) if self.use_cfg else 1.0
         tau = settings.prologue_temperature if (s < Z and settings.prologue_temperature is not None) else settings.temperature
         n = self.feed.shape[1]
-        next_tokens, k_new, v_new = self.step_fn(
+        next_tokens = self.state.step(
             input_ids=np.ascontiguousarray(self.feed, dtype=np.int64),
-            start_pos=np.array([self.position], dtype=np.int64),
-            k_cache=self.k_cache, v_cache=self.v_cache, uniform=self.noise.at(s),
+            start_pos=np.array([self.position], dtype=np.int64), uniform=self.noise.at(s),
             cfg_scale=np.array([scale], dtype=np.float32), temperature=np.array([tau], dtype=np.float32),
             top_k=np.array([settings.top_k], dtype=np.int64), top_p=np.array([settings.top_p], dtype=np.float32))
-        self.k_cache[:, :, :, self.position:self.position + n] = k_new
-        self.v_cache[:, :, :, self.position:self.position + n] = v_new
         self.position += n
         next_tokens = np.asarray(next_tokens, dtype=np.int64)
         self.tokens[:, s] = next_tokens

@@ -1,5 +1,12 @@
 """ONNX Runtime execution of a bundle's graphs (CPU here; CUDA/TensorRT providers where
-onnxruntime-gpu is installed)."""
+onnxruntime-gpu is installed).
+
+On the CPU provider the KV cache is a host array (`HostKVState`). On the CUDA or TensorRT
+provider, with cuda-python installed, each generation keeps its cache on the GPU as ONNX Runtime
+`OrtValue`s bound through IO binding (`OrtDeviceState`): the small inputs are bound from host
+memory, the new K/V slice stays on the device and is copied into the cache in place, and only the
+sampled tokens come back. Without cuda-python the GPU providers fall back to the host cache.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import typing
 import numpy as np
 
 from .bundle import Bundle, BundleError, check_signature
+from .loop import HostKVState
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(uint8)": "uint8",
              "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -90,3 +98,60 @@ class OrtBackend:
     def ar_step(self, **feeds):
         next_tokens, k_new, v_new = self.run(self.ar_graph, feeds, ["next_tokens", "k_new", "v_new"])
         return next_tokens, k_new, v_new
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+
+    def ar_state(self, rows: int, batch: int, cache_shape: tuple):
+        """The KV cache of one generation: on the GPU (IO binding) when possible, else on the host."""
+        if self.device == "cuda":
+            try:
+                return OrtDeviceState(self, cache_shape)
+            except BundleError as exc:
+                if "cuda-python" not in str(exc):
+                    raise
+        return HostKVState(self.ar_step, cache_shape)
+
+
+class OrtDeviceState:
+    """`ar_step` through IO binding with the KV cache kept on the GPU (CUDA/TensorRT providers).
+
+    Written from the ONNX Runtime IO-binding documentation; it runs only where onnxruntime-gpu,
+    cuda-python and a GPU are present (tests marked `gpu`)."""
+
+    def __init__(self, backend: OrtBackend, cache_shape: tuple):
+        from .tensorrt_backend import _cudart
+
+        self.cudart = _cudart()  # BundleError mentioning cuda-python when it is missing
+        ort = _ort()
+        self.session = backend.session(backend.ar_graph)
+        zeros = np.zeros(cache_shape, dtype=np.float32)
+        self.k_cache = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)
+        self.v_cache = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)
+        self.shape = cache_shape
+        self.binding = self.session.io_binding()
+
+    def step(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p) -> np.ndarray:
+        from .tensorrt_backend import _ok
+
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, value in (("input_ids", input_ids), ("start_pos", start_pos), ("uniform", uniform),
+                            ("cfg_scale", cfg_scale), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        io.bind_ortvalue_input("k_cache", self.k_cache)
+        io.bind_ortvalue_input("v_cache", self.v_cache)
+        io.bind_output("next_tokens", "cpu")
+        for name in ("k_new", "v_new", "logits"):
+            io.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(io)
+        next_tokens, k_new, v_new = io.get_outputs()[:3]
+        L, R, H, S, d = self.shape
+        n, position, row = int(input_ids.shape[1]), int(start_pos[0]), d * 4
+        for cache, new in ((self.k_cache, k_new), (self.v_cache, v_new)):
+            # [L, R, H, n, d] -> cache[:, :, :, position:position + n], on the device
+            _ok(self.cudart.cudaMemcpy2D(cache.data_ptr() + position * row, S * row, new.data_ptr(), n * row, n * row,
+                                         L * R * H, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
+        return next_tokens.numpy()

@@ -1,0 +1,268 @@
+"""Native TensorRT backend: the bundle's engines driven through cuda-python (no torch).
+
+- Engines are refused, with how to rebuild them, when the manifest says they were built with
+  another TensorRT version or for another GPU compute capability (`check_engine`).
+- Device memory comes from cuda-python's runtime API. Each generation owns an execution context,
+  a stream and its KV cache on the device; the graph's new K/V slice is copied into the cache in
+  place (one strided device-to-device copy per step), nothing of the cache crosses to the host.
+- Decode steps (one new token per row) are captured as a CUDA graph after one eager warm-up step
+  and replayed; the inputs that change (ids, position, noise) live in fixed device buffers that
+  are refreshed before each replay.
+- Same seed, same tokens as the ONNX Runtime backend: the noise and the sampling are the graph's.
+
+Written from the TensorRT 10 and cuda-python documentation; it runs only where both and a GPU
+are present (tests marked `tensorrt`). The provenance checks are plain Python and tested on CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import typing
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .loop import InputError
+
+ENGINE_GRAPHS = ("decoder", "prologue_generator", "ar_step")
+
+
+def engine_file_name(graph: str, precision: str) -> str:
+    return f"{graph}.{precision}.engine"
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def check_engine(graph: str, meta: dict, tensorrt_version: str, compute_capability: str) -> None:
+    """Refuse an engine built with another TensorRT version or for another GPU architecture."""
+    rebuild = "rebuild the engines on this machine: prologue build-engines BUNDLE"
+    built_with = meta.get("tensorrt_version")
+    if built_with != tensorrt_version:
+        raise BundleError(f"the {graph} engine was built with TensorRT {built_with}, this machine has "
+                          f"{tensorrt_version}; engines only load in the TensorRT version that built them: {rebuild}")
+    built_for = meta.get("compute_capability")
+    if built_for != compute_capability:
+        raise BundleError(f"the {graph} engine was built for GPU compute capability {built_for} "
+                          f"({meta.get('device', 'unknown GPU')}), this GPU is {compute_capability}: {rebuild}")
+
+
+# --------------------------------------------------------------------------- cuda-python
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise BundleError("the tensorrt backend needs cuda-python: pip install cuda-python") from None
+    return cudart
+
+
+def _ok(result):
+    """cuda-python calls return `(error, *values)`; raise on an error, return the values."""
+    if not isinstance(result, tuple):
+        result = (result,)
+    err, values = result[0], result[1:]
+    if int(err) != 0:
+        raise BundleError(f"CUDA call failed: {err}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+def device_info(device: int = 0) -> dict:
+    cudart = _cudart()
+    props = _ok(cudart.cudaGetDeviceProperties(device))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.rstrip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+class DeviceBuffer:
+    def __init__(self, nbytes: int):
+        self.cudart = _cudart()
+        self.nbytes = max(1, int(nbytes))
+        self.ptr = int(_ok(self.cudart.cudaMalloc(self.nbytes)))
+
+    def upload(self, array: np.ndarray, stream) -> None:
+        array = np.ascontiguousarray(array)
+        if array.nbytes > self.nbytes:
+            raise BundleError(f"device buffer of {self.nbytes} bytes is too small for {array.nbytes}")
+        _ok(self.cudart.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
+                                        self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+
+    def download(self, array: np.ndarray, stream) -> np.ndarray:
+        _ok(self.cudart.cudaMemcpyAsync(array.ctypes.data, self.ptr, array.nbytes,
+                                        self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+        return array
+
+    def free(self) -> None:
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+            self.ptr = 0
+
+    def __del__(self):  # pragma: no cover - GPU only
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class TensorRTBackend:
+    """Engines of a bundle on one GPU. Safe to share between threads: every generation gets its
+    own execution context, stream and cache, and one-off graph runs are serialised by a lock."""
+
+    def __init__(self, bundle: Bundle, device: int = 0, cuda_graphs: bool = True):
+        engines = bundle.manifest.get("engines") or {}
+        missing = [g for g in ENGINE_GRAPHS if g in bundle.graphs and g not in engines]
+        if missing:
+            raise BundleError(f"{bundle.path} has no TensorRT engine for {', '.join(missing)}; build them on this GPU "
+                              f"host: prologue build-engines {bundle.path}")
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise BundleError("the tensorrt backend needs TensorRT: pip install tensorrt (on a CUDA GPU host)") from None
+        self.trt, self.cudart = trt, _cudart()
+        _ok(self.cudart.cudaSetDevice(device))
+        info = device_info(device)
+        for graph in ENGINE_GRAPHS:
+            if graph in engines:
+                check_engine(graph, engines[graph], trt.__version__, info["compute_capability"])
+        self.bundle, self.device, self.cuda_graphs = bundle, device, cuda_graphs
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self.logger)
+        self.engines = {}
+        for graph, meta in engines.items():
+            engine = runtime.deserialize_cuda_engine((bundle.path / meta["file"]).read_bytes())
+            if engine is None:
+                raise BundleError(f"TensorRT could not load {meta['file']}; rebuild it: prologue build-engines {bundle.path}")
+            self.engines[graph] = engine
+        self.max_batch = min(int(m.get("max_batch", 8)) for m in engines.values())
+        self._lock = threading.Lock()
+        self._contexts: typing.Dict[str, typing.Any] = {}
+        self._stream = _ok(self.cudart.cudaStreamCreate())
+        self.name = f"tensorrt[{info['name']}, {next(iter(engines.values()))['precision']}]"
+
+    def _dtype(self, engine, name: str):
+        return np.dtype(self.trt.nptype(engine.get_tensor_dtype(name)))
+
+    def _io(self, engine) -> typing.Tuple[typing.List[str], typing.List[str]]:
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        return inputs, [n for n in names if n not in inputs]
+
+    def run(self, graph: str, feeds: typing.Dict[str, np.ndarray], outputs: typing.Optional[typing.List[str]] = None):
+        """One call of a graph with host arrays in and out (decoder, prologue generator)."""
+        engine = self.engines[graph]
+        with self._lock:
+            if graph not in self._contexts:
+                self._contexts[graph] = engine.create_execution_context()
+            context, stream = self._contexts[graph], self._stream
+            in_names, out_names = self._io(engine)
+            buffers = []
+            try:
+                for name in in_names:
+                    array = np.ascontiguousarray(feeds[name], dtype=self._dtype(engine, name))
+                    context.set_input_shape(name, array.shape)
+                    buf = DeviceBuffer(array.nbytes)
+                    buf.upload(array, stream)
+                    context.set_tensor_address(name, buf.ptr)
+                    buffers.append(buf)
+                results = {}
+                for name in out_names:
+                    host = np.empty(tuple(context.get_tensor_shape(name)), dtype=self._dtype(engine, name))
+                    buf = DeviceBuffer(host.nbytes)
+                    context.set_tensor_address(name, buf.ptr)
+                    buffers.append(buf)
+                    results[name] = (host, buf)
+                if not context.execute_async_v3(stream):
+                    raise BundleError(f"TensorRT failed to run {graph}")
+                for host, buf in results.values():
+                    buf.download(host, stream)
+                _ok(self.cudart.cudaStreamSynchronize(stream))
+            finally:
+                for buf in buffers:
+                    buf.free()
+        return [results[n][0] for n in (outputs or out_names)]
+
+    def ar_state(self, rows: int, batch: int, cache_shape: typing.Tuple[int, ...]) -> "DeviceARState":
+        return DeviceARState(self, rows, batch, cache_shape)
+
+
+class DeviceARState:
+    """One generation's `ar_step` on the device: a KV cache updated in place, CUDA-graph decode."""
+
+    def __init__(self, backend: TensorRTBackend, rows: int, batch: int, cache_shape: typing.Tuple[int, ...]):
+        if batch > backend.max_batch or rows > 2 * backend.max_batch:
+            raise InputError(f"batch {batch} is larger than the engines' profile allows ({backend.max_batch}); "
+                             "generate in smaller batches or rebuild with prologue build-engines --max-batch N")
+        self.b, self.cudart = backend, backend.cudart
+        self.engine = backend.engines["ar_step"]
+        self.context = self.engine.create_execution_context()
+        self.stream = _ok(self.cudart.cudaStreamCreate())
+        L, R, H, S, d = cache_shape
+        self.shape, self.rows, self.batch = cache_shape, rows, batch
+        self.itemsize = self.b._dtype(self.engine, "k_cache").itemsize
+        cache_bytes = L * R * H * S * d * self.itemsize
+        self.k_cache, self.v_cache = DeviceBuffer(cache_bytes), DeviceBuffer(cache_bytes)
+        for buf in (self.k_cache, self.v_cache):
+            _ok(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
+        V = int(backend.bundle.manifest["vocab"]["vocab_size"])
+        sizes = {"input_ids": R * S * 8, "start_pos": 8, "uniform": batch * V * 4, "cfg_scale": 4, "temperature": 4,
+                 "top_k": 8, "top_p": 4, "next_tokens": batch * 8, "k_new": cache_bytes, "v_new": cache_bytes,
+                 "logits": R * V * 4}
+        self.buffers = {name: DeviceBuffer(n) for name, n in sizes.items()}
+        self.buffers["k_cache"], self.buffers["v_cache"] = self.k_cache, self.v_cache
+        for name, buf in self.buffers.items():
+            self.context.set_tensor_address(name, buf.ptr)
+        self.graph_exec = None
+        self.decode_steps = 0
+        self.next_tokens = np.empty(batch, dtype=np.int64)
+
+    def _set_shapes(self, n: int) -> None:
+        L, R, H, S, d = self.shape
+        V = int(self.b.bundle.manifest["vocab"]["vocab_size"])
+        shapes = {"input_ids": (R, n), "start_pos": (1,), "k_cache": self.shape, "v_cache": self.shape,
+                  "uniform": (self.batch, V), "cfg_scale": (1,), "temperature": (1,), "top_k": (1,), "top_p": (1,)}
+        for name, shape in shapes.items():
+            self.context.set_input_shape(name, shape)
+
+    def step(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p) -> np.ndarray:
+        n = int(input_ids.shape[1])
+        position = int(start_pos[0])
+        feeds = {"input_ids": input_ids, "start_pos": start_pos, "uniform": uniform, "cfg_scale": cfg_scale,
+                 "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        for name, value in feeds.items():
+            self.buffers[name].upload(np.ascontiguousarray(value, dtype=self.b._dtype(self.engine, name)), self.stream)
+        self._set_shapes(n)
+        if n == 1 and self.b.cuda_graphs and self.decode_steps >= 1:
+            if self.graph_exec is None:  # capture after one eager decode step with these shapes
+                cudart = self.cudart
+                _ok(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+                self.context.execute_async_v3(self.stream)
+                graph = _ok(cudart.cudaStreamEndCapture(self.stream))
+                self.graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
+            _ok(self.cudart.cudaGraphLaunch(self.graph_exec, self.stream))
+        elif not self.context.execute_async_v3(self.stream):
+            raise BundleError("TensorRT failed to run ar_step")
+        if n == 1:
+            self.decode_steps += 1
+        L, R, H, S, d = self.shape
+        row = d * self.itemsize
+        for cache, new in ((self.k_cache, self.buffers["k_new"]), (self.v_cache, self.buffers["v_new"])):
+            # [L, R, H, n, d] -> cache[:, :, :, position:position + n]: L*R*H rows of n*d elements
+            _ok(self.cudart.cudaMemcpy2DAsync(cache.ptr + position * row, S * row, new.ptr, n * row, n * row, L * R * H,
+                                              self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream))
+        self.buffers["next_tokens"].download(self.next_tokens, self.stream)
+        _ok(self.cudart.cudaStreamSynchronize(self.stream))
+        return self.next_tokens.copy()
+
+    def close(self) -> None:
+        for buf in self.buffers.values():
+            buf.free()
+        if self.stream is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
