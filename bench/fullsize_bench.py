@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from runtime_bench import save_json  # noqa: E402
 
 
 def export_ar(folder: Path, preset: str):
@@ -83,8 +85,8 @@ def main(argv=None) -> int:
                 options.intra_op_num_threads = args.threads
                 sess = ort.InferenceSession(str(tmp / name), options, providers=["CPUExecutionProvider"])
 
-                def step(**feeds):
-                    return sess.run(["next_tokens", "k_new", "v_new"], feeds)
+                def step(session=sess, **feeds):
+                    return session.run(["next_tokens", "k_new", "v_new"], feeds)
 
                 times = []
                 for _ in range(2):  # the first pass warms up
@@ -104,18 +106,12 @@ def main(argv=None) -> int:
                              "graph_mb": graph_bytes / 1e6, "implied_gb_s": graph_bytes / (ms * 1e-3) / 1e9,
                              "token_agreement": float((tokens == reference).mean()), "steps": args.steps})
                 print(json.dumps(rows[-1]), flush=True)
-                del sess
     print(f"{'weights':<8}{'B':>3}{'ms/step':>9}{'graph MB':>10}{'GB/s':>7}{'agree':>7}")
     for r in rows:
         print(f"{r['weights']:<8}{r['batch']:>3}{r['ms_per_step']:>9.2f}{r['graph_mb']:>10.1f}{r['implied_gb_s']:>7.1f}"
               f"{r['token_agreement']:>7.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-                               "cpus": os.cpu_count(), "threads": args.threads, "ar_params": info["ar_params"],
-                               "export_s": info["export_s"], "quantize_s": info["quantize_s"], "rows": rows},
-                              indent=2))
-    print(f"wrote {out}")
+    save_json(args.out, rows, threads=args.threads, ar_params=info["ar_params"], export_s=info["export_s"],
+              quantize_s=info["quantize_s"])
     return 0
 
 

@@ -194,18 +194,25 @@ def sampling(quick: bool):
     ar.step = eager_step
 
 
+def copy_bandwidth(nbytes: int, dev: str) -> float:
+    """Bytes per second read + written by a large device-to-device copy."""
+    import torch
+
+    src = torch.empty(nbytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    dt = timed(lambda: dst.copy_(src), 5)
+    return 2 * nbytes / dt
+
+
 @section("floor")
 def decode_floor(quick: bool):
     import torch
 
     ar = _sampler_model()
     dev = CONF["device"]
-    x = torch.empty(int((2 if dev == "cuda" else 0.25) * 1024**3) // 4, device=dev)
-    y = torch.empty_like(x)
-    dt = timed(lambda: y.copy_(x), 5)
-    bandwidth = 2 * x.numel() * 4 / dt  # read + write
-    record("floor", "device copy bandwidth", f"{bandwidth / 1e9:.0f} GB/s", f"read+write of a {x.numel() * 4 / 2**30:g} GiB copy")
-    del x, y
+    gib = 2 if dev == "cuda" else 0.25
+    bandwidth = copy_bandwidth(int(gib * 1024**3), dev)
+    record("floor", "device copy bandwidth", f"{bandwidth / 1e9:.0f} GB/s", f"read+write of a {gib:g} GiB copy")
     weights = sum(p.numel() * p.element_size() for p in ar.parameters())
     v = ar.vocab
     for batch in (1, 8, 64):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from runtime_bench import SETTINGS, build_bundle  # noqa: E402  (same presets and settings)
+from runtime_bench import SETTINGS, build_bundle, save_json  # noqa: E402  (same presets and settings)
 
 
 def main(argv=None) -> int:
@@ -64,11 +62,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['preset']:<7}{r['weights']:<8}{r['batch']:>3}{r['ms_per_step']:>9.2f}{r['sequences_per_s']:>8.2f}"
               f"{r['graph_mb']:>8.1f}{r['token_agreement']:>7.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-                               "cpus": os.cpu_count(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    save_json(args.out, rows)
     return 0
 
 

@@ -143,6 +143,16 @@ def startup_and_memory(bundle: Path, ckpt: Path) -> dict:
             "runtime_imported_torch": out[2] == "True", "torch_peak_rss_mb": torch_rss}
 
 
+def save_json(out, rows, **extra) -> Path:
+    """Write a benchmark's rows with the date and machine: the format every bench/ script uses."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+                               "cpus": os.cpu_count(), **extra, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,mid")
@@ -179,11 +189,7 @@ def main(argv=None) -> int:
               f"{str(r['tokens_identical']):>6}{r['step_first_ms']:>10.2f}{r['last_over_first']:>9.2f}"
               f"{r['runtime_import_load_first_image_s']:>9.2f}"
               f"{r['runtime_peak_rss_mb']:>8.0f}/{r['torch_peak_rss_mb']:<8.0f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-                               "cpus": os.cpu_count(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    save_json(args.out, rows)
     return 0
 
 

@@ -220,7 +220,7 @@ class DeviceARState:
             self.context.set_tensor_address(name, buf.ptr)
         self.graph_exec = None
         self.decode_steps = 0
-        self.next_tokens = np.empty(batch, dtype=np.int64)
+        self.next_tokens = np.empty(batch, dtype=self.b._dtype(self.engine, "next_tokens"))  # int64, or int32
 
     def _set_shapes(self, n: int) -> None:
         L, R, H, S, d = self.shape
@@ -258,7 +258,7 @@ class DeviceARState:
                                               self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream))
         self.buffers["next_tokens"].download(self.next_tokens, self.stream)
         _ok(self.cudart.cudaStreamSynchronize(self.stream))
-        return self.next_tokens.copy()
+        return self.next_tokens.astype(np.int64)
 
     def close(self) -> None:
         for buf in self.buffers.values():
