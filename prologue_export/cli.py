@@ -360,11 +360,13 @@ def _add_eval_parser(sub) -> None:
 
 
 def _cmd_experiment(args) -> int:
-    from .train.experiment import run_experiment
+    from .train.experiment import ROWS, parse_rows, run_experiment
 
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+
     results = run_experiment(args.out, scale=args.scale, data=args.data, inception=args.inception,
-                             compile_=not args.no_compile, log=log)
+                             compile_=not args.no_compile, log=log, rows=parse_rows(args.rows) if args.rows else ROWS,
+                             tokenizer_overrides=args.tokenizer_set or (), post_from=args.post_from)
     print(json.dumps(results, indent=2) if args.json else results["table"])
     return 0
 
@@ -380,6 +382,12 @@ def _add_experiment_parser(sub) -> None:
     p.add_argument("--data", default="fashion-mnist", metavar="PATH", help="data set (default fashion-mnist)")
     p.add_argument("--inception", metavar="PATH", help="TorchScript FID network file")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the models")
+    p.add_argument("--rows", metavar="V:S,...", help="only these rows, e.g. prologue:0 (default: 2d:0,2d:1,prologue:0,"
+                   "prologue:1,post:0)")
+    p.add_argument("--tokenizer-set", dest="tokenizer_set", nargs="+", metavar="KEY=VALUE",
+                   help="phase-1 config changes for every row (an ablation), e.g. ce_weight_prologue=0.3")
+    p.add_argument("--post-from", dest="post_from", metavar="CKPT",
+                   help="2d tokenizer checkpoint for the post row (default: this run's 2d-s0)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_experiment)
 

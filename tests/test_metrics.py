@@ -220,3 +220,17 @@ def test_experiment_row_runs_and_resumes(pool_net_file, tmp_path):
     second = run_experiment(tmp_path / "exp", log=logs.append, **kwargs)
     assert second["rows"]["prologue-s0"]["gfid_nocfg"] == row["gfid_nocfg"]
     assert not any("..." in line for line in logs)  # nothing re-ran
+
+
+def test_experiment_rows_and_ablation_overrides():
+    from prologue_export.config import ConfigError
+    from prologue_export.train.experiment import budget, parse_rows, row_configs
+
+    assert parse_rows("prologue:0, 2d:1") == (("prologue", 0), ("2d", 1))
+    with pytest.raises(ConfigError, match="VARIANT:SEED"):
+        parse_rows("prolog:0")
+    phase1, phase3 = row_configs("prologue", 1, budget(1.0), 1, 10, tokenizer_overrides=["ce_weight_prologue=0.3"])
+    assert phase1.ce_weight_prologue == 0.3 and phase1.run.seed == 1 and phase3.run.seed == 1
+    assert phase1.run.steps == budget(1.0)["tokenizer_steps"]
+    baseline, _ = row_configs("2d", 0, budget(1.0), 1, 10)
+    assert baseline.joint_ar is None and baseline.tokenizer.variant == "2d"

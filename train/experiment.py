@@ -16,11 +16,12 @@ import dataclasses
 import json
 import shutil
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
 
-from ..config import tokenizer_preset
+from ..config import ConfigError, build_dataclass, tokenizer_preset
 
 ROWS = (("2d", 0), ("2d", 1), ("prologue", 0), ("prologue", 1), ("post", 0))
 TOKENIZER_OF = {"2d": "tiny-2d", "prologue": "tiny", "post": "tiny-post"}
@@ -34,7 +35,20 @@ def budget(scale: float = 1.0) -> dict:
             "cfg": 3.0}
 
 
-def row_configs(variant: str, seed: int, b: dict, channels: int, num_classes: int, init_from=None):
+def parse_rows(spec: str) -> tuple:
+    """`prologue:0,2d:1` -> (("prologue", 0), ("2d", 1))."""
+    rows = []
+    for item in spec.split(","):
+        variant, _, seed = item.strip().partition(":")
+        if variant not in TOKENIZER_OF or not seed.isdigit():
+            raise ConfigError(f"--rows item {item!r} is not VARIANT:SEED with VARIANT one of {', '.join(TOKENIZER_OF)}")
+        rows.append((variant, int(seed)))
+    return tuple(rows)
+
+
+def row_configs(variant: str, seed: int, b: dict, channels: int, num_classes: int, init_from=None,
+                tokenizer_overrides: typing.Sequence[str] = ()):
+    from .configs import TokenizerTrainConfig, apply_overrides
     from .demo import demo_configs
 
     phase1, phase3 = demo_configs(1.0, channels=channels, num_classes=num_classes)
@@ -44,6 +58,9 @@ def row_configs(variant: str, seed: int, b: dict, channels: int, num_classes: in
         phase1, tokenizer=tok, joint_ar=None if variant == "2d" else phase1.joint_ar, init_from=init_from,
         run=dataclasses.replace(phase1.run, steps=steps, seed=seed, image_every=steps, checkpoint_every=max(1, steps // 2)),
         gan_start=int(steps * 0.6), ema_halflife=max(1.0, steps / 15)).validate()
+    if tokenizer_overrides:  # e.g. ce_weight_prologue=0.3 (an ablation; recorded in results.json)
+        phase1 = build_dataclass(TokenizerTrainConfig, apply_overrides(dataclasses.asdict(phase1), tokenizer_overrides),
+                                 "config").validate()
     ar_steps = b["ar_steps"]
     phase3 = dataclasses.replace(
         phase3, run=dataclasses.replace(phase3.run, steps=ar_steps, seed=seed, image_every=ar_steps,
@@ -53,7 +70,10 @@ def row_configs(variant: str, seed: int, b: dict, channels: int, num_classes: in
 
 
 def run_experiment(out, scale: float = 1.0, data=None, inception=None, compile_: bool = True, log=print,
-                   rows=ROWS) -> dict:
+                   rows=ROWS, tokenizer_overrides: typing.Sequence[str] = (), post_from=None) -> dict:
+    """Run (or continue) the experiment in `out`. `tokenizer_overrides`: `key=value` changes to
+    every row's phase-1 config; `post_from`: the 2d tokenizer checkpoint the post row builds on
+    (default: this run's 2d-s0)."""
     from .. import metrics
     from ..checkpoint import load_checkpoint
     from ..export.bundle import export_bundle
@@ -81,7 +101,8 @@ def run_experiment(out, scale: float = 1.0, data=None, inception=None, compile_:
     ref_mu, ref_sigma = refs.get(ref_key, lambda: net(real)[0])
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results.update({"budget": b, "scale": scale, "network": net.describe(), "reference": ref_key})
+    results.update({"budget": b, "scale": scale, "network": net.describe(), "reference": ref_key,
+                    "tokenizer_overrides": list(tokenizer_overrides)})
     results.setdefault("rows", {})
 
     def save():
@@ -120,8 +141,8 @@ def run_experiment(out, scale: float = 1.0, data=None, inception=None, compile_:
             save()
             return row[key]
 
-        init_from = str(out / "2d-s0" / "tokenizer" / "checkpoint") if variant == "post" else None
-        phase1, phase3 = row_configs(variant, seed, b, channels, num_classes, init_from)
+        init_from = str(post_from or out / "2d-s0" / "tokenizer" / "checkpoint") if variant == "post" else None
+        phase1, phase3 = row_configs(variant, seed, b, channels, num_classes, init_from, tokenizer_overrides)
         phase1.run.compile = phase3.run.compile = compile_
         stage("tokenizer", lambda: str(train_tokenizer(phase1, data, folder / "tokenizer",
                                                        resume=resume(folder / "tokenizer"))))
