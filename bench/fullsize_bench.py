@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from prologue_export.runtime.loop import TokenLoop
-    from prologue_export.runtime.spec import SamplingConfig
+    from prologue_export.runtime.spec import SamplingConfig, cache_feeds
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
                 options.intra_op_num_threads = args.threads
                 sess = ort.InferenceSession(str(tmp / name), options, providers=["CPUExecutionProvider"])
 
-                def step(session=sess, **feeds):
-                    return session.run(["next_tokens", "k_new", "v_new"], feeds)
+                def step(k_cache, v_cache, session=sess, **feeds):
+                    return session.run(["next_tokens", "k_new", "v_new"], {**feeds, **cache_feeds(k_cache, v_cache)})
 
                 times = []
                 for _ in range(2):  # the first pass warms up

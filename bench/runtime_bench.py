@@ -6,7 +6,10 @@
 For each preset a random-weight model is exported to a bundle (in a temporary folder). Measured:
 - images/s of the torch reference sampler in eager mode and with `torch.compile` on `ar.step`,
   and of the runtime (ONNX Runtime CPU), all generating the same classes with the same seed; the
-  tokens of the three paths are compared (they must be identical);
+  tokens of the three paths are compared (they must be identical). Every path runs in worker
+  processes of its own (the runtime's never imports torch), `--rounds` of them per path,
+  interleaved, so that machine noise hits all paths alike; images/s is the median over all
+  timed generations;
 - the runtime's AR step time at the first and at the last position;
 - in fresh processes: import + bundle load + first image (runtime), and peak RSS of a generation
   through the runtime vs through torch.
@@ -62,6 +65,7 @@ def build_bundle(name: str, folder: Path, ar_weights=()) -> Path:
 
 
 def time_torch(ckpt: Path, classes, seed: int, compiled: bool, repeats: int):
+    """Seconds per generation (each of `repeats` runs after a warm-up) and the tokens."""
     import torch
 
     import prologue_export as pe
@@ -80,23 +84,26 @@ def time_torch(ckpt: Path, classes, seed: int, compiled: bool, repeats: int):
         return tokens.numpy()
 
     tokens = run()  # warm-up (compiles when compiled)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         run()
-    dt = (time.perf_counter() - t0) / repeats
-    return len(classes) / dt, tokens
+        times.append(time.perf_counter() - t0)
+    return times, tokens
 
 
 def time_runtime(bundle: Path, classes, seed: int, repeats: int):
+    """Seconds per generation through the runtime, tokens, and step times at the first/last positions."""
     from prologue_export.runtime import Generator
 
     gen = Generator.from_bundle(bundle, backend="cpu")
     run = gen.start(classes, seed=seed, sampling=SETTINGS).run()
     gen.decode(run.ids()[1])  # warm-up
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         gen.generate(classes, seed=seed, sampling=SETTINGS)
-    dt = (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
     # per-step timing of one more generation
     state = gen.start(classes, seed=seed, sampling=SETTINGS)
     step_times = []
@@ -107,7 +114,34 @@ def time_runtime(bundle: Path, classes, seed: int, repeats: int):
     k = max(1, len(step_times) // 10)
     first = float(np.median(step_times[1:1 + k]))  # step 0 is the BOS prefill
     last = float(np.median(step_times[-k:]))
-    return len(classes) / dt, run.tokens, first, last
+    return times, run.tokens, first, last
+
+
+def worker(args) -> int:
+    """One measurement in this (fresh) process; prints one JSON line. The runtime worker never
+    imports torch, as in an application; each torch worker has the process to itself, so neither
+    path runs beside the other's idle thread pool."""
+    classes = list(np.arange(args.batch) % 10)
+    folder = Path(args.folder)
+    out = {"path": args.worker}
+    if args.worker == "runtime":
+        times, tokens, first, last = time_runtime(folder / f"bundle_{args.preset}", classes, 0, args.repeats)
+        out.update(step_first_s=first, step_last_s=last, imported_torch="torch" in sys.modules)
+    else:
+        times, tokens = time_torch(folder / f"ckpt_{args.preset}", classes, 0, args.worker == "compile", args.repeats)
+    out.update(times=times, tokens=np.asarray(tokens).tolist())
+    print(json.dumps(out))
+    return 0
+
+
+def measure(folder: Path, preset: str, batch: int, path: str, repeats: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", path, "--folder", str(folder),
+           "--presets", preset, "--batch", str(batch), "--repeats", str(repeats)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker {path} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # peak resident memory of this process: VmHWM resets at exec (ru_maxrss would carry the parent's)
@@ -157,9 +191,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,mid")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per worker process")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="worker processes per path, interleaved (eager, compile, runtime, eager, ...)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "runtime.json"))
+    parser.add_argument("--worker", choices=("eager", "compile", "runtime"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        args.preset = args.presets
+        return worker(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -168,16 +210,24 @@ def main(argv=None) -> int:
             bundle = tmp / f"bundle_{name}"
             extra = startup_and_memory(bundle, ckpt)
             for batch in (int(b) for b in args.batches.split(",")):
-                classes = list(np.arange(batch) % 10)
-                eager, tok_e = time_torch(ckpt, classes, 0, False, args.repeats)
-                compiled, tok_c = time_torch(ckpt, classes, 0, True, args.repeats)
-                rt, tok_r, first, last = time_runtime(bundle, classes, 0, args.repeats)
+                runs = {"eager": [], "compile": [], "runtime": []}
+                for _ in range(args.rounds):
+                    for path in runs:
+                        runs[path].append(measure(tmp, name, batch, path, args.repeats))
+                ips = {p: batch / float(np.median([t for r in rs for t in r["times"]])) for p, rs in runs.items()}
+                tokens = [np.array(r["tokens"]) for rs in runs.values() for r in rs]
+                rt = runs["runtime"]
+                first = float(np.median([r["step_first_s"] for r in rt]))
+                last = float(np.median([r["step_last_s"] for r in rt]))
                 rows.append({
-                    "preset": name, "batch": batch, "torch_eager_img_s": eager, "torch_compile_img_s": compiled,
-                    "runtime_img_s": rt, "speedup_vs_eager": rt / eager, "speedup_vs_compile": rt / compiled,
-                    "tokens_identical": bool((tok_e == tok_r).all() and (tok_c == tok_r).all()),
+                    "preset": name, "batch": batch, "torch_eager_img_s": ips["eager"],
+                    "torch_compile_img_s": ips["compile"], "runtime_img_s": ips["runtime"],
+                    "speedup_vs_eager": ips["runtime"] / ips["eager"],
+                    "speedup_vs_compile": ips["runtime"] / ips["compile"],
+                    "tokens_identical": all(bool((t == tokens[0]).all()) for t in tokens),
+                    "runtime_imported_torch_while_generating": any(r["imported_torch"] for r in rt),
                     "step_first_ms": first * 1e3, "step_last_ms": last * 1e3, "last_over_first": last / first,
-                    **extra,
+                    "timed_generations_per_path": args.rounds * args.repeats, **extra,
                 })
                 print(json.dumps(rows[-1]), flush=True)
     header = (f"{'preset':<6}{'B':>3}{'eager':>9}{'compile':>9}{'runtime':>9}{'x eager':>9}{'x comp':>8}"

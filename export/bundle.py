@@ -25,7 +25,7 @@ from ..config import SamplingConfig
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from .graphs import contracts
 
-OPSET = 18
+OPSET = 20
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger graphs keep weights in a .data file
 PRECISIONS = ("fp32", "fp16")
 
@@ -63,7 +63,7 @@ def export_graph(contract, folder: Path) -> typing.List[str]:
         with quiet:
             torch.onnx.export(
                 module, args, str(path), input_names=[s.name for s in contract.inputs],
-                output_names=[s.name for s in contract.outputs], dynamic_shapes=contract.dynamic_shapes(),
+                output_names=[s.name for s in contract.outputs], dynamic_shapes=contract.export_dynamic_shapes(),
                 opset_version=OPSET, dynamo=True, external_data=external, verbose=False)
     except Exception as exc:
         raise ExportError(f"exporting {contract.name} to ONNX failed: {type(exc).__name__}: {exc}") from exc
@@ -71,6 +71,33 @@ def export_graph(contract, folder: Path) -> typing.List[str]:
 
 
 AR_WEIGHTS = ("int8", "int4")
+QUANT_BLOCK = 32
+
+
+def constant_matmuls_below(model, min_k: int) -> typing.List[str]:
+    """Names of the MatMul nodes whose second input is a constant `[K, N]` with K < `min_k`: the
+    RoPE pair rotation (`[2, 2]`), which is exact in fp32 and must stay so; not a weight layer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+            and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].dims[0] < min_k]
+
+
+def _fold_constants(path: Path):
+    """The graph with everything that depends only on weights computed once (ONNX Runtime's basic,
+    hardware-independent level: standard ONNX ops out). The AR's condition path (null-class
+    embedding -> adaptive-norm scales and gates) becomes constants, so quantization touches only
+    the layers that multiply activations."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        if path.stat().st_size > EXTERNAL_DATA_BYTES:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "folded.data")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
 
 
 def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
@@ -90,8 +117,9 @@ def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(folder / "ar_step.onnx")), block_size=32, is_symmetric=True,
-                                         bits=bits, accuracy_level=4)
+        model = _fold_constants(folder / "ar_step.onnx")
+        quantizer = MatMulNBitsQuantizer(model, block_size=QUANT_BLOCK, is_symmetric=True, bits=bits, accuracy_level=4,
+                                         nodes_to_exclude=constant_matmuls_below(model, QUANT_BLOCK))
         quantizer.process()
     finally:
         logger.setLevel(level)

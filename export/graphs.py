@@ -22,6 +22,7 @@ from torch import nn
 
 from ..ar import ARModel
 from ..checkpoint import PrologueModel
+from ..runtime.spec import cache_input_names
 
 
 @dataclasses.dataclass
@@ -62,6 +63,10 @@ class GraphContract:
         """`torch.export` dynamic shapes keyed by input name."""
         dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in self.axes.items()}
         return {spec.name: {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in self.inputs}
+
+    def export_dynamic_shapes(self) -> typing.Dict[str, typing.Any]:
+        """`dynamic_shapes` keyed by the wrapper's `forward` arguments (what `torch.export` takes)."""
+        return self.dynamic_shapes()
 
     def to_json(self) -> dict:
         return {
@@ -144,15 +149,20 @@ class ARStepModule(nn.Module):
     `s * cond + (1 - s) * uncond` with `uncond = rows[R - B:]`, so without CFG the host passes
     `cfg_scale = 1` and the mix is exactly `cond`. Then `/ temperature`, `+ mask[position]`, top-k
     (`top_k` 0 = off), top-p (`top_p` 0 or >= 1 = off) and `argmax(logits + Gumbel(uniform))`.
+    The KV cache comes in per layer: `kv_cache` = `k_cache_0 .. k_cache_{L-1}, v_cache_0 ..`.
     """
 
-    def __init__(self, ar: ARModel):
+    def __init__(self, ar: ARModel, conditional: bool = True):
         super().__init__()
         self.ar = ar
+        self.conditional = conditional  # top-k / top-p sorts only when on (False: always, then select)
 
-    def forward(self, input_ids, start_pos, k_cache, v_cache, uniform, cfg_scale, temperature, top_k, top_p):
+    def forward(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p, *kv_cache):
         R, T = input_ids.shape
         B = uniform.shape[0]
+        torch._check(B <= R)  # rows hold the batch once or twice: lets export see `last[:B]` as B rows
+        L = self.ar.cfg.layers
+        k_cache, v_cache = kv_cache[:L], kv_cache[L:]  # L tensors [R, H, S, d] each
         logits, k_new, v_new = self.ar.step(input_ids, start_pos, k_cache, v_cache)  # [R, T, V], [L, R, H, T, d]
         last = logits[:, -1].float()  # [R, V]
         cond, uncond = last[:B], last[R - B:]
@@ -160,33 +170,52 @@ class ARStepModule(nn.Module):
         position = start_pos.reshape(-1)[:1] + (T - 1)  # [1] the step being sampled
         mask = self.ar.logit_mask.index_select(0, position)  # [1, V]
         scores = mixed / temperature + mask
-        scores = _top_k(scores, top_k)
-        scores = _top_p(scores, top_p)
+        scores = _top_k(scores, top_k, self.conditional)
+        scores = _top_p(scores, top_p, self.conditional)
         gumbel = -torch.log(-torch.log(uniform))
         next_tokens = torch.argmax(scores + gumbel, dim=-1)  # [B]
         # the new K/V slice only: the host writes it into its cache at start_pos
         return next_tokens, k_new, v_new, last
 
 
-def _top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def _top_k(scores: torch.Tensor, top_k: torch.Tensor, conditional: bool = True) -> torch.Tensor:
+    """Keep the `top_k` best scores of each row (0 = off). With `conditional` the sort runs only
+    when it is on (an `If` in the ONNX graph: the default settings pay nothing for it); without,
+    it always runs and a select picks the result (for compilers without control flow)."""
     V = scores.shape[-1]
-    k = top_k.reshape(-1)[:1].clamp(min=1, max=V)  # [1]
-    sorted_scores = torch.sort(scores, dim=-1, descending=True).values
-    kth = sorted_scores.gather(-1, (k - 1).expand(scores.shape[0], 1))  # [B, 1]
-    active = (top_k.reshape(-1)[:1] > 0) & (top_k.reshape(-1)[:1] < V)
-    return torch.where(active & (scores < kth), torch.full_like(scores, float("-inf")), scores)
+    k = top_k.reshape(-1)[:1]
+    active = ((k > 0) & (k < V)).reshape(())
+
+    def truncate(scores, k):
+        kth = torch.sort(scores, dim=-1, descending=True).values.gather(-1, (k.clamp(1, V) - 1).expand(scores.shape[0], 1))
+        return torch.where(scores < kth, torch.full_like(scores, float("-inf")), scores)
+
+    if conditional:
+        return torch.cond(active, truncate, _unchanged, (scores, k))
+    return torch.where(active, truncate(scores, k), scores)
 
 
-def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor, conditional: bool = True) -> torch.Tensor:
+    """Keep the smallest set of best scores whose probability reaches `top_p` (0 or >= 1 = off);
+    `conditional` as in `_top_k`."""
     p = top_p.reshape(-1)[:1]
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-    probs = torch.softmax(sorted_scores, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    remove_sorted = before > p
-    remove_sorted[:, 0] = False
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    active = (p > 0) & (p < 1)
-    return torch.where(active & remove, torch.full_like(scores, float("-inf")), scores)
+    active = ((p > 0) & (p < 1)).reshape(())
+
+    def truncate(scores, p):
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass ranked above each token: exactly 0 for the best
+        remove_sorted = before > p  # so with p > 0 the best token always stays
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        return torch.where(remove, torch.full_like(scores, float("-inf")), scores)
+
+    if conditional:
+        return torch.cond(active, truncate, _unchanged, (scores, p))
+    return torch.where(active, truncate(scores, p), scores)
+
+
+def _unchanged(scores: torch.Tensor, _) -> torch.Tensor:
+    return scores.clone()  # a branch of torch.cond may not return its input itself
 
 
 class ARStepContract(GraphContract):
@@ -203,17 +232,16 @@ class ARStepContract(GraphContract):
             "rows": AxisRange(1, min(16, 2 * max_batch), 2 * max_batch),
             "new_tokens": AxisRange(1, 1, S),
         }
+        k_names, v_names = cache_input_names(L)
         self.inputs = [
             TensorSpec("input_ids", "int64", ["rows", "new_tokens"]),
             TensorSpec("start_pos", "int64", [1]),
-            TensorSpec("k_cache", "float32", [L, "rows", H, S, d]),
-            TensorSpec("v_cache", "float32", [L, "rows", H, S, d]),
             TensorSpec("uniform", "float32", ["batch", v.vocab_size]),
             TensorSpec("cfg_scale", "float32", [1]),
             TensorSpec("temperature", "float32", [1]),
             TensorSpec("top_k", "int64", [1]),
             TensorSpec("top_p", "float32", [1]),
-        ]
+        ] + [TensorSpec(name, "float32", ["rows", H, S, d]) for name in k_names + v_names]
         self.outputs = [
             TensorSpec("next_tokens", "int64", ["batch"]),
             TensorSpec("k_new", "float32", [L, "rows", H, "new_tokens", d]),
@@ -221,17 +249,23 @@ class ARStepContract(GraphContract):
             TensorSpec("logits", "float32", ["rows", v.vocab_size]),
         ]
 
-    def module(self) -> nn.Module:
-        return ARStepModule(self.model.ar).eval()
+    def module(self, conditional: bool = True) -> nn.Module:
+        return ARStepModule(self.model.ar, conditional).eval()
+
+    def export_dynamic_shapes(self) -> typing.Dict[str, typing.Any]:
+        shapes = self.dynamic_shapes()
+        first_cache = len(self.inputs) - 2 * self.model.config.ar.layers  # the caches come last, as `*kv_cache`
+        named = {s.name: shapes[s.name] for s in self.inputs[:first_cache]}
+        return {**named, "kv_cache": tuple(shapes[s.name] for s in self.inputs[first_cache:])}
 
     def sample_inputs(self, generator):
         a, v = self.model.config.ar, self.model.config.vocab()
         B, R, T = 2, 4, 3
         ids = torch.randint(0, v.vocab_size, (R, T), generator=generator)
         ids[:, 0] = v.vocab_size + torch.tensor([1, 2, self.model.config.null_class, self.model.config.null_class])
-        k = torch.zeros(a.layers, R, a.heads, v.seq_len, a.head_dim)
-        return (ids, torch.tensor([0]), k, k.clone(), torch.rand(B, v.vocab_size, generator=generator).clamp(1e-6, 1 - 1e-6),
-                torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.0]))
+        caches = tuple(torch.zeros(R, a.heads, v.seq_len, a.head_dim) for _ in range(2 * a.layers))
+        return (ids, torch.tensor([0]), torch.rand(B, v.vocab_size, generator=generator).clamp(1e-6, 1 - 1e-6),
+                torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.0])) + caches
 
 
 def contracts(model: PrologueModel, max_batch: int) -> typing.List[GraphContract]:

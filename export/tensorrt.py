@@ -29,9 +29,10 @@ import numpy as np
 
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..runtime.tensorrt_backend import ENGINE_GRAPHS, device_info, engine_file_name
-from .bundle import ExportError
+from .bundle import ExportError, constant_matmuls_below
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+MIN_REDUCED_K = 16  # constant matmuls with a shorter reduction (the RoPE rotation) are not weights
 DEFAULT_WORKSPACE_GB = 8.0
 
 
@@ -83,6 +84,63 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+def _names_used(nodes) -> typing.Set[str]:
+    """Every value name the nodes read, including inside their subgraphs (`If` branches read
+    initializers of the outer graph)."""
+    used = set()
+    for node in nodes:
+        used.update(node.input)
+        for attr in node.attribute:
+            for graph in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                used |= _names_used(graph.node)
+    return used
+
+
+def inline_conditionals(model):
+    """A copy of an ONNX model whose top-level `If` nodes are replaced by both branches and a
+    `Where(cond, then, else)`: the same outputs without control flow.
+
+    The ar_step graph sorts for top-k / top-p inside `If`s so that ONNX Runtime skips the sort
+    when they are off; TensorRT runs conditionals lazily, which can make an engine impossible to
+    capture as a CUDA graph, and a sort costs little on a GPU. Returns (model, Ifs inlined)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    nodes, inlined = [], 0
+    for node in graph.node:
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        branches = {a.name: a.g for a in node.attribute}
+        outputs = {}
+        for key in ("then_branch", "else_branch"):
+            sub = branches[key]
+            prefix = f"{node.name or 'if'}__{key}__"
+            local = {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+            rename = {name: prefix + name for name in local}
+            for t in sub.initializer:
+                copy = onnx.TensorProto.FromString(t.SerializeToString())
+                copy.name = rename[t.name]
+                graph.initializer.append(copy)
+            for n in sub.node:
+                if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+                    raise ExportError(f"cannot inline {node.name}: its {key} holds nested control flow")
+                copy = onnx.NodeProto.FromString(n.SerializeToString())
+                copy.name = prefix + n.name
+                copy.input[:] = [rename.get(i, i) for i in n.input]
+                copy.output[:] = [rename[o] for o in n.output]
+                nodes.append(copy)
+            outputs[key] = [rename.get(o.name, o.name) for o in sub.output]
+        for out, yes, no in zip(node.output, outputs["then_branch"], outputs["else_branch"]):
+            nodes.append(helper.make_node("Where", [node.input[0], yes, no], [out], name=f"{node.name}__select_{out}"))
+        inlined += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model, inlined
+
+
 def reduce_matmul_precision(model, precision: str, keep_output_dims: typing.Sequence[int] = ()):
     """A copy of an fp32 ONNX model whose weight matmuls run in `precision` (`fp16`/`bf16`).
 
@@ -99,11 +157,12 @@ def reduce_matmul_precision(model, precision: str, keep_output_dims: typing.Sequ
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    exact = set(constant_matmuls_below(model, MIN_REDUCED_K))  # the RoPE rotation stays fp32
     new_nodes, converted, done = [], 0, {}
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if (weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2
-                or weight.dims[1] in keep_output_dims):
+                or weight.dims[1] in keep_output_dims or node.name in exact):
             new_nodes.append(node)
             continue
         if weight.name not in done:
@@ -122,7 +181,7 @@ def reduce_matmul_precision(model, precision: str, keep_output_dims: typing.Sequ
         new_nodes.append(helper.make_node("Cast", [y_low], [node.output[0]], to=TensorProto.FLOAT,
                                           name=f"{node.name}__cast_out"))
         converted += 1
-    used = {i for n in new_nodes for i in n.input}
+    used = _names_used(new_nodes)
     kept = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -167,11 +226,13 @@ def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Option
         for graph in graphs:
             contract = bundle.graphs[graph]
             onnx_path = bundle.graph_file(graph)
+            model, n_if = inline_conditionals(onnx.load(str(onnx_path)))
             if precision != "fp32":
-                model, n = reduce_matmul_precision(onnx.load(str(onnx_path)), precision, keep_output_dims=[vocab_size])
+                model, n = reduce_matmul_precision(model, precision, keep_output_dims=[vocab_size])
+                log(f"[engines] {graph}: {n} weight matmuls in {precision}, the rest fp32")
+            if n_if or precision != "fp32":
                 onnx_path = staging / f"{graph}.{precision}.onnx"
                 onnx.save(model, str(onnx_path), save_as_external_data=model.ByteSize() > 2 * 1024**3)
-                log(f"[engines] {graph}: {n} weight matmuls in {precision}, the rest fp32")
             profile = engine_profile(contract, max_batch, opt_batch)
             builder = trt.Builder(logger)
             network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -251,9 +312,10 @@ def torch_tensorrt_engine(checkpoint, graph: str, out, precision: str = "fp32", 
     if graph not in by_name:
         raise ExportError(f"unknown graph {graph!r}; choose from {', '.join(by_name)}")
     contract = by_name[graph]
-    module = contract.module().cuda()
+    # no control flow for TensorRT: top-k/top-p always sort and select (see inline_conditionals)
+    module = (contract.module(conditional=False) if graph == "ar_step" else contract.module()).cuda()
     args = tuple(a.cuda() for a in contract.sample_inputs(torch.Generator().manual_seed(0)))
-    exported = torch.export.export(module, args, dynamic_shapes=tuple(contract.dynamic_shapes().values()))
+    exported = torch.export.export(module, args, dynamic_shapes=contract.export_dynamic_shapes())
     profile = engine_profile(contract.to_json(), max_batch)
     inputs = [torch_tensorrt.Input(min_shape=profile[s.name]["min"], opt_shape=profile[s.name]["opt"],
                                    max_shape=profile[s.name]["max"], dtype=getattr(torch, s.dtype))

@@ -19,7 +19,8 @@ from ..runtime.bundle import Bundle, BundleError
 from ..runtime.loop import TokenLoop
 from ..runtime.onnx_backend import OrtBackend
 from ..sampling import sample
-from .graphs import ARStepModule, DecoderModule, PrologueGeneratorModule
+from ..runtime.spec import cache_feeds
+from .graphs import ARStepContract, DecoderModule, PrologueGeneratorModule
 
 # max abs error allowed against torch, per graph output (fp32 graphs)
 TOLERANCES = {"fp32": {"image_float": 1e-4, "logits": 1e-4, "kv": 1e-4}}
@@ -117,18 +118,18 @@ def check_ar_step(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.
     ids[:, 0] = rows + v.vocab_size
     k = np.zeros((ar.cfg.layers, 2 * B, ar.cfg.heads, v.seq_len, ar.cfg.head_dim), np.float32)
     vv = np.zeros_like(k)
-    module = ARStepModule(ar)
+    contract = ARStepContract(model, max_batch=B)
+    module = contract.module()
     report = {"logits_max_err": 0.0, "kv_max_err": 0.0, "token_mismatches_at_ties": 0}
     start = 0
     for n, settings in ((T, (2.5, 1.0, 0, 0.0)), (1, (1.7, 0.8, 5, 0.9)), (1, (3.0, 1.2, 0, 0.7))):
         feed = ids[:, :n] if start == 0 else rng.integers(0, v.vocab_size, (2 * B, n))
         scale, tau, top_k, top_p = settings
         uniform = rng.random((B, v.vocab_size), dtype=np.float32)
-        feeds = {"input_ids": feed, "start_pos": np.array([start]), "k_cache": k, "v_cache": vv,
-                 "uniform": uniform, "cfg_scale": np.array([scale], np.float32),
-                 "temperature": np.array([tau], np.float32), "top_k": np.array([top_k]),
-                 "top_p": np.array([top_p], np.float32)}
-        ref = module(*[torch.from_numpy(np.asarray(feeds[s])) for s in feeds])
+        feeds = {"input_ids": feed, "start_pos": np.array([start]), "uniform": uniform,
+                 "cfg_scale": np.array([scale], np.float32), "temperature": np.array([tau], np.float32),
+                 "top_k": np.array([top_k]), "top_p": np.array([top_p], np.float32), **cache_feeds(k, vv)}
+        ref = module(*[torch.from_numpy(np.asarray(feeds[s.name])) for s in contract.inputs])
         got = backend.run("ar_step", feeds)
         report["logits_max_err"] = max(report["logits_max_err"], _max_err(got[3], ref[3]))
         report["kv_max_err"] = max(report["kv_max_err"], _max_err(got[1], ref[1]), _max_err(got[2], ref[2]))

@@ -136,30 +136,32 @@ class ARModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         start_pos: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        k_cache: typing.Union[torch.Tensor, typing.Sequence[torch.Tensor]],
+        v_cache: typing.Union[torch.Tensor, typing.Sequence[torch.Tensor]],
     ) -> typing.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill or decode `T` new tokens at positions `start_pos .. start_pos+T-1`.
 
         input_ids `[B, T]` in the input vocabulary (`V + c` = BOS of class c); start_pos a long
-        tensor (0-d or `[1]`); caches `[layers, B, H, S, d]` holding positions `< start_pos` (the
-        rest is ignored). Returns logits `[B, T, V]` and the new keys/values `[layers, B, H, T, d]`,
-        which the caller writes into its cache at `start_pos` (see `write_kv`).
+        tensor (0-d or `[1]`); caches `[layers, B, H, S, d]`, or sequences of one `[B, H, S, d]`
+        tensor per layer (what export lowers: per-layer graph inputs), holding positions
+        `< start_pos` (the rest is ignored). Returns logits `[B, T, V]` and the new keys/values
+        `[layers, B, H, T, d]`, which the caller writes into its cache at `start_pos` (`write_kv`).
         """
         T = input_ids.shape[1]
-        S = k_cache.shape[3]
+        S = k_cache[0].shape[-2]
         start = start_pos.reshape(-1)[:1]
         positions = start + torch.arange(T, device=input_ids.device)  # [T]
         cos = self.rope_cos.index_select(0, positions)
         sin = self.rope_sin.index_select(0, positions)
-        cache_mask = torch.arange(S, device=input_ids.device)[None, :] < start  # [1, S]: filled slots
-        new_mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # [T, T] causal
+        stale = (torch.arange(S, device=input_ids.device) >= start).expand(T, S)  # [T, S]: unfilled cache slots
+        later = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).triu(1)  # [T, T]: causal mask
+        blocked = torch.cat([stale, later], dim=-1)  # [T, S + T]
         tf = self.transformer
         cond = tf.null_condition()
         e = self.embed_ids(input_ids)
         new_k, new_v = [], []
         for i, layer in enumerate(tf.layers):
-            e, k, v = layer.forward_cached(e, cond, cos, sin, k_cache[i], v_cache[i], cache_mask, new_mask)
+            e, k, v = layer.forward_cached(e, cond, cos, sin, k_cache[i], v_cache[i], blocked)
             new_k.append(k)
             new_v.append(v)
         return tf.head(e, cond), torch.stack(new_k), torch.stack(new_v)

@@ -16,7 +16,7 @@ from .spec import SamplingConfig, VocabLayout
 
 MANIFEST = "manifest.json"
 FORMAT = "prologue-export-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ar_step takes its KV cache per layer (k_cache_0 ..)
 GRAPHS = ("decoder", "prologue_generator", "ar_step", "ar_step_int8", "ar_step_int4")
 
 

@@ -93,7 +93,8 @@ class Generator:
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", providers=None, threads: typing.Optional[int] = None,
                     ar_weights: str = "fp32") -> "Generator":
-        """threads: intra-op threads of the ONNX Runtime sessions (default: all logical CPUs);
+        """threads: intra-op threads of the ONNX Runtime sessions (default: one for a graph under
+        8 MB, all logical CPUs for larger ones);
         ar_weights: `fp32`, or a weight-only quantized AR graph the bundle carries (`int8`, `int4`)."""
         bundle = Bundle(path)
         return cls(bundle, make_backend(bundle, backend, providers, threads, ar_weights))

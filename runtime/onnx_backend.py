@@ -17,7 +17,8 @@ import typing
 import numpy as np
 
 from .bundle import Bundle, BundleError, check_signature
-from .loop import HostKVState
+from .loop import HostKVState, InputError
+from .spec import cache_feeds, cache_input_names
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(uint8)": "uint8",
              "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -55,6 +56,20 @@ def resolve_providers(providers: typing.Union[str, typing.Sequence[str], None]) 
     return chosen
 
 
+SMALL_GRAPH_BYTES = 8 * 1024**2
+
+
+def default_threads(graph_bytes: int) -> int:
+    """One intra-op thread for a graph under 8 MB of weights, all logical CPUs above.
+
+    A small graph's nodes are too small to split: a second thread adds a hand-over per node and,
+    when the OS puts both threads on one core, doubles the step time (the tiny AR step measured
+    0.14 ms with one thread, 0.16-0.40 ms with two on this project's 2-core CPU). Larger graphs
+    are bound by their matmuls, which scale with threads (ONNX Runtime's own default counts only
+    physical cores; all logical CPUs measured faster here)."""
+    return 1 if graph_bytes < SMALL_GRAPH_BYTES else (os.cpu_count() or 1)
+
+
 class OrtBackend:
     """Lazily created, signature-checked sessions, one per graph. Sessions are thread safe
     (ONNX Runtime allows concurrent `run` calls), and creation is guarded by a lock."""
@@ -64,8 +79,10 @@ class OrtBackend:
         self.bundle = bundle
         self.ar_graph = ar_graph  # "ar_step" or a weight-only quantized variant ("ar_step_int4", ...)
         self.providers = resolve_providers(providers)
-        # ONNX Runtime's default counts physical cores; all logical CPUs measured faster here
-        self.intra_op_threads = (os.cpu_count() or 1) if intra_op_threads is None else intra_op_threads
+        if intra_op_threads is not None and (isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int)
+                                             or intra_op_threads < 1):
+            raise InputError(f"threads must be an integer >= 1 (or None for the default), got {intra_op_threads!r}")
+        self.intra_op_threads = intra_op_threads  # None: chosen per graph (`default_threads`)
         self._sessions: typing.Dict[str, typing.Any] = {}
         self._lock = threading.Lock()
 
@@ -73,13 +90,19 @@ class OrtBackend:
     def name(self) -> str:
         return f"onnxruntime[{self.providers[0]}]"
 
+    def threads_for(self, graph: str) -> int:
+        """Intra-op threads of one graph's session: the `threads` given, else `default_threads`."""
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        file = self.bundle.graphs[graph]["file"]  # and its external weights, `<file>.data`, if any
+        return default_threads(sum(int(f["bytes"]) for n, f in self.bundle.files.items() if n.startswith(file)))
+
     def session(self, graph: str):
         with self._lock:
             if graph not in self._sessions:
                 ort = _ort()
                 options = ort.SessionOptions()
-                if self.intra_op_threads:
-                    options.intra_op_num_threads = self.intra_op_threads
+                options.intra_op_num_threads = self.threads_for(graph)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 path = self.bundle.graph_file(graph)
                 try:
@@ -95,7 +118,9 @@ class OrtBackend:
     def run(self, graph: str, feeds: typing.Dict[str, np.ndarray], outputs: typing.Optional[typing.List[str]] = None):
         return self.session(graph).run(outputs, feeds)
 
-    def ar_step(self, **feeds):
+    def ar_step(self, k_cache, v_cache, **feeds):
+        """One `ar_step` call with host caches `[L, rows, H, S, d]` (fed per layer, without copies)."""
+        feeds.update(cache_feeds(k_cache, v_cache))
         next_tokens, k_new, v_new = self.run(self.ar_graph, feeds, ["next_tokens", "k_new", "v_new"])
         return next_tokens, k_new, v_new
 
@@ -117,8 +142,10 @@ class OrtBackend:
 class OrtDeviceState:
     """`ar_step` through IO binding with the KV cache kept on the GPU (CUDA/TensorRT providers).
 
-    Written from the ONNX Runtime IO-binding documentation; it runs only where onnxruntime-gpu,
-    cuda-python and a GPU are present (tests marked `gpu`)."""
+    The cache is one device allocation per tensor, `[L, rows, H, S, d]`; layer i is bound as the
+    graph input `k_cache_i` / `v_cache_i` by its address inside it, so nothing is copied per step
+    except the new slice. Written from the ONNX Runtime IO-binding documentation; it runs only
+    where onnxruntime-gpu, cuda-python and a GPU are present (tests marked `gpu`)."""
 
     def __init__(self, backend: OrtBackend, cache_shape: tuple):
         from .tensorrt_backend import _cudart
@@ -126,10 +153,11 @@ class OrtDeviceState:
         self.cudart = _cudart()  # BundleError mentioning cuda-python when it is missing
         ort = _ort()
         self.session = backend.session(backend.ar_graph)
-        zeros = np.zeros(cache_shape, dtype=np.float32)
+        zeros = np.zeros(cache_shape, dtype=np.float32)  # stale slots are masked, but must not hold NaN
         self.k_cache = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)
         self.v_cache = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)
         self.shape = cache_shape
+        self.names = cache_input_names(cache_shape[0])
         self.binding = self.session.io_binding()
 
     def step(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p) -> np.ndarray:
@@ -141,17 +169,20 @@ class OrtDeviceState:
         for name, value in (("input_ids", input_ids), ("start_pos", start_pos), ("uniform", uniform),
                             ("cfg_scale", cfg_scale), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
             io.bind_cpu_input(name, np.ascontiguousarray(value))
-        io.bind_ortvalue_input("k_cache", self.k_cache)
-        io.bind_ortvalue_input("v_cache", self.v_cache)
+        L, R, H, S, d = self.shape
+        layer_bytes = R * H * S * d * 4
+        for cache, names in zip((self.k_cache, self.v_cache), self.names):
+            for i, name in enumerate(names):
+                io.bind_input(name, "cuda", 0, np.float32, [R, H, S, d], cache.data_ptr() + i * layer_bytes)
         io.bind_output("next_tokens", "cpu")
         for name in ("k_new", "v_new", "logits"):
             io.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(io)
         next_tokens, k_new, v_new = io.get_outputs()[:3]
-        L, R, H, S, d = self.shape
         n, position, row = int(input_ids.shape[1]), int(start_pos[0]), d * 4
         for cache, new in ((self.k_cache, k_new), (self.v_cache, v_new)):
             # [L, R, H, n, d] -> cache[:, :, :, position:position + n], on the device
             _ok(self.cudart.cudaMemcpy2D(cache.data_ptr() + position * row, S * row, new.data_ptr(), n * row, n * row,
                                          L * R * H, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
         return next_tokens.numpy()
+

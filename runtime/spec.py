@@ -164,6 +164,20 @@ class SamplingConfig:
 # CFG schedules
 
 
+def cache_input_names(layers: int) -> typing.Tuple[typing.List[str], typing.List[str]]:
+    """Names of the `ar_step` graph's per-layer KV-cache inputs, each `[rows, H, S, d]`.
+
+    One input per layer and tensor (bundle format 2): a graph that slices layer i out of one
+    `[L, rows, H, S, d]` input copies the whole cache every step (ONNX Runtime has no views)."""
+    return [f"k_cache_{i}" for i in range(layers)], [f"v_cache_{i}" for i in range(layers)]
+
+
+def cache_feeds(k_cache, v_cache) -> dict:
+    """`ar_step` cache inputs from caches `[L, rows, H, S, d]`: the layers' views, not copies."""
+    k_names, v_names = cache_input_names(len(k_cache))
+    return {**{n: k_cache[i] for i, n in enumerate(k_names)}, **{n: v_cache[i] for i, n in enumerate(v_names)}}
+
+
 def cfg_scale_at(step: int, settings: "SamplingConfig", vocab: "VocabLayout") -> float:
     """The CFG scale applied at sampling step `step` (0-based)."""
     T, Z = vocab.seq_len, vocab.num_prologue_tokens

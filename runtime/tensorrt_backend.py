@@ -23,6 +23,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .loop import InputError
+from .spec import cache_input_names
 
 ENGINE_GRAPHS = ("decoder", "prologue_generator", "ar_step")
 
@@ -205,8 +206,10 @@ class DeviceARState:
         self.stream = _ok(self.cudart.cudaStreamCreate())
         L, R, H, S, d = cache_shape
         self.shape, self.rows, self.batch = cache_shape, rows, batch
-        self.itemsize = self.b._dtype(self.engine, "k_cache").itemsize
+        self.cache_names = cache_input_names(L)
+        self.itemsize = self.b._dtype(self.engine, self.cache_names[0][0]).itemsize
         cache_bytes = L * R * H * S * d * self.itemsize
+        # one allocation per tensor [L, R, H, S, d]; layer i is the engine input k_cache_i / v_cache_i
         self.k_cache, self.v_cache = DeviceBuffer(cache_bytes), DeviceBuffer(cache_bytes)
         for buf in (self.k_cache, self.v_cache):
             _ok(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
@@ -215,18 +218,23 @@ class DeviceARState:
                  "top_k": 8, "top_p": 4, "next_tokens": batch * 8, "k_new": cache_bytes, "v_new": cache_bytes,
                  "logits": R * V * 4}
         self.buffers = {name: DeviceBuffer(n) for name, n in sizes.items()}
-        self.buffers["k_cache"], self.buffers["v_cache"] = self.k_cache, self.v_cache
         for name, buf in self.buffers.items():
             self.context.set_tensor_address(name, buf.ptr)
+        layer_bytes = R * H * S * d * self.itemsize
+        for cache, names in zip((self.k_cache, self.v_cache), self.cache_names):
+            for i, name in enumerate(names):
+                self.context.set_tensor_address(name, cache.ptr + i * layer_bytes)
         self.graph_exec = None
+        self.cuda_graph, self.capture_error = backend.cuda_graphs, None
         self.decode_steps = 0
         self.next_tokens = np.empty(batch, dtype=self.b._dtype(self.engine, "next_tokens"))  # int64, or int32
 
     def _set_shapes(self, n: int) -> None:
         L, R, H, S, d = self.shape
         V = int(self.b.bundle.manifest["vocab"]["vocab_size"])
-        shapes = {"input_ids": (R, n), "start_pos": (1,), "k_cache": self.shape, "v_cache": self.shape,
-                  "uniform": (self.batch, V), "cfg_scale": (1,), "temperature": (1,), "top_k": (1,), "top_p": (1,)}
+        shapes = {"input_ids": (R, n), "start_pos": (1,), "uniform": (self.batch, V), "cfg_scale": (1,),
+                  "temperature": (1,), "top_k": (1,), "top_p": (1,)}
+        shapes.update({name: (R, H, S, d) for names in self.cache_names for name in names})
         for name, shape in shapes.items():
             self.context.set_input_shape(name, shape)
 
@@ -238,13 +246,9 @@ class DeviceARState:
         for name, value in feeds.items():
             self.buffers[name].upload(np.ascontiguousarray(value, dtype=self.b._dtype(self.engine, name)), self.stream)
         self._set_shapes(n)
-        if n == 1 and self.b.cuda_graphs and self.decode_steps >= 1:
-            if self.graph_exec is None:  # capture after one eager decode step with these shapes
-                cudart = self.cudart
-                _ok(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
-                self.context.execute_async_v3(self.stream)
-                graph = _ok(cudart.cudaStreamEndCapture(self.stream))
-                self.graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
+        if n == 1 and self.cuda_graph and self.decode_steps >= 1 and self.graph_exec is None:
+            self._capture()  # after one eager decode step with these shapes
+        if n == 1 and self.graph_exec is not None:
             _ok(self.cudart.cudaGraphLaunch(self.graph_exec, self.stream))
         elif not self.context.execute_async_v3(self.stream):
             raise BundleError("TensorRT failed to run ar_step")
@@ -260,8 +264,22 @@ class DeviceARState:
         _ok(self.cudart.cudaStreamSynchronize(self.stream))
         return self.next_tokens.astype(np.int64)
 
+    def _capture(self) -> None:
+        """Capture one decode step as a CUDA graph; an engine that cannot be captured (TensorRT
+        refuses some control flow and data-dependent shapes) keeps running eagerly."""
+        cudart = self.cudart
+        _ok(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        enqueued = self.context.execute_async_v3(self.stream)
+        err, graph = cudart.cudaStreamEndCapture(self.stream)
+        if not enqueued or int(err) != 0:
+            self.cuda_graph = False
+            self.capture_error = f"enqueue {'ok' if enqueued else 'failed'}, end capture: {err}"
+            cudart.cudaGetLastError()  # clear the failed capture's error
+            return
+        self.graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
+
     def close(self) -> None:
-        for buf in self.buffers.values():
+        for buf in list(self.buffers.values()) + [self.k_cache, self.v_cache]:
             buf.free()
         if self.stream is not None:
             self.cudart.cudaStreamDestroy(self.stream)

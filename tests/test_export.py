@@ -35,7 +35,7 @@ def test_bundle_layout_and_manifest(exported):
     _, ckpt, bundle_dir, manifest = exported
     assert sorted(p.name for p in bundle_dir.iterdir()) == [
         "ar_step.onnx", "decoder.onnx", "manifest.json", "prologue_generator.onnx"]
-    assert manifest["format_version"] == 1 and manifest["precision"] == "fp32"
+    assert manifest["format_version"] == 2 and manifest["precision"] == "fp32"
     assert manifest["vocab"] == {"visual_codebook_size": 256, "prologue_codebook_size": 64, "num_prologue_tokens": 8,
                                  "num_visual_tokens": 64, "prologue_offset": 256, "eos_id": 320, "vocab_size": 321,
                                  "seq_len": 73, "input_bos_offset": 321}
@@ -56,7 +56,10 @@ def test_declared_dynamic_axes_are_dynamic_in_the_files(exported):
     proto = onnx.load(str(bundle_dir / "ar_step.onnx"), load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims["input_ids"] == ["rows", "new_tokens"]
-    assert dims["k_cache"][1] == "rows" and dims["k_cache"][3] == 73
+    L = pe.load_checkpoint(exported[1]).config.ar.layers
+    for name in [f"{kv}_cache_{i}" for kv in "kv" for i in range(L)]:  # one cache input per layer
+        assert dims[name][0] == "rows" and dims[name][2] == 73
+    assert "k_cache" not in dims
     assert dims["uniform"] == ["batch", 321]
 
 

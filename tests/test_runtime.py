@@ -115,6 +115,25 @@ def test_thread_safety(gen, prepared):
     for seed in range(4):
         np.testing.assert_array_equal(results[seed], expected[seed])
 
+def test_intra_op_threads(prepared):
+    """Small graphs get one intra-op thread by default, an explicit count is honoured, and the
+    same seed gives the same images whatever the count."""
+    from prologue_export.runtime.onnx_backend import SMALL_GRAPH_BYTES, default_threads
+
+    assert default_threads(SMALL_GRAPH_BYTES - 1) == 1
+    assert default_threads(SMALL_GRAPH_BYTES) == (os.cpu_count() or 1)
+    auto = Generator.from_bundle(prepared[0] / "bundle", backend="cpu")
+    two = Generator.from_bundle(prepared[0] / "bundle", backend="cpu", threads=2)
+    images = [g.generate([1, 3], seed=5) for g in (auto, two)]
+    np.testing.assert_array_equal(images[0], images[1])
+    for graph in ("ar_step", "decoder"):  # the test bundle's graphs are all small
+        assert auto.backend.session(graph).get_session_options().intra_op_num_threads == 1
+        assert two.backend.session(graph).get_session_options().intra_op_num_threads == 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="threads must be an integer"):
+            Generator.from_bundle(prepared[0] / "bundle", backend="cpu", threads=bad)
+
+
 
 def test_2d_bundle_generates_and_refuses_variations(prepared):
     gen2 = Generator.from_bundle(prepared[0] / "bundle2d")
@@ -156,9 +175,9 @@ def test_bad_bundles(prepared, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(src, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    bad = dict(manifest, format_version=2)
+    bad = dict(manifest, format_version=99)
     (copy / "manifest.json").write_text(json.dumps(bad))
-    with pytest.raises(BundleError, match="format version 2 is not supported"):
+    with pytest.raises(BundleError, match="format version 99 is not supported"):
         Bundle(copy)
     outside = json.loads(json.dumps(manifest))
     outside["files"]["../secret"] = {"sha256": "0", "bytes": 1}

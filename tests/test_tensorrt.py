@@ -13,10 +13,12 @@ onnx = pytest.importorskip("onnx")
 
 from prologue_export.export.bundle import ExportError  # noqa: E402
 from prologue_export.export.tensorrt import (  # noqa: E402
-    _to_bf16_bits, build_engines, engine_profile, install_engines, reduce_matmul_precision)
+    MIN_REDUCED_K, _to_bf16_bits, build_engines, engine_profile, inline_conditionals, install_engines,
+    reduce_matmul_precision)
 from prologue_export.runtime import Generator  # noqa: E402
 from prologue_export.runtime.bundle import Bundle, BundleError  # noqa: E402
 from prologue_export.runtime.tensorrt_backend import check_engine, engine_file_name  # noqa: E402
+from prologue_export.runtime.spec import cache_feeds  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,8 @@ def test_engine_profiles_follow_the_contract(bundle_dir):
     p = engine_profile(b.graphs["ar_step"], max_batch=8)
     assert p["input_ids"] == {"min": [1, 1], "opt": [16, 1], "max": [16, T]}
     L, H, d = a["layers"], a["heads"], a["head_dim"]
-    assert p["k_cache"] == {"min": [L, 1, H, T, d], "opt": [L, 16, H, T, d], "max": [L, 16, H, T, d]}
+    for name in [f"{kv}_cache_{i}" for kv in "kv" for i in range(L)]:  # one cache input per layer
+        assert p[name] == {"min": [1, H, T, d], "opt": [16, H, T, d], "max": [16, H, T, d]}
     assert p["uniform"]["min"][0] == 1 and p["uniform"]["opt"][0] == 8 and p["uniform"]["max"][0] == 8
     assert p["start_pos"] == {"min": [1], "opt": [1], "max": [1]}
     p = engine_profile(b.graphs["decoder"], max_batch=32, opt_batch=4)
@@ -64,6 +67,32 @@ def test_bf16_rounding():
     np.testing.assert_allclose(back, x, rtol=2**-8)
 
 
+def test_inlined_conditionals_give_the_same_outputs(bundle_dir):
+    """The engine builder's copy of ar_step without `If` (both branches + Where) gives exactly
+    the outputs of the bundle's graph, with top-k / top-p off and on."""
+    import onnxruntime as ort
+
+    b = Bundle(bundle_dir)
+    V = b.manifest["vocab"]["vocab_size"]
+    original = onnx.load(str(b.graph_file("ar_step")))
+    assert sum(n.op_type == "If" for n in original.graph.node) == 2  # top-k and top-p
+    model, n = inline_conditionals(original)
+    onnx.checker.check_model(model, full_check=True)
+    assert n == 2 and not any(node.op_type == "If" for node in model.graph.node)
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (original, model)]
+    rng = np.random.default_rng(1)
+    shape = b.ar_cache_shape(4)
+    for top_k, top_p in ((0, 0.0), (7, 0.0), (0, 0.8), (20, 0.9)):
+        feeds = {"input_ids": np.array([[V + 1], [V + 2], [V + b.num_classes], [V + b.num_classes]]),
+                 "start_pos": np.array([0]), "uniform": rng.random((2, V), dtype=np.float32),
+                 "cfg_scale": np.array([2.0], np.float32), "temperature": np.array([1.0], np.float32),
+                 "top_k": np.array([top_k]), "top_p": np.array([top_p], np.float32),
+                 **cache_feeds(np.zeros(shape, np.float32), np.zeros(shape, np.float32))}
+        want, got = (s.run(None, feeds) for s in sessions)
+        for a, c in zip(want, got):
+            np.testing.assert_array_equal(a, c)
+
+
 def test_reduced_precision_keeps_norms_softmax_and_logits_fp32(bundle_dir):
     import onnxruntime as ort
 
@@ -77,11 +106,15 @@ def test_reduced_precision_keeps_norms_softmax_and_logits_fp32(bundle_dir):
         inits = {t.name: t for t in model.graph.initializer}
         low_weights = [t for t in inits.values() if t.data_type == low]
         assert len(low_weights) >= 1
-        # the logits projection (output width V) is untouched, and only MatMuls changed type
+        # the logits projection (output width V) and the RoPE rotation (a [2, 2] constant) are
+        # untouched, and only MatMuls changed type
+        rotations = 0
         for node in model.graph.node:
             if node.op_type == "MatMul" and node.input[1] in inits:
                 w = inits[node.input[1]]
-                assert (w.dims[-1] == V) == (w.data_type == onnx.TensorProto.FLOAT)
+                rotations += list(w.dims) == [2, 2]
+                assert (w.dims[-1] == V or w.dims[0] < MIN_REDUCED_K) == (w.data_type == onnx.TensorProto.FLOAT)
+        assert rotations == 2 * b.manifest["ar"]["layers"]  # q and k of every layer
         casts = [nd for nd in model.graph.node if nd.op_type == "Cast"]
         assert len(casts) >= 2 * n
         assert {i.type.tensor_type.elem_type for i in model.graph.input} == {i.type.tensor_type.elem_type
@@ -96,7 +129,7 @@ def test_reduced_precision_keeps_norms_softmax_and_logits_fp32(bundle_dir):
     shape = b.ar_cache_shape(2)
     rng = np.random.default_rng(0)
     feeds = {"input_ids": np.array([[V + 1], [V + b.num_classes]]), "start_pos": np.array([0]),
-             "k_cache": np.zeros(shape, np.float32), "v_cache": np.zeros(shape, np.float32),
+             **cache_feeds(np.zeros(shape, np.float32), np.zeros(shape, np.float32)),
              "uniform": rng.random((1, V), dtype=np.float32), "cfg_scale": np.array([2.0], np.float32),
              "temperature": np.array([1.0], np.float32), "top_k": np.array([0]), "top_p": np.array([0.0], np.float32)}
     l32 = sess32.run(["logits"], feeds)[0]
