@@ -227,7 +227,9 @@ def main(argv=None) -> int:
                     "tokens_identical": all(bool((t == tokens[0]).all()) for t in tokens),
                     "runtime_imported_torch_while_generating": any(r["imported_torch"] for r in rt),
                     "step_first_ms": first * 1e3, "step_last_ms": last * 1e3, "last_over_first": last / first,
-                    "timed_generations_per_path": args.rounds * args.repeats, **extra,
+                    "timed_generations_per_path": args.rounds * args.repeats,
+                    "img_s_per_round": {p: [batch / float(np.median(r["times"])) for r in rs] for p, rs in runs.items()},
+                    **extra,
                 })
                 print(json.dumps(rows[-1]), flush=True)
     header = (f"{'preset':<6}{'B':>3}{'eager':>9}{'compile':>9}{'runtime':>9}{'x eager':>9}{'x comp':>8}"
@@ -239,6 +241,10 @@ def main(argv=None) -> int:
               f"{str(r['tokens_identical']):>6}{r['step_first_ms']:>10.2f}{r['last_over_first']:>9.2f}"
               f"{r['runtime_import_load_first_image_s']:>9.2f}"
               f"{r['runtime_peak_rss_mb']:>8.0f}/{r['torch_peak_rss_mb']:<8.0f}")
+    print("spread: lowest / highest per-round median images/s")
+    for r in rows:
+        spread = "  ".join(f"{p} {min(v):.2f}-{max(v):.2f}" for p, v in r["img_s_per_round"].items())
+        print(f"{r['preset']:<6}{r['batch']:>3}  {spread}")
     save_json(args.out, rows)
     return 0
 
