@@ -190,9 +190,7 @@ def _top_k(scores: torch.Tensor, top_k: torch.Tensor, conditional: bool = True) 
         kth = torch.sort(scores, dim=-1, descending=True).values.gather(-1, (k.clamp(1, V) - 1).expand(scores.shape[0], 1))
         return torch.where(scores < kth, torch.full_like(scores, float("-inf")), scores)
 
-    if conditional:
-        return torch.cond(active, truncate, _unchanged, (scores, k))
-    return torch.where(active, truncate(scores, k), scores)
+    return _apply_if(active, truncate, scores, k, conditional)
 
 
 def _top_p(scores: torch.Tensor, top_p: torch.Tensor, conditional: bool = True) -> torch.Tensor:
@@ -209,9 +207,15 @@ def _top_p(scores: torch.Tensor, top_p: torch.Tensor, conditional: bool = True) 
         remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
         return torch.where(remove, torch.full_like(scores, float("-inf")), scores)
 
+    return _apply_if(active, truncate, scores, p, conditional)
+
+
+def _apply_if(active: torch.Tensor, truncate, scores: torch.Tensor, arg: torch.Tensor, conditional: bool):
+    """`truncate(scores, arg)` where `active`, else `scores`: a `torch.cond` (an ONNX `If`, run
+    only when on) or, without `conditional`, always computed and selected."""
     if conditional:
-        return torch.cond(active, truncate, _unchanged, (scores, p))
-    return torch.where(active, truncate(scores, p), scores)
+        return torch.cond(active, truncate, _unchanged, (scores, arg))
+    return torch.where(active, truncate(scores, arg), scores)
 
 
 def _unchanged(scores: torch.Tensor, _) -> torch.Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..runtime.tensorrt_backend import ENGINE_GRAPHS, device_info, engine_file_name
-from .bundle import ExportError, constant_matmuls_below
+from .bundle import ExportError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 MIN_REDUCED_K = 16  # constant matmuls with a shorter reduction (the RoPE rotation) are not weights
@@ -157,12 +157,11 @@ def reduce_matmul_precision(model, precision: str, keep_output_dims: typing.Sequ
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    exact = set(constant_matmuls_below(model, MIN_REDUCED_K))  # the RoPE rotation stays fp32
     new_nodes, converted, done = [], 0, {}
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if (weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2
-                or weight.dims[1] in keep_output_dims or node.name in exact):
+                or weight.dims[1] in keep_output_dims or weight.dims[0] < MIN_REDUCED_K):  # not the RoPE rotation
             new_nodes.append(node)
             continue
         if weight.name not in done:
