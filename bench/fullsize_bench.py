@@ -33,7 +33,7 @@ from runtime_bench import save_json  # noqa: E402
 def export_ar(folder: Path, preset: str):
     import torch
 
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
     from prologue_export.export.bundle import export_graph, quantize_ar_step
     from prologue_export.export.graphs import ARStepContract
@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
-    from prologue_export.runtime.loop import TokenLoop
-    from prologue_export.runtime.spec import SamplingConfig, cache_feeds
+    from prologue_export.runtime.contract import AR_WEIGHTS, ar_graph_name, cache_feeds
+    from prologue_export.runtime.loop import HostKVState, TokenLoop
+    from prologue_export.runtime.settings import SamplingConfig
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,19 +80,21 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             classes = np.arange(batch) % 10
             reference = None
-            for weights in ("fp32", "int8", "int4"):
-                name = "ar_step.onnx" if weights == "fp32" else f"ar_step_{weights}.onnx"
+            for weights in AR_WEIGHTS:
+                name = f"{ar_graph_name(weights)}.onnx"
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = args.threads
                 sess = ort.InferenceSession(str(tmp / name), options, providers=["CPUExecutionProvider"])
 
-                def step(k_cache, v_cache, session=sess, **feeds):
+                def step(feeds, k_cache, v_cache, session=sess):
                     return session.run(["next_tokens", "k_new", "v_new"], {**feeds, **cache_feeds(k_cache, v_cache)})
+
+                def state(rows, batch, step=step):
+                    return HostKVState(step, info["cache_shape"](rows))
 
                 times = []
                 for _ in range(2):  # the first pass warms up
-                    loop = TokenLoop(step, info["vocab"], info["cache_shape"], info["num_classes"], classes, settings,
-                                     seed=0)
+                    loop = TokenLoop(state, info["vocab"], info["num_classes"], classes, settings, seed=0)
                     loop.step()  # prefill (BOS)
                     times = []
                     for _ in range(args.steps):

@@ -98,9 +98,9 @@ def environment():
     except ImportError:
         pass
     try:
-        from prologue_export.runtime.tensorrt_backend import _cudart
+        from prologue_export.runtime.cuda import cudart
 
-        _cudart()
+        cudart()
         record("env", "cuda-python", "importable")
     except Exception as exc:
         record("env", "cuda-python", f"not usable ({exc})")
@@ -110,7 +110,7 @@ def environment():
 def training(quick: bool):
     import torch
 
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
 
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def training(quick: bool):
 def _sampler_model():
     import torch
 
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
 
     torch.manual_seed(0)

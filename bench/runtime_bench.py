@@ -48,7 +48,7 @@ def build_bundle(name: str, folder: Path, ar_weights=()) -> Path:
     import torch
 
     import prologue_export as pe
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
     from prologue_export.export.bundle import export_bundle
 

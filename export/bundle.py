@@ -20,18 +20,17 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoint import CheckpointError, PrologueModel, load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..model import PrologueModel
 from ..config import SamplingConfig
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ..runtime.contract import AR_STEP, DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS, ar_graph_name
+from .errors import ExportError
 from .graphs import contracts
 
 OPSET = 20
+GRAPH_PRECISION = "fp32"  # ONNX graphs are fp32; reduced precision is a TensorRT engine option
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: larger graphs keep weights in a .data file
-PRECISIONS = ("fp32", "fp16")
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be done as asked; the message says what to do."""
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -70,7 +69,6 @@ def export_graph(contract, folder: Path) -> typing.List[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{contract.name}.onnx"))
 
 
-AR_WEIGHTS = ("int8", "int4")
 QUANT_BLOCK = 32
 
 
@@ -117,19 +115,19 @@ def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        model = _fold_constants(folder / "ar_step.onnx")
+        model = _fold_constants(folder / f"{AR_STEP}.onnx")
         quantizer = MatMulNBitsQuantizer(model, block_size=QUANT_BLOCK, is_symmetric=True, bits=bits, accuracy_level=4,
                                          nodes_to_exclude=constant_matmuls_below(model, QUANT_BLOCK))
         quantizer.process()
     finally:
         logger.setLevel(level)
-    name = f"ar_step_{weights}.onnx"
+    name = f"{ar_graph_name(weights)}.onnx"
     external = quantizer.model.model.ByteSize() > EXTERNAL_DATA_BYTES
     quantizer.model.save_model_to_file(str(folder / name), use_external_data_format=external)
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(name))
 
 
-def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by_graph, precision: str,
+def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by_graph,
                    max_batch: int, sampling: SamplingConfig) -> dict:
     cfg = model.config
     v = cfg.vocab()
@@ -137,12 +135,12 @@ def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by
     for c in graph_contracts:
         entry = c.to_json()
         entry["file"] = f"{c.name}.onnx"
-        entry["precision"] = precision
+        entry["precision"] = GRAPH_PRECISION
         graphs[c.name] = entry
-    for weights in AR_WEIGHTS:
-        name = f"ar_step_{weights}"
+    for weights in QUANTIZED_AR_WEIGHTS:
+        name = ar_graph_name(weights)
         if name in files_by_graph:  # same contract as ar_step, weight-only quantized matmuls
-            graphs[name] = dict(graphs["ar_step"], file=f"{name}.onnx", weights=weights)
+            graphs[name] = dict(graphs[AR_STEP], file=f"{name}.onnx", weights=weights)
     files = {}
     for name in sorted(f for fs in files_by_graph.values() for f in fs):
         files[name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
@@ -164,7 +162,7 @@ def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by
         },
         "image": {"size": cfg.tokenizer.image_size, "channels": cfg.tokenizer.channels,
                   "patch_size": cfg.tokenizer.patch_size},
-        "precision": precision,
+        "precision": GRAPH_PRECISION,
         "max_batch": max_batch,
         "sampling_defaults": vars(sampling).copy(),
         "graphs": graphs,
@@ -184,21 +182,14 @@ def write_json(path: Path, obj) -> None:
         os.fsync(fh.fileno())
 
 
-def export_bundle(checkpoint, out, precision: str = "fp32", max_batch: int = 8, force: bool = False,
+def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bool = False,
                   verify: bool = True, sampling=None, log=print, ar_weights: typing.Sequence[str] = ()) -> dict:
     """Export `checkpoint` to the bundle folder `out`; verifies it unless `verify=False`.
 
     ar_weights: extra weight-only quantized AR graphs to add (`int8`, `int4`)."""
-    unknown = sorted(set(ar_weights) - set(AR_WEIGHTS))
+    unknown = sorted(set(ar_weights) - set(QUANTIZED_AR_WEIGHTS))
     if unknown:
-        raise ExportError(f"--ar-weights must be among {', '.join(AR_WEIGHTS)}, got {', '.join(unknown)}")
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16":
-        raise ExportError(
-            "fp16 ONNX graphs are refused in this version: ONNX Runtime's CPU provider cannot run them, so they "
-            "could not be verified against torch within a stated tolerance. Export fp32 (the default); for reduced "
-            "precision on a GPU build TensorRT fp16/bf16 engines from the fp32 graphs.")
+        raise ExportError(f"--ar-weights must be among {', '.join(QUANTIZED_AR_WEIGHTS)}, got {', '.join(unknown)}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ExportError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
     out = Path(out)
@@ -221,12 +212,12 @@ def export_bundle(checkpoint, out, precision: str = "fp32", max_batch: int = 8, 
         for c in graph_contracts:
             log(f"[export] {c.name} ...")
             files_by_graph[c.name] = export_graph(c, tmp)
-        if ar_weights and "ar_step" not in files_by_graph:
+        if ar_weights and AR_STEP not in files_by_graph:
             raise ExportError("--ar-weights needs an AR model; this checkpoint has only a tokenizer")
         for weights in dict.fromkeys(ar_weights):
-            log(f"[export] ar_step_{weights} (weight-only {weights}) ...")
-            files_by_graph[f"ar_step_{weights}"] = quantize_ar_step(tmp, weights)
-        manifest = build_manifest(model, tmp, graph_contracts, files_by_graph, precision, max_batch, sampling)
+            log(f"[export] {ar_graph_name(weights)} (weight-only {weights}) ...")
+            files_by_graph[ar_graph_name(weights)] = quantize_ar_step(tmp, weights)
+        manifest = build_manifest(model, tmp, graph_contracts, files_by_graph, max_batch, sampling)
         write_json(tmp / MANIFEST, manifest)
         if verify:
             from .verify import verify_bundle

@@ -14,37 +14,17 @@ conversions (uint8 pixels, in-graph sampling).
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 
 import torch
 from torch import nn
 
 from ..ar import ARModel
-from ..checkpoint import PrologueModel
-from ..runtime.spec import cache_input_names
-
-
-@dataclasses.dataclass
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: typing.List[typing.Union[int, str]]  # ints are static, strings name dynamic axes
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
-
-
-@dataclasses.dataclass
-class AxisRange:
-    """Allowed sizes of one dynamic axis: engines are built for [min, max], tuned for opt."""
-
-    min: int
-    opt: int
-    max: int
-
-    def to_json(self) -> dict:
-        return {"min": self.min, "opt": self.opt, "max": self.max}
+from ..model import PrologueModel
+from ..runtime import contract as io
+from ..runtime.contract import AxisRange, TensorSpec
+from ..runtime.settings import top_k_active, top_p_active
+from ..tokenizer import images_to_uint8, uint8_to_images
 
 
 class GraphContract:
@@ -86,22 +66,17 @@ class DecoderModule(nn.Module):
 
     def forward(self, visual_ids: torch.Tensor):
         image = self.tokenizer.decode_codes(self.tokenizer.visual_quantizer.codes(visual_ids))  # [B, C, H, W]
-        pixels = torch.floor(torch.clamp(127.5 * image + 128.0, 0.0, 255.0)).to(torch.uint8)
-        return pixels, image
+        return images_to_uint8(image), image
 
 
 class DecoderContract(GraphContract):
-    name = "decoder"
+    name = io.DECODER
 
     def __init__(self, model: PrologueModel, max_batch: int):
         self.model = model
         t = model.config.tokenizer
-        self.axes = {"batch": AxisRange(1, min(8, max_batch), max_batch)}
-        self.inputs = [TensorSpec("visual_ids", "int64", ["batch", t.num_visual_tokens])]
-        self.outputs = [
-            TensorSpec("image", "uint8", ["batch", t.channels, t.image_size, t.image_size]),
-            TensorSpec("image_float", "float32", ["batch", t.channels, t.image_size, t.image_size]),
-        ]
+        self.axes = io.batch_axes(max_batch)
+        self.inputs, self.outputs = io.decoder_io(t.channels, t.image_size, t.num_visual_tokens)
 
     def module(self) -> nn.Module:
         return DecoderModule(self.model).eval()
@@ -117,22 +92,18 @@ class PrologueGeneratorModule(nn.Module):
         self.tokenizer = model.tokenizer
 
     def forward(self, image: torch.Tensor):
-        x = image.to(torch.float32) / 127.5 - 1.0  # [B, C, H, W] in [-1, 1]
-        return self.tokenizer.encode(x)
+        return self.tokenizer.encode(uint8_to_images(image))  # [B, C, H, W] in [-1, 1]
 
 
 class PrologueGeneratorContract(GraphContract):
-    name = "prologue_generator"
+    name = io.PROLOGUE_GENERATOR
 
     def __init__(self, model: PrologueModel, max_batch: int):
         self.model = model
         t = model.config.tokenizer
-        self.axes = {"batch": AxisRange(1, min(8, max_batch), max_batch)}
-        self.inputs = [TensorSpec("image", "uint8", ["batch", t.channels, t.image_size, t.image_size])]
-        self.outputs = [
-            TensorSpec("prologue_ids", "int64", ["batch", t.num_prologue_tokens]),
-            TensorSpec("visual_ids", "int64", ["batch", t.num_visual_tokens]),
-        ]
+        self.axes = io.batch_axes(max_batch)
+        self.inputs, self.outputs = io.prologue_generator_io(t.channels, t.image_size, t.num_prologue_tokens,
+                                                             t.num_visual_tokens)
 
     def module(self) -> nn.Module:
         return PrologueGeneratorModule(self.model).eval()
@@ -184,7 +155,7 @@ def _top_k(scores: torch.Tensor, top_k: torch.Tensor, conditional: bool = True) 
     it always runs and a select picks the result (for compilers without control flow)."""
     V = scores.shape[-1]
     k = top_k.reshape(-1)[:1]
-    active = ((k > 0) & (k < V)).reshape(())
+    active = top_k_active(k, V).reshape(())
 
     def truncate(scores, k):
         kth = torch.sort(scores, dim=-1, descending=True).values.gather(-1, (k.clamp(1, V) - 1).expand(scores.shape[0], 1))
@@ -197,7 +168,7 @@ def _top_p(scores: torch.Tensor, top_p: torch.Tensor, conditional: bool = True) 
     """Keep the smallest set of best scores whose probability reaches `top_p` (0 or >= 1 = off);
     `conditional` as in `_top_k`."""
     p = top_p.reshape(-1)[:1]
-    active = ((p > 0) & (p < 1)).reshape(())
+    active = top_p_active(p).reshape(())
 
     def truncate(scores, p):
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
@@ -223,35 +194,15 @@ def _unchanged(scores: torch.Tensor, _) -> torch.Tensor:
 
 
 class ARStepContract(GraphContract):
-    name = "ar_step"
+    name = io.AR_STEP
 
     def __init__(self, model: PrologueModel, max_batch: int):
         if model.ar is None:
             raise ValueError("the checkpoint has no AR model: ar_step cannot be exported")
         self.model = model
         a, v = model.config.ar, model.config.vocab()
-        L, H, S, d = a.layers, a.heads, v.seq_len, a.head_dim
-        self.axes = {
-            "batch": AxisRange(1, min(8, max_batch), max_batch),
-            "rows": AxisRange(1, min(16, 2 * max_batch), 2 * max_batch),
-            "new_tokens": AxisRange(1, 1, S),
-        }
-        k_names, v_names = cache_input_names(L)
-        self.inputs = [
-            TensorSpec("input_ids", "int64", ["rows", "new_tokens"]),
-            TensorSpec("start_pos", "int64", [1]),
-            TensorSpec("uniform", "float32", ["batch", v.vocab_size]),
-            TensorSpec("cfg_scale", "float32", [1]),
-            TensorSpec("temperature", "float32", [1]),
-            TensorSpec("top_k", "int64", [1]),
-            TensorSpec("top_p", "float32", [1]),
-        ] + [TensorSpec(name, "float32", ["rows", H, S, d]) for name in k_names + v_names]
-        self.outputs = [
-            TensorSpec("next_tokens", "int64", ["batch"]),
-            TensorSpec("k_new", "float32", [L, "rows", H, "new_tokens", d]),
-            TensorSpec("v_new", "float32", [L, "rows", H, "new_tokens", d]),
-            TensorSpec("logits", "float32", ["rows", v.vocab_size]),
-        ]
+        self.axes = io.ar_step_axes(max_batch, v.seq_len)
+        self.inputs, self.outputs = io.ar_step_io(a.layers, a.heads, a.head_dim, v.seq_len, v.vocab_size)
 
     def module(self, conditional: bool = True) -> nn.Module:
         return ARStepModule(self.model.ar, conditional).eval()

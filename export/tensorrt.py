@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
-from ..runtime.tensorrt_backend import ENGINE_GRAPHS, device_info, engine_file_name
-from .bundle import ExportError
+from ..runtime.contract import DEFAULT_MAX_BATCH, ENGINE_GRAPHS, OPT_BATCH
+from ..runtime.cuda import device_info
+from ..runtime.tensorrt_backend import engine_file_name
+from .errors import ExportError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 MIN_REDUCED_K = 16  # constant matmuls with a shorter reduction (the RoPE rotation) are not weights
@@ -48,11 +50,11 @@ def engine_profile(contract: dict, max_batch: int, opt_batch: typing.Optional[in
     """min/opt/max shapes of every input of one graph: `{input: {"min": [...], "opt": [...], "max": [...]}}`.
 
     Dynamic axes come from the manifest contract: `batch` (and `rows` = 2 x batch for CFG) get
-    min 1, opt `opt_batch` (default min(8, max_batch)) and max `max_batch`; `new_tokens` gets
+    min 1, opt `opt_batch` (default min(OPT_BATCH, max_batch)) and max `max_batch`; `new_tokens` gets
     min 1, opt 1 (a decode step) and the contract's max (the whole sequence, for prefills)."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ExportError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
-    opt_batch = min(8, max_batch) if opt_batch is None else opt_batch
+    opt_batch = min(OPT_BATCH, max_batch) if opt_batch is None else opt_batch
     if not 1 <= opt_batch <= max_batch:
         raise ExportError(f"the serving batch (opt) must lie in [1, {max_batch}], got {opt_batch}")
     axes = contract.get("dynamic_axes", {})
@@ -208,7 +210,7 @@ def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Option
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     bundle = Bundle(bundle_path)  # verifies every file before we add to it
-    max_batch = int(bundle.manifest.get("max_batch", 8)) if max_batch is None else max_batch
+    max_batch = int(bundle.manifest.get("max_batch", DEFAULT_MAX_BATCH)) if max_batch is None else max_batch
     graphs = [g for g in (graphs or ENGINE_GRAPHS) if g in bundle.graphs]
     if not graphs:
         raise ExportError(f"{bundle.path} has none of the graphs {', '.join(ENGINE_GRAPHS)}")
@@ -293,7 +295,7 @@ def install_engines(bundle_path, staging: Path, engines: dict) -> None:
 # --------------------------------------------------------------------------- torch-tensorrt path
 
 
-def torch_tensorrt_engine(checkpoint, graph: str, out, precision: str = "fp32", max_batch: int = 8) -> Path:
+def torch_tensorrt_engine(checkpoint, graph: str, out, precision: str = "fp32", max_batch: int = DEFAULT_MAX_BATCH) -> Path:
     """One serialized engine straight from a checkpoint through `torch_tensorrt.dynamo` (for
     users who start from torch): the same graph contract and profile as `build_engines`."""
     try:

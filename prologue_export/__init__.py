@@ -14,11 +14,11 @@ _LAZY = {
     "SamplingConfig": "config", "TransformerSize": "config", "VocabLayout": "config",
     "ConfigError": "config", "model_preset": "config", "tokenizer_preset": "config",
     "ar_preset": "config",
-    "PrologueModel": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "PrologueModel": "model", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "CheckpointError": "checkpoint",
     "Tokenizer": "tokenizer", "ARModel": "ar",
     "sample": "sampling", "split_sequence": "sampling",
-    "import_official": "official",
+    "import_official": "official", "PrologueError": "runtime.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,4 +1,4 @@
-"""The whole model object and its checkpoint folder (DESIGN.md §3).
+"""The checkpoint folder of a `PrologueModel` (DESIGN.md §3): save and load.
 
 A checkpoint is a folder: `config.json` (the full, versioned ModelConfig), `tokenizer.safetensors`
 and, when the model has one, `ar.safetensors`. It is written into a temporary sibling folder,
@@ -20,55 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .ar import ARModel
 from .config import ConfigError, ModelConfig
+from .model import PrologueModel, unwrap
+from .runtime.errors import PrologueError
 
 CONFIG_FILE = "config.json"
 COMPONENT_FILES = {"tokenizer": "tokenizer.safetensors", "ar": "ar.safetensors"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PrologueError, RuntimeError):
     """A checkpoint folder that cannot be loaded as it is."""
-
-
-class PrologueModel(nn.Module):
-    """`tokenizer` + optional `ar`, built from one ModelConfig."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        from .tokenizer import Tokenizer
-
-        config.validate()
-        self.config = config
-        self.tokenizer = Tokenizer(config.tokenizer, config.num_classes)
-        self.ar = ARModel(config.ar, config.vocab(), config.num_classes) if config.ar is not None else None
-
-    @classmethod
-    def from_parts(cls, config: ModelConfig, tokenizer: nn.Module, ar: typing.Optional[nn.Module] = None) -> "PrologueModel":
-        """Assemble a model from existing modules (no new parameters are allocated)."""
-        model = cls.__new__(cls)
-        nn.Module.__init__(model)
-        model.config = config.validate()
-        model.tokenizer = tokenizer
-        model.ar = ar
-        return model
-
-    def components(self) -> typing.Dict[str, nn.Module]:
-        out = {"tokenizer": self.tokenizer}
-        if self.ar is not None:
-            out["ar"] = self.ar
-        return out
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module under torch.compile / DDP wrappers, so saved keys carry no `_orig_mod.`/`module.`."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        else:
-            return module
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from .runtime.spec import (  # re-exported: one definition for the model and the runtime
+from .runtime.settings import (  # re-exported: one definition for the model and the runtime
     CFG_SCHEDULES, ConfigError, SamplingConfig, VocabLayout, _build, build_dataclass,
 )
 

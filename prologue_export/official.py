@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, PrologueModel, load_state_strict, read_tensors, save_checkpoint
+from .checkpoint import CheckpointError, load_state_strict, read_tensors, save_checkpoint
+from .model import PrologueModel
 from .config import ARConfig, ConfigError, ModelConfig, TokenizerConfig, TransformerSize, model_preset
 
 # official top-level prefix -> ours

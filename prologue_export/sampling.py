@@ -20,21 +20,19 @@ import torch
 from .ar import ARModel, write_kv
 from .config import SamplingConfig, VocabLayout
 from .runtime.loop import Noise, check_class_ids, check_prologue_ids, split_tokens
-from .runtime.spec import cfg_enabled, cfg_scale_at  # noqa: F401 (public here too)
+from .runtime.settings import cfg_enabled, cfg_scale_at, top_k_active, top_p_active
 
 
 def process_logits(
     logits: torch.Tensor, step: int, settings: SamplingConfig, vocab: VocabLayout, mask: torch.Tensor
 ) -> torch.Tensor:
     """Temperature, segment mask, top-k and top-p on mixed logits `[B, V]` (float32)."""
-    Z = vocab.num_prologue_tokens
-    tau = settings.prologue_temperature if (step < Z and settings.prologue_temperature is not None) else settings.temperature
-    logits = logits / tau + mask
+    logits = logits / settings.temperature_at(step, vocab) + mask
     V = logits.shape[-1]
-    if 1 < settings.top_k < V:  # top_k == 1 is greedy decoding: see `sample`
+    if settings.top_k != 1 and top_k_active(settings.top_k, V):  # top_k == 1 is greedy decoding: see `sample`
         kth = torch.topk(logits, settings.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < settings.top_p < 1:
+    if top_p_active(settings.top_p):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one

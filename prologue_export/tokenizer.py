@@ -41,12 +41,13 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Decoder output -> uint8 as the release's evaluation: `trunc(clamp(127.5 y + 128, 0, 255))`."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+    """Decoder output -> uint8 as the release's evaluation: `floor(clamp(127.5 y + 128, 0, 255))`
+    (the one float -> pixel conversion: training grids, metrics and the exported decoder use it)."""
+    return torch.floor(torch.clamp(127.5 * images + 128.0, 0, 255)).to(torch.uint8)
 
 
 def uint8_to_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [-1, 1] (`x / 127.5 - 1`)."""
+    """uint8 pixels -> float in [-1, 1] (`x / 127.5 - 1`; the one pixel -> float conversion)."""
     return images.float() / 127.5 - 1.0
 
 

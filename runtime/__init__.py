@@ -14,7 +14,7 @@ _LAZY = {
     "Bundle": "bundle", "BundleError": "bundle",
     "InputError": "loop", "TokenLoop": "loop",
     "ImageError": "images",
-    "SamplingConfig": "spec", "ConfigError": "spec",
+    "SamplingConfig": "settings", "ConfigError": "settings", "PrologueError": "errors",
 }
 
 __all__ = sorted(_LAZY)

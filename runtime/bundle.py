@@ -12,15 +12,16 @@ import json
 import typing
 from pathlib import Path
 
-from .spec import SamplingConfig, VocabLayout
+from .contract import GRAPHS
+from .errors import PrologueError
+from .settings import SamplingConfig, VocabLayout
 
 MANIFEST = "manifest.json"
 FORMAT = "prologue-export-bundle"
 FORMAT_VERSION = 2  # 2: ar_step takes its KV cache per layer (k_cache_0 ..)
-GRAPHS = ("decoder", "prologue_generator", "ar_step", "ar_step_int8", "ar_step_int4")
 
 
-class BundleError(RuntimeError):
+class BundleError(PrologueError, RuntimeError):
     """A bundle that cannot be trusted or used as it is."""
 
 
@@ -65,6 +66,7 @@ class Bundle:
             self.files: typing.Dict[str, dict] = dict(m["files"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{manifest_path} is incomplete or malformed ({exc!r}); re-export the bundle") from None
+        self._check_derived_vocab(manifest_path)
         root = self.path.resolve()
         for name in self.files:
             target = (self.path / name).resolve()
@@ -77,6 +79,17 @@ class Bundle:
                 raise BundleError(f"{manifest_path}: graph {name!r} file {graph.get('file')!r} is not listed in files")
         if check_hashes:
             self.verify_files()
+
+    def _check_derived_vocab(self, manifest_path: Path) -> None:
+        """The manifest's derived vocabulary fields (offsets, EOS, V, T) must be what the layout
+        gives: a bundle that disagrees with itself is refused rather than half trusted."""
+        v, written = self.vocab, self.manifest["vocab"]
+        derived = {"prologue_offset": v.prologue_offset, "eos_id": v.eos_id, "vocab_size": v.vocab_size,
+                   "seq_len": v.seq_len, "input_bos_offset": v.vocab_size}
+        wrong = [f"{k} {written.get(k, 'missing')!r} (expected {want!r})" for k, want in derived.items()
+                 if k not in written or written[k] != want]
+        if wrong:
+            raise BundleError(f"{manifest_path}: vocab fields contradict the layout: {', '.join(wrong)}; re-export the bundle")
 
     @property
     def null_class(self) -> int:

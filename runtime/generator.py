@@ -17,14 +17,12 @@ import typing
 import numpy as np
 
 from .bundle import Bundle, BundleError
+from .contract import AR_STEP, AR_WEIGHTS, DECODER, DEFAULT_MAX_BATCH, PROLOGUE_GENERATOR, ar_graph_name
 from .images import ImageError, as_hwc, as_nchw, check_images
 from .loop import InputError, TokenLoop, split_tokens
-from .spec import ConfigError, SamplingConfig
+from .settings import ConfigError, SamplingConfig, check_top_k
 
 BACKENDS = ("auto", "onnxruntime", "cpu", "cuda", "tensorrt")
-
-
-AR_WEIGHTS = ("fp32", "int8", "int4")
 
 
 def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads: typing.Optional[int] = None,
@@ -46,8 +44,8 @@ def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads:
         providers = {"auto": "auto", "onnxruntime": "auto", "cpu": "cpu", "cuda": "cuda"}[backend]
     if ar_weights not in AR_WEIGHTS:
         raise InputError(f"ar_weights must be one of {', '.join(AR_WEIGHTS)}, got {ar_weights!r}")
-    ar_graph = "ar_step" if ar_weights == "fp32" else f"ar_step_{ar_weights}"
-    if "ar_step" in bundle.graphs and ar_graph not in bundle.graphs:
+    ar_graph = ar_graph_name(ar_weights)
+    if AR_STEP in bundle.graphs and ar_graph not in bundle.graphs:
         raise BundleError(f"{bundle.path} has no {ar_weights} AR graph; export it with "
                           f"`prologue export ... --ar-weights {ar_weights}`")
     return OrtBackend(bundle, providers, intra_op_threads=threads, ar_graph=ar_graph)
@@ -105,43 +103,33 @@ class Generator:
 
     @property
     def max_batch(self) -> int:
-        return int(getattr(self.backend, "max_batch", None) or self.bundle.manifest.get("max_batch", 8))
+        return int(getattr(self.backend, "max_batch", None) or self.bundle.manifest.get("max_batch", DEFAULT_MAX_BATCH))
 
     # -- settings -----------------------------------------------------------------------------
 
     def settings(self, sampling=None, **overrides) -> SamplingConfig:
         """The bundle's sampling defaults, updated by `sampling` (a dict, our or the release's
         option names) and keyword overrides (`cfg`, `temperature`, `top_k`, `top_p`, ...)."""
-        merged = dict(vars(self.bundle.sampling_defaults))
         try:
-            if sampling is not None:
-                merged.update(vars(SamplingConfig.coerce(dict(sampling))) if not isinstance(sampling, SamplingConfig)
-                              else vars(sampling))
-            merged.update({k: v for k, v in overrides.items()})
-            settings = SamplingConfig.from_dict(merged)
+            settings = self.bundle.sampling_defaults.updated(sampling, **overrides)
+            check_top_k(settings.top_k, self.bundle.vocab)
         except ConfigError as exc:
             raise InputError(str(exc)) from None
-        v = self.bundle.vocab
-        segments = [v.visual_codebook_size] + ([v.prologue_codebook_size] if v.has_prologue else [])
-        if settings.top_k > min(segments):
-            raise InputError(f"top_k {settings.top_k} is larger than the smallest segment's vocabulary "
-                             f"({min(segments)} codes); use at most {min(segments)} or 0 (off)")
         return settings
 
     # -- generation ---------------------------------------------------------------------------
 
     def start(self, class_ids, seed=None, uniform=None, prologue_ids=None, sampling=None, **overrides) -> Generation:
-        if "ar_step" not in self.bundle.graphs:
+        if AR_STEP not in self.bundle.graphs:
             raise BundleError(f"{self.bundle.path} has no ar_step graph (exported from a tokenizer-only checkpoint)")
         settings = self.settings(sampling, **overrides)
-        loop = TokenLoop(getattr(self.backend, "ar_step", None), self.bundle.vocab, self.bundle.ar_cache_shape,
-                         self.bundle.num_classes, class_ids, settings, seed=seed, uniform=uniform,
-                         prologue_ids=prologue_ids, state=self._ar_state())
+        loop = TokenLoop(self._ar_state, self.bundle.vocab, self.bundle.num_classes, class_ids, settings, seed=seed,
+                         uniform=uniform, prologue_ids=prologue_ids)
         return Generation(self, loop)
 
-    def _ar_state(self):
+    def _ar_state(self, rows: int, batch: int):
         """Each generation's KV cache, from the backend: on the GPU where it can, else on the host."""
-        return lambda rows, batch: self.backend.ar_state(rows, batch, self.bundle.ar_cache_shape(rows))
+        return self.backend.ar_state(rows, batch, self.bundle.ar_cache_shape(rows))
 
     def generate(self, class_ids, seed=None, uniform=None, sampling=None, progress=None, **overrides) -> np.ndarray:
         """Class-conditional images, uint8 `[B, H, W, C]` (`class_ids` may hold the null class)."""
@@ -175,14 +163,14 @@ class Generator:
             raise InputError(f"visual_ids must be integer [B, {v.num_visual_tokens}], got {list(ids.shape)} {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= v.visual_codebook_size):
             raise InputError(f"visual ids must lie in [0, {v.visual_codebook_size})")
-        out = [self.backend.run("decoder", {"visual_ids": chunk.astype(np.int64)}, ["image"])[0]
+        out = [self.backend.run(DECODER, {"visual_ids": chunk.astype(np.int64)}, ["image"])[0]
                for chunk in self._chunks(ids)]
         return as_hwc(np.concatenate(out))
 
     def encode(self, images) -> typing.Tuple[np.ndarray, np.ndarray]:
         """uint8 `[B, H, W, C]` -> (raw prologue ids `[B, Z]`, visual ids `[B, X]`)."""
         images = check_images(images, self.bundle.image_size, self.bundle.channels)
-        parts = [self.backend.run("prologue_generator", {"image": as_nchw(chunk)}) for chunk in self._chunks(images)]
+        parts = [self.backend.run(PROLOGUE_GENERATOR, {"image": as_nchw(chunk)}) for chunk in self._chunks(images)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def reconstruct(self, images) -> np.ndarray:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import PrologueError
+
 MAX_PIXELS = 64 * 1024 * 1024  # refuse larger decodes (decompression bombs)
 
 
-class ImageError(ValueError):
+class ImageError(PrologueError, ValueError):
     """An input image that cannot be used; the message says what was expected."""
 
 

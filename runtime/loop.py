@@ -1,10 +1,10 @@
 """The host side of generation: drives the `ar_step` graph over a KV cache.
 
-Backend-neutral: `step` is any callable taking the `ar_step` inputs as numpy arrays and returning
-`(next_tokens [B], k_new, v_new)`; the cache then lives in host memory (`HostKVState`). A backend
-that keeps the cache on its device passes `state=` instead: a factory `(rows, batch) -> object`
-whose `step(input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p)` returns the
-sampled tokens and updates its own cache. Noise follows DESIGN.md §3: one
+Backend-neutral: the loop takes a state factory `(rows, batch) -> state`, one state per
+generation, whose `step(feeds)` runs `ar_step` on the per-step inputs (`contract.step_feeds`)
+and its own KV cache, updates the cache and returns the sampled tokens `[B]`. `HostKVState` is
+the state of a backend whose cache lives in host memory; device backends keep theirs on the
+GPU. Noise follows DESIGN.md §3: one
 `rng.random((B, V), dtype=float32)` per AR position, in order, forced positions included, from
 `numpy.random.Generator(PCG64(seed))`, or an explicit `uniform [B, T, V]`.
 """
@@ -15,10 +15,12 @@ import typing
 
 import numpy as np
 
-from .spec import SamplingConfig, VocabLayout, cfg_enabled, cfg_scale_at
+from .contract import step_feeds
+from .errors import PrologueError
+from .settings import SamplingConfig, VocabLayout, cfg_enabled, cfg_scale_at
 
 
-class InputError(ValueError):
+class InputError(PrologueError, ValueError):
     """Bad arguments to a generation call; the message says what was expected."""
 
 
@@ -76,18 +78,18 @@ def check_prologue_ids(prologue_ids, batch: int, vocab: VocabLayout) -> np.ndarr
 
 
 class HostKVState:
-    """A KV cache in host memory, written in place from each step's new K/V slice."""
+    """A KV cache in host memory, written in place from each step's new K/V slice.
 
-    def __init__(self, step_fn: typing.Callable, cache_shape: tuple):
-        self.step_fn = step_fn
+    `run_step(feeds, k_cache, v_cache)` runs the graph and returns `(next_tokens, k_new, v_new)`."""
+
+    def __init__(self, run_step: typing.Callable, cache_shape: tuple):
+        self.run_step = run_step
         self.k_cache = np.zeros(cache_shape, dtype=np.float32)  # [L, R, H, S, d]
         self.v_cache = np.zeros_like(self.k_cache)
 
-    def step(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p) -> np.ndarray:
-        next_tokens, k_new, v_new = self.step_fn(
-            input_ids=input_ids, start_pos=start_pos, k_cache=self.k_cache, v_cache=self.v_cache, uniform=uniform,
-            cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-        p, n = int(start_pos[0]), input_ids.shape[1]
+    def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
+        next_tokens, k_new, v_new = self.run_step(feeds, self.k_cache, self.v_cache)
+        p, n = int(feeds["start_pos"][0]), feeds["input_ids"].shape[1]
         self.k_cache[:, :, :, p:p + n] = k_new
         self.v_cache[:, :, :, p:p + n] = v_new
         return next_tokens
@@ -96,22 +98,24 @@ class HostKVState:
 class TokenLoop:
     """Stepwise generation state (feed, step, done), in the manner of onnxruntime-genai.
 
-    >>> loop = TokenLoop(step_fn, vocab, cache_shape_fn, num_classes, class_ids, settings, seed=0)
+    >>> loop = TokenLoop(state, vocab, num_classes, class_ids, settings, seed=0)
     >>> while not loop.done: loop.step()
     >>> loop.tokens  # [B, T] in the AR layout: [prologue + offset ; EOS ; visual]
+
+    `state(rows, batch)` makes this generation's KV-cache state; `settings` are validated
+    where they enter (`Generator.settings`, `SamplingConfig.updated`), not here.
     """
 
-    def __init__(self, step_fn: typing.Callable, vocab: VocabLayout, cache_shape: typing.Callable[[int], tuple],
-                 num_classes: int, class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None,
-                 state: typing.Optional[typing.Callable[[int, int], typing.Any]] = None):
-        self.step_fn, self.vocab, self.settings = step_fn, vocab, settings.validate()
+    def __init__(self, state: typing.Callable[[int, int], typing.Any], vocab: VocabLayout, num_classes: int,
+                 class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None):
+        self.vocab, self.settings = vocab, settings
         self.classes = check_class_ids(class_ids, num_classes)
         B = len(self.classes)
         T, V, Z = vocab.seq_len, vocab.vocab_size, vocab.num_prologue_tokens
         self.noise = Noise(B, T, V, seed=seed, uniform=uniform)
         self.use_cfg = cfg_enabled(settings)
         rows = np.concatenate([self.classes, np.full(B, num_classes)]) if self.use_cfg else self.classes
-        self.state = state(len(rows), B) if state is not None else HostKVState(step_fn, cache_shape(len(rows)))
+        self.state = state(len(rows), B)
         self.tokens = np.zeros((B, T), dtype=np.int64)
         self.position = 0  # next cache slot
         self.steps_done = 0  # sampled (or forced) tokens so far
@@ -133,15 +137,12 @@ class TokenLoop:
         """Run one `ar_step` call; returns the tokens just sampled `[B]`."""
         if self.done:
             raise InputError("generation is finished: every position has a token")
-        s, settings, Z = self.steps_done, self.settings, self.vocab.num_prologue_tokens
+        s, settings = self.steps_done, self.settings
         scale = cfg_scale_at(s, settings, self.vocab) if self.use_cfg else 1.0
-        tau = settings.prologue_temperature if (s < Z and settings.prologue_temperature is not None) else settings.temperature
+        tau = settings.temperature_at(s, self.vocab)
         n = self.feed.shape[1]
-        next_tokens = self.state.step(
-            input_ids=np.ascontiguousarray(self.feed, dtype=np.int64),
-            start_pos=np.array([self.position], dtype=np.int64), uniform=self.noise.at(s),
-            cfg_scale=np.array([scale], dtype=np.float32), temperature=np.array([tau], dtype=np.float32),
-            top_k=np.array([settings.top_k], dtype=np.int64), top_p=np.array([settings.top_p], dtype=np.float32))
+        next_tokens = self.state.step(step_feeds(self.feed, self.position, self.noise.at(s), scale, tau,
+                                                 settings.top_k, settings.top_p))
         self.position += n
         next_tokens = np.asarray(next_tokens, dtype=np.int64)
         self.tokens[:, s] = next_tokens

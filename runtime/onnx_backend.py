@@ -17,8 +17,9 @@ import typing
 import numpy as np
 
 from .bundle import Bundle, BundleError, check_signature
+from .contract import AR_STEP, cache_feeds, cache_input_names
+from .cuda import CudaUnavailable, copy_new_kv, cudart
 from .loop import HostKVState, InputError
-from .spec import cache_feeds, cache_input_names
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(uint8)": "uint8",
              "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -75,7 +76,7 @@ class OrtBackend:
     (ONNX Runtime allows concurrent `run` calls), and creation is guarded by a lock."""
 
     def __init__(self, bundle: Bundle, providers=None, intra_op_threads: typing.Optional[int] = None,
-                 ar_graph: str = "ar_step"):
+                 ar_graph: str = AR_STEP):
         self.bundle = bundle
         self.ar_graph = ar_graph  # "ar_step" or a weight-only quantized variant ("ar_step_int4", ...)
         self.providers = resolve_providers(providers)
@@ -118,10 +119,10 @@ class OrtBackend:
     def run(self, graph: str, feeds: typing.Dict[str, np.ndarray], outputs: typing.Optional[typing.List[str]] = None):
         return self.session(graph).run(outputs, feeds)
 
-    def ar_step(self, k_cache, v_cache, **feeds):
+    def ar_step(self, feeds: typing.Dict[str, np.ndarray], k_cache, v_cache):
         """One `ar_step` call with host caches `[L, rows, H, S, d]` (fed per layer, without copies)."""
-        feeds.update(cache_feeds(k_cache, v_cache))
-        next_tokens, k_new, v_new = self.run(self.ar_graph, feeds, ["next_tokens", "k_new", "v_new"])
+        next_tokens, k_new, v_new = self.run(self.ar_graph, {**feeds, **cache_feeds(k_cache, v_cache)},
+                                             ["next_tokens", "k_new", "v_new"])
         return next_tokens, k_new, v_new
 
     @property
@@ -133,9 +134,8 @@ class OrtBackend:
         if self.device == "cuda":
             try:
                 return OrtDeviceState(self, cache_shape)
-            except BundleError as exc:
-                if "cuda-python" not in str(exc):
-                    raise
+            except CudaUnavailable:
+                pass
         return HostKVState(self.ar_step, cache_shape)
 
 
@@ -148,9 +148,7 @@ class OrtDeviceState:
     where onnxruntime-gpu, cuda-python and a GPU are present (tests marked `gpu`)."""
 
     def __init__(self, backend: OrtBackend, cache_shape: tuple):
-        from .tensorrt_backend import _cudart
-
-        self.cudart = _cudart()  # BundleError mentioning cuda-python when it is missing
+        self.cudart = cudart()  # CudaUnavailable without cuda-python
         ort = _ort()
         self.session = backend.session(backend.ar_graph)
         zeros = np.zeros(cache_shape, dtype=np.float32)  # stale slots are masked, but must not hold NaN
@@ -160,15 +158,12 @@ class OrtDeviceState:
         self.names = cache_input_names(cache_shape[0])
         self.binding = self.session.io_binding()
 
-    def step(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p) -> np.ndarray:
-        from .tensorrt_backend import _ok
-
+    def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
         io = self.binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        for name, value in (("input_ids", input_ids), ("start_pos", start_pos), ("uniform", uniform),
-                            ("cfg_scale", cfg_scale), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
         L, R, H, S, d = self.shape
         layer_bytes = R * H * S * d * 4
         for cache, names in zip((self.k_cache, self.v_cache), self.names):
@@ -179,10 +174,7 @@ class OrtDeviceState:
             io.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(io)
         next_tokens, k_new, v_new = io.get_outputs()[:3]
-        n, position, row = int(input_ids.shape[1]), int(start_pos[0]), d * 4
+        n, position = int(feeds["input_ids"].shape[1]), int(feeds["start_pos"][0])
         for cache, new in ((self.k_cache, k_new), (self.v_cache, v_new)):
-            # [L, R, H, n, d] -> cache[:, :, :, position:position + n], on the device
-            _ok(self.cudart.cudaMemcpy2D(cache.data_ptr() + position * row, S * row, new.data_ptr(), n * row, n * row,
-                                         L * R * H, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice))
+            copy_new_kv(self.cudart, cache.data_ptr(), new.data_ptr(), self.shape, position, n, 4)
         return next_tokens.numpy()
-

@@ -22,10 +22,9 @@ import typing
 import numpy as np
 
 from .bundle import Bundle, BundleError
+from .contract import AR_STEP, DEFAULT_MAX_BATCH, ENGINE_GRAPHS, cache_input_names
+from .cuda import DeviceBuffer, check, copy_new_kv, cudart, device_info
 from .loop import InputError
-from .spec import cache_input_names
-
-ENGINE_GRAPHS = ("decoder", "prologue_generator", "ar_step")
 
 
 def engine_file_name(graph: str, precision: str) -> str:
@@ -48,67 +47,6 @@ def check_engine(graph: str, meta: dict, tensorrt_version: str, compute_capabili
                           f"({meta.get('device', 'unknown GPU')}), this GPU is {compute_capability}: {rebuild}")
 
 
-# --------------------------------------------------------------------------- cuda-python
-
-
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise BundleError("the tensorrt backend needs cuda-python: pip install cuda-python") from None
-    return cudart
-
-
-def _ok(result):
-    """cuda-python calls return `(error, *values)`; raise on an error, return the values."""
-    if not isinstance(result, tuple):
-        result = (result,)
-    err, values = result[0], result[1:]
-    if int(err) != 0:
-        raise BundleError(f"CUDA call failed: {err}")
-    return values[0] if len(values) == 1 else (values or None)
-
-
-def device_info(device: int = 0) -> dict:
-    cudart = _cudart()
-    props = _ok(cudart.cudaGetDeviceProperties(device))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return {"name": name.rstrip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
-
-
-class DeviceBuffer:
-    def __init__(self, nbytes: int):
-        self.cudart = _cudart()
-        self.nbytes = max(1, int(nbytes))
-        self.ptr = int(_ok(self.cudart.cudaMalloc(self.nbytes)))
-
-    def upload(self, array: np.ndarray, stream) -> None:
-        array = np.ascontiguousarray(array)
-        if array.nbytes > self.nbytes:
-            raise BundleError(f"device buffer of {self.nbytes} bytes is too small for {array.nbytes}")
-        _ok(self.cudart.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
-                                        self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-
-    def download(self, array: np.ndarray, stream) -> np.ndarray:
-        _ok(self.cudart.cudaMemcpyAsync(array.ctypes.data, self.ptr, array.nbytes,
-                                        self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        return array
-
-    def free(self) -> None:
-        if self.ptr:
-            self.cudart.cudaFree(self.ptr)
-            self.ptr = 0
-
-    def __del__(self):  # pragma: no cover - GPU only
-        try:
-            self.free()
-        except Exception:
-            pass
-
-
 # --------------------------------------------------------------------------- backend
 
 
@@ -126,8 +64,8 @@ class TensorRTBackend:
             import tensorrt as trt
         except ImportError:
             raise BundleError("the tensorrt backend needs TensorRT: pip install tensorrt (on a CUDA GPU host)") from None
-        self.trt, self.cudart = trt, _cudart()
-        _ok(self.cudart.cudaSetDevice(device))
+        self.trt, self.cudart = trt, cudart()
+        check(self.cudart.cudaSetDevice(device))
         info = device_info(device)
         for graph in ENGINE_GRAPHS:
             if graph in engines:
@@ -141,10 +79,10 @@ class TensorRTBackend:
             if engine is None:
                 raise BundleError(f"TensorRT could not load {meta['file']}; rebuild it: prologue build-engines {bundle.path}")
             self.engines[graph] = engine
-        self.max_batch = min(int(m.get("max_batch", 8)) for m in engines.values())
+        self.max_batch = min(int(m.get("max_batch", DEFAULT_MAX_BATCH)) for m in engines.values())
         self._lock = threading.Lock()
         self._contexts: typing.Dict[str, typing.Any] = {}
-        self._stream = _ok(self.cudart.cudaStreamCreate())
+        self._stream = check(self.cudart.cudaStreamCreate())
         self.name = f"tensorrt[{info['name']}, {next(iter(engines.values()))['precision']}]"
 
     def _dtype(self, engine, name: str):
@@ -183,7 +121,7 @@ class TensorRTBackend:
                     raise BundleError(f"TensorRT failed to run {graph}")
                 for host, buf in results.values():
                     buf.download(host, stream)
-                _ok(self.cudart.cudaStreamSynchronize(stream))
+                check(self.cudart.cudaStreamSynchronize(stream))
             finally:
                 for buf in buffers:
                     buf.free()
@@ -201,9 +139,9 @@ class DeviceARState:
             raise InputError(f"batch {batch} is larger than the engines' profile allows ({backend.max_batch}); "
                              "generate in smaller batches or rebuild with prologue build-engines --max-batch N")
         self.b, self.cudart = backend, backend.cudart
-        self.engine = backend.engines["ar_step"]
+        self.engine = backend.engines[AR_STEP]
         self.context = self.engine.create_execution_context()
-        self.stream = _ok(self.cudart.cudaStreamCreate())
+        self.stream = check(self.cudart.cudaStreamCreate())
         L, R, H, S, d = cache_shape
         self.shape, self.rows, self.batch = cache_shape, rows, batch
         self.cache_names = cache_input_names(L)
@@ -212,7 +150,7 @@ class DeviceARState:
         # one allocation per tensor [L, R, H, S, d]; layer i is the engine input k_cache_i / v_cache_i
         self.k_cache, self.v_cache = DeviceBuffer(cache_bytes), DeviceBuffer(cache_bytes)
         for buf in (self.k_cache, self.v_cache):
-            _ok(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
+            check(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
         V = int(backend.bundle.manifest["vocab"]["vocab_size"])
         sizes = {"input_ids": R * S * 8, "start_pos": 8, "uniform": batch * V * 4, "cfg_scale": 4, "temperature": 4,
                  "top_k": 8, "top_p": 4, "next_tokens": batch * 8, "k_new": cache_bytes, "v_new": cache_bytes,
@@ -238,37 +176,31 @@ class DeviceARState:
         for name, shape in shapes.items():
             self.context.set_input_shape(name, shape)
 
-    def step(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p) -> np.ndarray:
-        n = int(input_ids.shape[1])
-        position = int(start_pos[0])
-        feeds = {"input_ids": input_ids, "start_pos": start_pos, "uniform": uniform, "cfg_scale": cfg_scale,
-                 "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
+        n = int(feeds["input_ids"].shape[1])
+        position = int(feeds["start_pos"][0])
         for name, value in feeds.items():
             self.buffers[name].upload(np.ascontiguousarray(value, dtype=self.b._dtype(self.engine, name)), self.stream)
         self._set_shapes(n)
         if n == 1 and self.cuda_graph and self.decode_steps >= 1 and self.graph_exec is None:
             self._capture()  # after one eager decode step with these shapes
         if n == 1 and self.graph_exec is not None:
-            _ok(self.cudart.cudaGraphLaunch(self.graph_exec, self.stream))
+            check(self.cudart.cudaGraphLaunch(self.graph_exec, self.stream))
         elif not self.context.execute_async_v3(self.stream):
             raise BundleError("TensorRT failed to run ar_step")
         if n == 1:
             self.decode_steps += 1
-        L, R, H, S, d = self.shape
-        row = d * self.itemsize
         for cache, new in ((self.k_cache, self.buffers["k_new"]), (self.v_cache, self.buffers["v_new"])):
-            # [L, R, H, n, d] -> cache[:, :, :, position:position + n]: L*R*H rows of n*d elements
-            _ok(self.cudart.cudaMemcpy2DAsync(cache.ptr + position * row, S * row, new.ptr, n * row, n * row, L * R * H,
-                                              self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream))
+            copy_new_kv(self.cudart, cache.ptr, new.ptr, self.shape, position, n, self.itemsize, self.stream)
         self.buffers["next_tokens"].download(self.next_tokens, self.stream)
-        _ok(self.cudart.cudaStreamSynchronize(self.stream))
+        check(self.cudart.cudaStreamSynchronize(self.stream))
         return self.next_tokens.astype(np.int64)
 
     def _capture(self) -> None:
         """Capture one decode step as a CUDA graph; an engine that cannot be captured (TensorRT
         refuses some control flow and data-dependent shapes) keeps running eagerly."""
         cudart = self.cudart
-        _ok(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
         enqueued = self.context.execute_async_v3(self.stream)
         err, graph = cudart.cudaStreamEndCapture(self.stream)
         if not enqueued or int(err) != 0:
@@ -276,7 +208,7 @@ class DeviceARState:
             self.capture_error = f"enqueue {'ok' if enqueued else 'failed'}, end capture: {err}"
             cudart.cudaGetLastError()  # clear the failed capture's error
             return
-        self.graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
+        self.graph_exec = check(cudart.cudaGraphInstantiate(graph, 0))
 
     def close(self) -> None:
         for buf in list(self.buffers.values()) + [self.k_cache, self.v_cache]:

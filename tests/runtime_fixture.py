@@ -22,7 +22,7 @@ def build(root) -> Path:
     import torch
 
     import prologue_export as pe
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
     from prologue_export.export.bundle import export_bundle
     from tests.conftest import randomize_

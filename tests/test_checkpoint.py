@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 
 import prologue_export as pe
 from prologue_export import checkpoint as ckpt_mod
-from prologue_export.checkpoint import CheckpointError, PrologueModel
+from prologue_export.checkpoint import CheckpointError
+from prologue_export.model import PrologueModel
 from prologue_export.config import model_preset
 
 from .conftest import randomize_

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prologue_export.data import (
+from prologue_export.train.data import (
     ArrayDataset, DataError, FolderDataset, SyntheticDataset, epoch_permutation, fashion_mnist,
     make_loader, read_idx, sample_rng, steps_per_epoch, ten_crop, to_model_input, train_transform,
 )

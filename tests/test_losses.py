@@ -1,4 +1,4 @@
-"""Tests for prologue_export.losses (GAN loss, discriminator, perceptual loss)."""
+"""Tests for prologue_export.train.losses (GAN loss, discriminator, perceptual loss)."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from prologue_export.losses import (
+from prologue_export.train.losses import (
     VGG16_CONV_LAYERS,
     GANLoss,
     PatchDiscriminator,

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from prologue_export import metrics  # noqa: E402
+from prologue_export.train import metrics  # noqa: E402
 from prologue_export.cli import main  # noqa: E402
 
 
@@ -164,7 +164,7 @@ def test_reference_stats_are_cached(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     import prologue_export as pe
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
 
     torch.manual_seed(0)
@@ -203,7 +203,7 @@ def test_eval_without_a_network_file_is_a_one_line_error(tiny_checkpoint, monkey
 def test_experiment_row_runs_and_resumes(pool_net_file, tmp_path):
     """One `prologue` row of `prologue experiment small` at a tiny scale on synthetic data; a
     second call finds every stage done and returns the same numbers."""
-    from prologue_export.train.experiment import budget, run_experiment
+    from prologue_export.cli.experiment import budget, run_experiment
 
     assert budget(2.0)["tokenizer_steps"] == 2 * budget(1.0)["tokenizer_steps"]
     logs = []
@@ -224,7 +224,7 @@ def test_experiment_row_runs_and_resumes(pool_net_file, tmp_path):
 
 def test_experiment_rows_and_ablation_overrides():
     from prologue_export.config import ConfigError
-    from prologue_export.train.experiment import budget, parse_rows, row_configs
+    from prologue_export.cli.experiment import budget, parse_rows, row_configs
 
     assert parse_rows("prologue:0, 2d:1") == (("prologue", 0), ("2d", 1))
     with pytest.raises(ConfigError, match="VARIANT:SEED"):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import prologue_export as pe
 from prologue_export.ar import write_kv
-from prologue_export.checkpoint import PrologueModel
+from prologue_export.model import PrologueModel
 from prologue_export.config import model_preset
 
 from .conftest import randomize_

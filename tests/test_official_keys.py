@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from prologue_export.checkpoint import PrologueModel
+from prologue_export.model import PrologueModel
 from prologue_export.config import model_preset, tokenizer_preset
 from prologue_export.official import is_ignored, map_key
 

@@ -18,13 +18,13 @@ from prologue_export.export.tensorrt import (  # noqa: E402
 from prologue_export.runtime import Generator  # noqa: E402
 from prologue_export.runtime.bundle import Bundle, BundleError  # noqa: E402
 from prologue_export.runtime.tensorrt_backend import check_engine, engine_file_name  # noqa: E402
-from prologue_export.runtime.spec import cache_feeds  # noqa: E402
+from prologue_export.runtime.contract import cache_feeds  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
     import prologue_export as pe
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
     from prologue_export.export.bundle import export_bundle
 
@@ -249,7 +249,7 @@ def test_torch_cuda_sampler_matches_cpu():
     if not _cuda():
         pytest.skip("no CUDA GPU")
     import prologue_export as pe
-    from prologue_export.checkpoint import PrologueModel
+    from prologue_export.model import PrologueModel
     from prologue_export.config import model_preset
 
     torch.manual_seed(0)

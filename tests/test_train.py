@@ -95,7 +95,7 @@ def test_phase2_shards(tokens):
     ts = TokenShards(tokens)
     assert ts.ids[0].shape == (100, 10, 8 + 64)
     tok = pe.load_checkpoint(tokens / "tokenizer").tokenizer
-    from prologue_export.data import SyntheticDataset, ten_crop, to_model_input
+    from prologue_export.train.data import SyntheticDataset, ten_crop, to_model_input
 
     image, label = SyntheticDataset(256, 32, 1, 10)[5]
     prologue, visual = tok.encode(to_model_input(torch.from_numpy(ten_crop(image, 32, 1)), "cpu"))

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..ar import ARModel
-from ..checkpoint import PrologueModel, load_checkpoint
+from ..checkpoint import load_checkpoint
+from ..model import PrologueModel
 from ..config import ModelConfig
-from ..data import StepBatchSampler, sample_rng
+from .data import StepBatchSampler, sample_rng
 from ..sampling import sample, split_sequence
 from ..tokenizer import images_to_uint8
 from . import common

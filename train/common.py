@@ -26,13 +26,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_tensors, save_checkpoint, unwrap
+from ..checkpoint import CheckpointError, read_tensors, save_checkpoint
+from ..model import unwrap
+from ..runtime.errors import PrologueError
 
 STATE_FILE = "train_state.json"
 CHECKPOINT_DIR = "checkpoint"
 
 
-class TrainError(RuntimeError):
+class TrainError(PrologueError, RuntimeError):
     """A training run that cannot start or continue as asked; the message says what to do."""
 
 

@@ -244,6 +244,3 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
         target[parts[-1]] = value
     return data
 
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

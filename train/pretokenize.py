@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import PrologueModel, load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..model import PrologueModel
 from ..config import ModelConfig
-from ..data import ten_crop, to_model_input, train_transform
+from .data import open_dataset, ten_crop, to_model_input, train_transform
 from ..runtime.bundle import sha256_file
 from .common import TrainError, progress
-from .datasets import open_dataset
 
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1

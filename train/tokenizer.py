@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from ..ar import ARModel
-from ..checkpoint import PrologueModel, load_checkpoint
+from ..checkpoint import load_checkpoint
+from ..model import PrologueModel
 from ..config import ModelConfig
-from ..data import make_loader, to_model_input
-from ..losses import GANLoss, load_perceptual
+from .data import fill_skipped, make_loader, open_dataset, to_model_input
+from .losses import GANLoss, load_perceptual
 from ..tokenizer import images_to_uint8
 from . import common
 from .common import CHECKPOINT_DIR, EMA, TrainError
 from .configs import TokenizerTrainConfig
-from .datasets import fill_skipped, open_dataset
 
 
 def joint_ce(ar, vocab, prologue_ids, visual_ids, onehot, drop_rows, null_class):

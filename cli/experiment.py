@@ -48,7 +48,7 @@ def parse_rows(spec: str) -> tuple:
 
 def row_configs(variant: str, seed: int, b: dict, channels: int, num_classes: int, init_from=None,
                 tokenizer_overrides: typing.Sequence[str] = ()):
-    from .configs import TokenizerTrainConfig, apply_overrides
+    from ..train.configs import TokenizerTrainConfig, apply_overrides
     from .demo import demo_configs
 
     phase1, phase3 = demo_configs(1.0, channels=channels, num_classes=num_classes)
@@ -74,14 +74,14 @@ def run_experiment(out, scale: float = 1.0, data=None, inception=None, compile_:
     """Run (or continue) the experiment in `out`. `tokenizer_overrides`: `key=value` changes to
     every row's phase-1 config; `post_from`: the 2d tokenizer checkpoint the post row builds on
     (default: this run's 2d-s0)."""
-    from .. import metrics
+    from ..train import metrics
     from ..checkpoint import load_checkpoint
     from ..export.bundle import export_bundle
     from ..runtime.images import grid, save_png
-    from .ar import train_ar
-    from .common import STATE_FILE
-    from .pretokenize import pretokenize
-    from .tokenizer import train_tokenizer
+    from ..train.ar import train_ar
+    from ..train.common import STATE_FILE
+    from ..train.pretokenize import pretokenize
+    from ..train.tokenizer import train_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def run_experiment(out, scale: float = 1.0, data=None, inception=None, compile_:
     channels, num_classes, size = 1, 10, 32
     if data not in (None, "", "fashion-mnist"):
         from .demo import _channels
-        from .datasets import open_dataset
+        from ..train.data import open_dataset
 
         dataset = open_dataset(data)
         channels, num_classes = _channels(dataset), dataset.num_classes

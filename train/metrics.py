@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.errors import PrologueError
+
 INCEPTION_ENV = "PROLOGUE_INCEPTION"
 FID_HELPER_FILE = "default_1.pt"
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # the TF graph's input scaling (x / 128 - 1 for 0..255)
 
 
-class MetricsError(ValueError):
+class MetricsError(PrologueError, ValueError):
     """A metric cannot be computed as asked; the message says why and what to do."""
 
 
@@ -262,8 +264,7 @@ def real_images(data: typing.Optional[str], split: str, n: int, image_size: int,
                 seed: int = 0) -> typing.Tuple[np.ndarray, np.ndarray]:
     """`n` real images uint8 `[n, S, S, C]` (centre crop at the model's size) and their labels,
     a fixed random subset (seed) of the split (Fashion-MNIST) or of the folder data set."""
-    from .data import fashion_mnist, train_transform
-    from .train.datasets import open_dataset
+    from .data import fashion_mnist, open_dataset, train_transform
 
     if data in (None, "", "fashion-mnist"):
         dataset = fashion_mnist(split=split)
@@ -290,10 +291,12 @@ def encode_ids(tokenizer, images: np.ndarray, batch_size: int = 256) -> typing.T
     """uint8 `[N, H, W, C]` -> (prologue ids `[N, Z]` or empty, visual ids `[N, X]`) with torch."""
     import torch
 
+    from ..tokenizer import uint8_to_images
+
     pro, vis = [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = uint8_to_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2))
             p, v = tokenizer.encode(x)
             pro.append(p.numpy())
             vis.append(v.numpy())
@@ -303,11 +306,13 @@ def encode_ids(tokenizer, images: np.ndarray, batch_size: int = 256) -> typing.T
 def decode_ids(tokenizer, visual_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
     import torch
 
+    from ..tokenizer import images_to_uint8
+
     out = []
     with torch.no_grad():
         for i in range(0, len(visual_ids), batch_size):
             img = tokenizer.decode(torch.from_numpy(visual_ids[i:i + batch_size]))
-            out.append(torch.floor(torch.clamp(127.5 * img + 128.0, 0, 255)).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+            out.append(images_to_uint8(img).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
 
 
@@ -318,7 +323,7 @@ def generate_images(n: int, num_classes: int, sampling: dict, seed: int, checkpo
     classes = np.arange(n) % num_classes
     out = []
     if bundle is not None:
-        from .runtime import Generator
+        from ..runtime import Generator
 
         gen = Generator.from_bundle(bundle)
         batch_size = min(batch_size, gen.max_batch)
@@ -327,8 +332,8 @@ def generate_images(n: int, num_classes: int, sampling: dict, seed: int, checkpo
             if progress:
                 progress(min(i + batch_size, n), n)
         return np.concatenate(out)
-    from .checkpoint import load_checkpoint
-    from .sampling import sample, split_sequence
+    from ..checkpoint import load_checkpoint
+    from ..sampling import sample, split_sequence
 
     model = load_checkpoint(checkpoint).eval()
     for b, i in enumerate(range(0, n, batch_size)):

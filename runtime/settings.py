@@ -1,8 +1,7 @@
-"""Torch-free contracts shared by the model package and the runtime: strict config parsing,
-the AR vocabulary layout, sampling settings and the CFG schedules.
+"""Settings shared by the model package and the runtime: the AR vocabulary layout, sampling
+settings with their CFG schedules and the top-k rule, and the strict dict -> dataclass parser.
 
-The runtime imports nothing else from `prologue_export`; the model side imports these so that
-one definition of each fact serves both.
+Torch-free; the model side imports these so that one definition of each fact serves both.
 """
 
 from __future__ import annotations
@@ -13,10 +12,12 @@ import types
 import typing
 from dataclasses import dataclass
 
+from .errors import PrologueError
+
 CFG_SCHEDULES = ("constant", "linear", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(PrologueError, ValueError):
     """A config that is malformed: unknown, missing or ill-typed key, or inconsistent sizes."""
 
 
@@ -102,6 +103,12 @@ class SamplingConfig:
         "topP": "top_p",
     }
 
+    def temperature_at(self, step: int, vocab: "VocabLayout") -> float:
+        """The prologue temperature (when set) at prologue steps, else `temperature`."""
+        if step < vocab.num_prologue_tokens and self.prologue_temperature is not None:
+            return self.prologue_temperature
+        return self.temperature
+
     @property
     def segmented(self) -> bool:
         return self.prologue_cfg_schedule is not None or self.visual_cfg_schedule is not None
@@ -133,49 +140,67 @@ class SamplingConfig:
     @classmethod
     def from_official(cls, options: dict) -> "SamplingConfig":
         """Settings in the release's option names (`eval.sh`, `sample_vis.py`)."""
-        ours = {}
-        for key, value in options.items():
-            if key not in cls.OFFICIAL_NAMES:
-                raise ConfigError(
-                    f"sampling option {key!r} is not an official sampling option; known: "
-                    f"{', '.join(cls.OFFICIAL_NAMES)}"
-                )
-            ours[cls.OFFICIAL_NAMES[key]] = value
-        if "top_k" in ours and isinstance(ours["top_k"], float) and ours["top_k"].is_integer():
-            ours["top_k"] = int(ours["top_k"])  # the release's config stores topK as 0.0
-        return cls.from_dict(ours)
+        return cls().updated(_official_to_ours(options))
 
     @classmethod
     def coerce(cls, settings) -> "SamplingConfig":
         """A SamplingConfig, a dict of our field names, or a dict of official option names."""
-        if settings is None:
-            return cls().validate()
-        if isinstance(settings, SamplingConfig):
-            return settings.validate()
-        if isinstance(settings, dict):
-            ours = {f.name for f in dataclasses.fields(cls)}
-            if set(settings) <= ours:
-                return cls.from_dict(settings)
-            return cls.from_official(settings)
-        raise ConfigError(f"sampling settings must be a SamplingConfig or a dict, got {type(settings).__name__}")
+        return cls().updated(settings)
+
+    def updated(self, sampling=None, **overrides) -> "SamplingConfig":
+        """These settings with `sampling` (a SamplingConfig, or a dict of our or the release's
+        option names) and then keyword `overrides` (our names) on top: one parse, one validation."""
+        changes = {}
+        if isinstance(sampling, SamplingConfig):
+            changes.update(vars(sampling))
+        elif isinstance(sampling, dict):
+            ours = {f.name for f in dataclasses.fields(SamplingConfig)}
+            changes.update(sampling if set(sampling) <= ours else _official_to_ours(sampling))
+        elif sampling is not None:
+            raise ConfigError(f"sampling settings must be a SamplingConfig or a dict, got {type(sampling).__name__}")
+        changes.update(overrides)
+        if not changes:
+            return self.validate()
+        return _build(type(self), {**vars(self), **changes}, "sampling").validate()
+
+
+def _official_to_ours(options: dict) -> dict:
+    ours = {}
+    for key, value in options.items():
+        if key not in SamplingConfig.OFFICIAL_NAMES:
+            raise ConfigError(f"sampling option {key!r} is not an official sampling option; known: "
+                              f"{', '.join(SamplingConfig.OFFICIAL_NAMES)}")
+        ours[SamplingConfig.OFFICIAL_NAMES[key]] = value
+    if "top_k" in ours and isinstance(ours["top_k"], float) and ours["top_k"].is_integer():
+        ours["top_k"] = int(ours["top_k"])  # the release's config stores topK as 0.0
+    return ours
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k / top-p: when they truncate (Python numbers and torch tensors alike)
+
+
+def top_k_active(top_k, vocab_size: int):
+    """top-k truncates for 0 < k < V (0 = off; k >= V keeps every token)."""
+    return (top_k > 0) & (top_k < vocab_size)
+
+
+def top_p_active(top_p):
+    """top-p truncates for 0 < p < 1 (0 or 1 = off)."""
+    return (top_p > 0) & (top_p < 1)
+
+
+def check_top_k(top_k: int, vocab: "VocabLayout") -> None:
+    """A top-k larger than the smallest segment's codebook cannot hold: the segment mask leaves
+    fewer candidates than k at that segment's steps."""
+    segments = [vocab.visual_codebook_size] + ([vocab.prologue_codebook_size] if vocab.has_prologue else [])
+    if top_k > min(segments):
+        raise ConfigError(f"top_k {top_k} is larger than the smallest segment's vocabulary ({min(segments)} codes); "
+                          f"use at most {min(segments)} or 0 (off)")
 
 
 # ---------------------------------------------------------------------------------------------
 # CFG schedules
-
-
-def cache_input_names(layers: int) -> typing.Tuple[typing.List[str], typing.List[str]]:
-    """Names of the `ar_step` graph's per-layer KV-cache inputs, each `[rows, H, S, d]`.
-
-    One input per layer and tensor (bundle format 2): a graph that slices layer i out of one
-    `[L, rows, H, S, d]` input copies the whole cache every step (ONNX Runtime has no views)."""
-    return [f"k_cache_{i}" for i in range(layers)], [f"v_cache_{i}" for i in range(layers)]
-
-
-def cache_feeds(k_cache, v_cache) -> dict:
-    """`ar_step` cache inputs from caches `[L, rows, H, S, d]`: the layers' views, not copies."""
-    k_names, v_names = cache_input_names(len(k_cache))
-    return {**{n: k_cache[i] for i, n in enumerate(k_names)}, **{n: v_cache[i] for i, n in enumerate(v_names)}}
 
 
 def cfg_scale_at(step: int, settings: "SamplingConfig", vocab: "VocabLayout") -> float:

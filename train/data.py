@@ -7,6 +7,7 @@ uint8 array `[C, H, W]`, a PIL image, or None when the item could not be read; p
 - `fashion_mnist(root, split)`: the Fashion-MNIST IDX files, held in memory (`ArrayDataset`).
 - `FolderDataset(root)`: ImageNet-style `root/<class>/<image>` folders, decoded lazily with PIL.
 - `SyntheticDataset(...)`: deterministic class-dependent patterns for smoke tests and tiny runs.
+- `open_dataset(spec)`: what the commands' `--data` names (`fashion-mnist`, `synthetic[:N]`, a path).
 
 `make_loader` turns a dataset into an endless stream of per-step batches. Which samples a step
 uses and how each is augmented depend only on `(seed, step, position in the global batch)`,
@@ -28,12 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..runtime.errors import PrologueError
+from ..tokenizer import uint8_to_images
+
 __all__ = [
     "DataError", "ArrayDataset", "FolderDataset", "SyntheticDataset",
     "read_idx", "fashion_mnist", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_ROOT",
     "IMAGE_EXTENSIONS", "train_transform", "ten_crop",
     "epoch_permutation", "sample_rng", "StepBatchSampler", "make_loader", "steps_per_epoch",
-    "to_model_input",
+    "to_model_input", "open_dataset", "fill_skipped",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 ImageLike = Union[np.ndarray, Image.Image]
 
 
-class DataError(RuntimeError):
+class DataError(PrologueError, RuntimeError):
     """Training data that is missing, malformed or unusable; the message says what to do."""
 
 
@@ -523,4 +527,36 @@ def to_model_input(batch_images: torch.Tensor, device: Union[str, torch.device])
     non-blocking (overlaps with compute when the batch is pinned)."""
     if batch_images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images, got {batch_images.dtype}")
-    return batch_images.to(device, non_blocking=True).float() / 127.5 - 1.0
+    return uint8_to_images(batch_images.to(device, non_blocking=True))
+
+
+# ----------------------------------------------------------------------------- --data
+
+
+def open_dataset(spec: Optional[str], image_size: int = 32, channels: int = 1, num_classes: int = 10):
+    """`None`/`fashion-mnist` -> Debian's Fashion-MNIST; `synthetic[:N]` -> N generated images
+    (the given geometry); a folder with IDX files -> Fashion-MNIST from there; any other
+    folder -> one subfolder of images per class."""
+    if spec in (None, "", "fashion-mnist"):
+        return fashion_mnist()
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 2048
+        return SyntheticDataset(n, image_size, channels, num_classes)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"--data {spec}: no such file or folder (give a folder of class subfolders, "
+                        "a folder with the Fashion-MNIST IDX files, 'fashion-mnist' or 'synthetic')")
+    if any(path.glob("*-ubyte*")) or (path / "FashionMNIST").is_dir():
+        return fashion_mnist(path)
+    return FolderDataset(path)
+
+
+def fill_skipped(images, labels, expected: int):
+    """Keep batch shapes static when unreadable images were dropped: repeat readable ones."""
+    n = images.shape[0]
+    if n == expected:
+        return images, labels
+    if n == 0:
+        raise DataError("a whole batch of images was unreadable: check the data set")
+    idx = torch.arange(expected) % n
+    return images[idx], labels[idx]

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ar_preset, tokenizer_preset
-from .configs import ARTrainConfig, GANConfig, OptimConfig, RunConfig, TokenizerTrainConfig
-from .datasets import open_dataset
+from ..train.configs import ARTrainConfig, GANConfig, OptimConfig, RunConfig, TokenizerTrainConfig
+from ..train.data import open_dataset
 
 
 def demo_configs(scale: float = 1.0, channels: int = 1, num_classes: int = 10, image_size: int = 32):
@@ -51,10 +51,10 @@ def run_demo(out, data=None, scale: float = 1.0, compile_: bool = True, pretoken
     from ..runtime.generator import Generator
     from ..runtime.images import grid, save_png
     from ..export.bundle import export_bundle
-    from .ar import train_ar
-    from .common import STATE_FILE
-    from .pretokenize import pretokenize
-    from .tokenizer import train_tokenizer
+    from ..train.ar import train_ar
+    from ..train.common import STATE_FILE
+    from ..train.pretokenize import pretokenize
+    from ..train.tokenizer import train_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def _channels(dataset) -> int:
 
 def _held_out(data, size: int, channels: int, n: int) -> np.ndarray:
     """`n` images the tokenizer did not train on when possible (the Fashion-MNIST test split)."""
-    from ..data import fashion_mnist, train_transform
+    from ..train.data import fashion_mnist, train_transform
 
     if data in (None, "fashion-mnist"):
         dataset = fashion_mnist(split="test")

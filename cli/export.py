@@ -1,0 +1,99 @@
+"""`prologue export` and `prologue build-engines`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..export.tensorrt import DEFAULT_WORKSPACE_GB, PRECISIONS
+from ..runtime.contract import DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS
+
+def _cmd_export(args) -> int:
+    from ..export.bundle import export_bundle
+    from ..export.verify import verify_bundle
+
+    log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.verify:
+        report = verify_bundle(args.verify, checkpoint=args.checkpoint, log=log)
+        print(json.dumps({"bundle": args.verify, "verification": report}, indent=2) if args.json
+              else f"{args.verify}: verified against {args.checkpoint}")
+        return 0
+    if not args.out:
+        raise SystemExit("prologue export: error: --out is required (or --verify BUNDLE)")
+    sampling = json.loads(args.sampling) if args.sampling else None
+    manifest = export_bundle(args.checkpoint, args.out, max_batch=args.max_batch,
+                             force=args.force, verify=not args.no_verify, sampling=sampling, log=log,
+                             ar_weights=args.ar_weights or ())
+    summary = {"bundle": args.out, "graphs": sorted(manifest["graphs"]), "files": manifest["files"],
+               "verified": bool(manifest.get("verification", {}).get("passed"))}
+    if args.tensorrt:
+        from ..export.tensorrt import build_engines
+
+        summary["engines"] = build_engines(args.out, precision=args.engine_precision, log=log)
+    print(json.dumps(summary, indent=2) if args.json else
+          f"wrote {args.out}: {', '.join(summary['graphs'])} ({'verified' if summary['verified'] else 'NOT verified'})"
+          + (f"; TensorRT engines: {', '.join(summary['engines'])}" if args.tensorrt else ""))
+    return 0
+
+
+def _cmd_build_engines(args) -> int:
+    from ..export.tensorrt import build_engines
+
+    log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    engines = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
+                            timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, log=log)
+    print(json.dumps(engines, indent=2) if args.json else
+          "\n".join(f"{g}: {m['file']} ({m['precision']}, TensorRT {m['tensorrt_version']}, {m['device']} "
+                    f"cc {m['compute_capability']})" for g, m in engines.items()))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    _add_export_parser(sub)
+    _add_build_engines_parser(sub)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint to an ONNX bundle (decoder, prologue generator, AR step) and verify it",
+        description="Write a bundle folder (manifest.json + ONNX graphs) from a checkpoint, then verify it with ONNX "
+        "Runtime against torch: per-graph parity, dynamic axes, and whole generations (same tokens as the torch "
+        "sampler for the same seed). With --verify BUNDLE, only verify an existing bundle.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint folder (training or import-official)")
+    p.add_argument("--out", metavar="BUNDLE", help="bundle folder to write (must not exist unless --force)")
+    p.add_argument("--verify", metavar="BUNDLE", help="verify this existing bundle against --checkpoint instead of exporting")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"largest batch the graphs and engines must serve (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--sampling", metavar="JSON", help="sampling defaults stored in the manifest, e.g. '{\"cfg\": 3.0}' "
+                   "(our names or the release's)")
+    p.add_argument("--ar-weights", dest="ar_weights", nargs="+", choices=QUANTIZED_AR_WEIGHTS, metavar="W",
+                   help="also write weight-only quantized AR graphs (int8 and/or int4, ONNX Runtime MatMulNBits)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build TensorRT engines into the bundle (a GPU host with tensorrt and cuda-python)")
+    p.add_argument("--engine-precision", dest="engine_precision", choices=PRECISIONS, default="fp16",
+                   help="precision of the TensorRT engines' weight matmuls (default fp16; norms, softmax, logits fp32)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_export)
+
+
+def _add_build_engines_parser(sub) -> None:
+    p = sub.add_parser(
+        "build-engines", help="build TensorRT engines from a bundle's ONNX graphs (GPU host)",
+        description="One strongly typed TensorRT engine per graph, with an optimisation profile (min 1, opt the serving "
+        "batch, max --max-batch), a reusable timing cache, and the engine's provenance (TensorRT version, GPU, "
+        "precision, profile) written into the manifest. Needs tensorrt and cuda-python on a CUDA GPU host.")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by prologue export")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                   help="weight matmuls in this type; norms, softmax, RoPE, sampling and logits stay fp32 (default fp16)")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=None, metavar="N",
+                   help="largest batch (default: the bundle's max_batch)")
+    p.add_argument("--opt-batch", dest="opt_batch", type=int, default=None, metavar="N",
+                   help="the serving batch the engines are tuned for (default min(8, max batch))")
+    p.add_argument("--timing-cache", dest="timing_cache", metavar="FILE",
+                   help="TensorRT timing cache to reuse and update (default ~/.cache/prologue-export/)")
+    p.add_argument("--workspace-gb", dest="workspace_gb", type=float, default=DEFAULT_WORKSPACE_GB,
+                   help=f"builder workspace (default {DEFAULT_WORKSPACE_GB:g})")
+    p.add_argument("--json", action="store_true", help="print the engines' manifest entries as JSON")
+    p.set_defaults(func=_cmd_build_engines)

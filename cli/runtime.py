@@ -1,0 +1,135 @@
+"""`prologue generate|variations|reconstruct`: the torch-free runtime's commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..runtime.contract import AR_WEIGHTS
+from ..runtime.generator import BACKENDS
+
+RUNTIME_COMMANDS = ("generate", "variations", "reconstruct")
+
+
+def _progress(label: str, enabled: bool):
+    """A one-line progress display on stderr (the runtime has no tqdm dependency)."""
+    if not enabled:
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / total)
+        end = "\n" if done == total else ""
+        print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} steps", end=end,
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def runtime_overrides(args) -> dict:
+    out = {}
+    for name in ("cfg", "temperature", "top_k", "top_p", "prologue_temperature"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _write_grid(images, out: str, nrow) -> None:
+    from ..runtime.images import grid, grid_columns, save_png
+
+    save_png(grid(images, grid_columns(len(images), nrow)), out)
+
+
+def _cmd_generate(args) -> int:
+    import numpy as np
+
+    from ..runtime.generator import Generator
+    from ..runtime.loop import InputError
+
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
+    classes = np.repeat(np.asarray(args.class_ids, dtype=np.int64), args.n)
+    sampling = json.loads(args.sampling) if args.sampling else None
+    images = gen.generate(classes, seed=args.seed, sampling=sampling,
+                          progress=_progress("generate", not args.json), **runtime_overrides(args))
+    _write_grid(images, args.out, args.nrow or args.n)
+    report = {"out": args.out, "images": int(len(images)), "classes": [int(c) for c in classes], "seed": args.seed,
+              "backend": gen.backend_name, "settings": vars(gen.settings(sampling, **runtime_overrides(args)))}
+    print(json.dumps(report) if args.json else f"wrote {args.out} ({len(images)} images, {gen.backend_name})")
+    return 0
+
+
+def _cmd_variations(args) -> int:
+    from ..runtime.generator import Generator
+    from ..runtime.images import load_image
+
+    gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
+    image = load_image(args.image, gen.bundle.image_size, gen.bundle.channels)
+    sampling = json.loads(args.sampling) if args.sampling else None
+    images = gen.variations(image, args.n, seed=args.seed, class_id=args.class_id, sampling=sampling,
+                            progress=_progress("variations", not args.json), **runtime_overrides(args))
+    _write_grid(images, args.out, args.nrow)
+    report = {"out": args.out, "images": int(len(images)), "source": args.image, "seed": args.seed,
+              "backend": gen.backend_name}
+    print(json.dumps(report) if args.json else f"wrote {args.out} ({len(images)} variations, {gen.backend_name})")
+    return 0
+
+
+def _cmd_reconstruct(args) -> int:
+    import numpy as np
+
+    from ..runtime.generator import Generator, parse_images
+
+    gen = Generator.from_bundle(args.bundle, backend=args.backend)
+    images = parse_images(args.image, gen.bundle)
+    recon = gen.reconstruct(images)
+    pairs = np.concatenate([images, recon])  # first row inputs, second row reconstructions
+    _write_grid(pairs, args.out, len(images))
+    report = {"out": args.out, "images": int(len(images)), "backend": gen.backend_name}
+    print(json.dumps(report) if args.json else f"wrote {args.out} (inputs over reconstructions, {gen.backend_name})")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    def common(p):
+        p.add_argument("--bundle", required=True, metavar="DIR", help="a bundle written by `prologue export`")
+        p.add_argument("--out", required=True, metavar="PNG", help="output image grid (written atomically)")
+        p.add_argument("--backend", default="auto", choices=BACKENDS,
+                       help="execution backend (default auto: the best ONNX Runtime provider available)")
+        p.add_argument("--json", action="store_true", help="print a JSON report of what was written")
+
+    def sampling(p):
+        p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+        p.add_argument("--cfg", type=float, help="CFG scale (overrides the bundle's sampling defaults)")
+        p.add_argument("--temperature", type=float, help="sampling temperature")
+        p.add_argument("--prologue-temperature", dest="prologue_temperature", type=float,
+                       help="temperature of the prologue tokens")
+        p.add_argument("--top-k", dest="top_k", type=int, help="top-k (0 = off)")
+        p.add_argument("--top-p", dest="top_p", type=float, help="top-p (0 = off)")
+        p.add_argument("--sampling", metavar="JSON", help="more settings as JSON (our or the release's option names)")
+        p.add_argument("--nrow", type=int, help="images per grid row")
+        p.add_argument("--ar-weights", dest="ar_weights", default="fp32", choices=AR_WEIGHTS,
+                       help="AR graph: fp32 (default) or a weight-only quantized one the bundle carries")
+
+    p = sub.add_parser("generate", help="generate class-conditional images from a bundle (no torch needed)")
+    common(p)
+    sampling(p)
+    p.add_argument("--class", dest="class_ids", type=int, nargs="+", required=True, metavar="ID",
+                   help="class id(s); the null class id gives unconditional samples")
+    p.add_argument("--n", type=int, default=8, help="images per class (default 8)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("variations", help="images that share the prologue of an input image")
+    common(p)
+    sampling(p)
+    p.add_argument("--image", required=True, metavar="FILE", help="input image of the bundle's size")
+    p.add_argument("--n", type=int, default=8, help="number of variations (default 8)")
+    p.add_argument("--class-id", dest="class_id", type=int, help="class to condition on (default: unconditional)")
+    p.set_defaults(func=_cmd_variations)
+
+    p = sub.add_parser("reconstruct", help="encode and decode images through the visual tokens")
+    common(p)
+    p.add_argument("--image", required=True, nargs="+", metavar="FILE", help="input image(s) of the bundle's size")
+    p.set_defaults(func=_cmd_reconstruct)
