@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from .runtime import runtime_overrides
+
 
 def _cmd_eval(args) -> int:
     from ..train import metrics
@@ -67,15 +67,15 @@ def _geometry(args):
 
 
 def _tqdm_progress(label: str):
-    from tqdm import tqdm
+    """`progress(done, total)` for the metrics: a tqdm bar (plain lines when stderr is a log)."""
+    from ..train.common import progress
 
     bar = {}
 
     def show(done: int, total: int) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=label, unit="img", file=sys.stderr)
-        bar["bar"].n = done
-        bar["bar"].refresh()
+            bar["bar"] = progress(total, 0, True, label, unit="img")
+        bar["bar"].update(done - bar["bar"].n)
         if done >= total:
             bar["bar"].close()
 

@@ -8,8 +8,10 @@ import sys
 from ..export.tensorrt import DEFAULT_WORKSPACE_GB, PRECISIONS
 from ..runtime.contract import DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS
 
+
 def _cmd_export(args) -> int:
     from ..export.bundle import export_bundle
+    from ..export.errors import ExportError
     from ..export.verify import verify_bundle
 
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -19,7 +21,7 @@ def _cmd_export(args) -> int:
               else f"{args.verify}: verified against {args.checkpoint}")
         return 0
     if not args.out:
-        raise SystemExit("prologue export: error: --out is required (or --verify BUNDLE)")
+        raise ExportError("--out BUNDLE is required (or --verify BUNDLE to verify an existing bundle)")
     sampling = json.loads(args.sampling) if args.sampling else None
     manifest = export_bundle(args.checkpoint, args.out, max_batch=args.max_batch,
                              force=args.force, verify=not args.no_verify, sampling=sampling, log=log,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+
 def _cmd_import_official(args) -> int:
     from ..official import import_official
 
@@ -22,23 +23,47 @@ def _cmd_import_official(args) -> int:
     return 0
 
 
-def _cmd_presets(args) -> int:
+# preset -> parameters of (tokenizer encoder incl. quantizers, tokenizer decoder, AR): what
+# `parameter_counts` computes from the model definition (tests/test_cli.py checks every row), kept
+# here so that `prologue presets` answers without loading torch; `--count` recomputes them.
+PRESET_PARAMETERS = {
+    "prologue-b-b": (87_120_508, 86_879_840, 115_470_176),
+    "prologue-b-l": (87_120_508, 86_879_840, 348_223_840),
+    "prologue-b-xl": (87_120_508, 86_879_840, 693_504_352),
+    "prologue-l-b": (86_948_476, 306_310_256, 96_595_808),
+    "prologue-l-l": (86_948_476, 306_310_256, 323_058_016),
+    "prologue-l-xl": (86_948_476, 306_310_256, 662_047_072),
+    "prologue-post-b": (120_366_812, 86_879_840, 115_470_176),
+    "2d-base": (87_083_118, 86_879_840, 113_895_776),
+    "tiny": (124_712, 120_924, 161_440),
+    "tiny-2d": (122_394, 120_924, 153_120),
+    "tiny-post": (247_624, 120_924, 161_440),
+}
+
+
+def parameter_counts(name: str) -> tuple:
+    """(encoder, decoder, AR) parameters of a model preset, counted on the model itself (meta device)."""
     import torch
 
+    from ..config import model_preset
     from ..model import PrologueModel
+
+    with torch.device("meta"):
+        model = PrologueModel(model_preset(name))
+    tok = model.tokenizer
+    encoder = sum(p.numel() for n, p in tok.named_parameters() if not n.startswith("decoder."))
+    return encoder, sum(p.numel() for p in tok.decoder.parameters()), sum(p.numel() for p in model.ar.parameters())
+
+
+def _cmd_presets(args) -> int:
     from ..config import MODEL_PRESETS, model_preset
 
     rows = []
     for name in MODEL_PRESETS:
-        cfg = model_preset(name)
-        with torch.device("meta"):
-            model = PrologueModel(cfg)
-        tok = model.tokenizer
-        enc = sum(p.numel() for n, p in tok.named_parameters() if not n.startswith("decoder."))
-        dec = sum(p.numel() for p in tok.decoder.parameters())
-        ar = sum(p.numel() for p in model.ar.parameters())
+        vocab = model_preset(name).vocab()
+        enc, dec, ar = parameter_counts(name) if args.count else PRESET_PARAMETERS[name]
         rows.append({"preset": name, "tokenizer_encoder": enc, "tokenizer_decoder": dec, "ar": ar,
-                     "vocab_size": cfg.vocab().vocab_size, "seq_len": cfg.vocab().seq_len})
+                     "vocab_size": vocab.vocab_size, "seq_len": vocab.seq_len})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -71,4 +96,5 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("presets", help="list the model presets with their parameter counts")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--count", action="store_true", help="count the parameters on the model itself (loads torch)")
     p.set_defaults(func=_cmd_presets)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -19,7 +20,8 @@ def _cmd_demo(args) -> int:
             print(f"  {name:<16} {path}")
         print("Stage timings:")
         for name, secs in report["seconds"].items():
-            print(f"  {name:<20} {secs:>7.1f} s")
+            earlier = "  (done in an earlier run)" if name in report.get("reused", ()) else ""
+            print(f"  {name:<20} {secs:>7.1f} s{earlier}")
         print(f"  {'total':<20} {report['total_seconds']:>7.1f} s")
     return 0
 

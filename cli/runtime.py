@@ -12,11 +12,15 @@ RUNTIME_COMMANDS = ("generate", "variations", "reconstruct")
 
 
 def _progress(label: str, enabled: bool):
-    """A one-line progress display on stderr (the runtime has no tqdm dependency)."""
+    """A one-line progress display on stderr (the runtime has no tqdm dependency); where stderr
+    is a pipe or a log file, only the finished line."""
     if not enabled:
         return None
+    redraw = sys.stderr.isatty()
 
     def show(done: int, total: int) -> None:
+        if not redraw and done < total:
+            return
         width = 30
         filled = int(width * done / total)
         end = "\n" if done == total else ""

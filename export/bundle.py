@@ -104,8 +104,6 @@ def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
     matmuls run at `accuracy_level` 4 (activations rounded to int8 per block inside the matmul),
     which lets ONNX Runtime's CPU kernels use integer dot products: 1.4-1.5x faster than fp32 at
     the full AR-B size here, where the default level (fp32 compute) was slower than fp32."""
-    import onnx
-
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError:

@@ -25,6 +25,7 @@ from ..runtime import contract as io
 from ..runtime.contract import AxisRange, TensorSpec
 from ..runtime.settings import top_k_active, top_p_active
 from ..tokenizer import images_to_uint8, uint8_to_images
+from .errors import ExportError
 
 
 class GraphContract:
@@ -198,7 +199,7 @@ class ARStepContract(GraphContract):
 
     def __init__(self, model: PrologueModel, max_batch: int):
         if model.ar is None:
-            raise ValueError("the checkpoint has no AR model: ar_step cannot be exported")
+            raise ExportError("the checkpoint has no AR model: ar_step cannot be exported")
         self.model = model
         a, v = model.config.ar, model.config.vocab()
         self.axes = io.ar_step_axes(max_batch, v.seq_len)

@@ -13,6 +13,7 @@ import typing
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import ffn_hidden
@@ -111,6 +112,11 @@ def sequence_positions(length: int, axis: int) -> torch.Tensor:
     return pos
 
 
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """`[B, H, L, d]` -> `[B, L, H*d]` (head-major channels, as the projections' weights)."""
+    return rearrange(x, "b heads l d -> b l (heads d)")
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, out_bias: bool):
         super().__init__()
@@ -124,17 +130,16 @@ class Attention(nn.Module):
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Post-norm, post-RoPE q, k and v, each `[B, H, L, d]`."""
-        B, L, _ = h.shape
-        q = self.to_q(h).view(B, L, self.heads, self.head_dim).transpose(1, 2)
-        kv = self.to_kv(h).view(B, L, 2, self.heads, self.head_dim)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        q = rearrange(self.to_q(h), "b l (heads d) -> b heads l d", heads=self.heads)
+        kv = rearrange(self.to_kv(h), "b l (kv heads d) -> kv b heads l d", kv=2, heads=self.heads)
+        k, v = kv[0], kv[1]  # two Gathers once exported (`k, v = kv` unpacks to Slices + Squeezes)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         return q, k, v
 
     def attend(self, q, k, v, attn_mask=None, is_causal=False) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, L, d]
-        return self.proj(out.transpose(1, 2).flatten(2))
+        return self.proj(merge_heads(out))
 
     def forward(self, h, cos, sin, causal: bool = False) -> torch.Tensor:
         q, k, v = self.qkv(h, cos, sin)
@@ -178,7 +183,7 @@ class Block(nn.Module):
         probs = (weights / weights.sum(dim=-1, keepdim=True)).to(q.dtype)
         S = k_cache.shape[2]
         out = probs[..., :S] @ v_cache + probs[..., S:] @ v  # [B, H, T, d]
-        x = x + self.gate1(cond) * attn.proj(out.transpose(1, 2).flatten(2))
+        x = x + self.gate1(cond) * attn.proj(merge_heads(out))
         x = x + self.gate_mlp(cond) * self.ffn(self.adaln_mlp(x, cond))
         return x, k, v
 

@@ -15,6 +15,7 @@ import typing
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import TokenizerConfig
@@ -23,21 +24,14 @@ from .layers import Transformer, grid_positions, rope_table, sequence_positions
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`[B, C, H, W]` -> `[B, N, p*p*C]`; raster tokens, vector order (row-in-patch, col, channel)."""
-    B, C, H, W = images.shape
-    p = patch_size
-    x = images.reshape(B, C, H // p, p, W // p, p)
-    x = x.permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, p1, p2, C]
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
+    return rearrange(images, "b c (gh p1) (gw p2) -> b (gh gw) (p1 p2 c)", p1=patch_size, p2=patch_size)
 
 
 def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
     """Exact inverse of `patchify` for a square grid."""
-    B, N, _ = patches.shape
-    side = int(round(N**0.5))
-    p = patch_size
-    x = patches.reshape(B, side, side, p, p, channels)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # [B, C, gh, p1, gw, p2]
-    return x.reshape(B, channels, side * p, side * p)
+    side = int(round(patches.shape[1] ** 0.5))
+    return rearrange(patches, "b (gh gw) (p1 p2 c) -> b c (gh p1) (gw p2)",
+                     gh=side, gw=side, p1=patch_size, p2=patch_size, c=channels)
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:

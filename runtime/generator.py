@@ -1,10 +1,10 @@
 """The runtime's public API: generate, vary and reconstruct images from a bundle, without torch.
 
 >>> from prologue_export.runtime import Generator
->>> gen = Generator.from_bundle("bundles/tiny")              # backend="auto" picks the best available
->>> images = gen.generate([3, 3, 7], seed=0, cfg=2.0)        # uint8 [3, H, W, C]
->>> more = gen.variations(images[0], n=4, seed=1)             # same prologue, new visual tokens
->>> same = gen.reconstruct(images)                            # encode + decode
+>>> gen = Generator.from_bundle("runs/demo/bundle")     # backend="auto" picks the best available
+>>> images = gen.generate([3, 3, 7], seed=0, cfg=2.0)   # uint8 [3, H, W, C]
+>>> more = gen.variations(images[0], n=4, seed=1)        # same prologue, new visual tokens
+>>> same = gen.reconstruct(images)                       # encode + decode
 
 A Generator is safe to share between threads: the ONNX Runtime sessions are shared (their `run`
 is thread safe) and every call keeps its own KV cache and noise stream.

@@ -31,6 +31,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     # the fixed-prologue rows share their prologue
     run = gen.start([0] * 3, seed=1, prologue_ids=np.zeros((3, 8), dtype=np.int64)).run()
     assert (run.tokens[:, :8] == 256).all()
-    # rerunning continues: every stage finds its output complete
+    assert report["reused"] == [] and json.loads((out / "demo.json").read_text())["seconds"] == report["seconds"]
+    # rerunning continues: training and pretokenizing find their output complete and keep the
+    # first run's seconds; the export and the pictures are redone
     assert main(["demo", "--data", "synthetic:256", "--out", str(out), "--scale", "0.01", "--no-compile",
                  "--pretokenize-limit", "160", "--json"]) == 0
+    rerun = json.loads(capsys.readouterr().out)
+    assert rerun["reused"] == ["1 tokenizer", "2 pretokenize", "3 ar"]
+    for stage in rerun["reused"]:
+        assert rerun["seconds"][stage] == report["seconds"][stage]
+    assert json.loads((out / "demo.json").read_text()) == rerun

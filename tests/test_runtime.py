@@ -195,6 +195,33 @@ def test_bad_bundles(prepared, tmp_path):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         Bundle(copy)
+    for field, value in (("eos_id", 5), ("vocab_size", 320), ("seq_len", None)):
+        contradicting = json.loads(json.dumps(manifest))
+        if value is None:
+            del contradicting["vocab"][field]
+        else:
+            contradicting["vocab"][field] = value
+        (copy / "manifest.json").write_text(json.dumps(contradicting))
+        with pytest.raises(BundleError, match=f"vocab fields contradict the layout: {field}"):
+            Bundle(copy, check_hashes=False)
+
+
+def test_settings_merge_over_the_bundle_defaults(gen):
+    defaults = gen.bundle.sampling_defaults
+    merged = gen.settings({"temperature": 0.7}, top_k=5)
+    assert (merged.temperature, merged.top_k, merged.cfg) == (0.7, 5, defaults.cfg)
+    official = gen.settings({"semantic_temperature": 0.5, "topK": 3.0})  # the release's names; topK as float
+    assert (official.prologue_temperature, official.top_k, official.cfg) == (0.5, 3, defaults.cfg)
+    assert gen.settings() == defaults
+
+
+def test_every_error_is_a_prologue_error():
+    from prologue_export.runtime import ConfigError, PrologueError
+    from prologue_export.runtime.images import ImageError as ImgError
+
+    for error in (BundleError, InputError, ImgError, ConfigError):
+        assert issubclass(error, PrologueError)
+    assert issubclass(InputError, ValueError) and issubclass(BundleError, RuntimeError)
 
 
 def _cli(args, env=None):

@@ -262,3 +262,26 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
                *FAST, "steps=2", "ce_weight_visual=1.0"])
     assert rc == 2
     assert "was trained with another config (differs in: ce_weight_visual)" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_is_ten_plain_lines():
+    import io
+
+    from prologue_export.train.common import LineProgress, progress
+
+    log = io.StringIO()
+    bar = LineProgress(73, 0, "tokenizer", unit="img", file=log)
+    for _ in range(73):
+        bar.set_postfix({"loss": "0.5"})
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and "\r" not in log.getvalue()
+    assert lines[0].startswith("tokenizer: 8/73 (10%)") and lines[-1].startswith("tokenizer: 73/73 (100%)")
+    assert "loss=0.5" in lines[-1]
+    resumed = LineProgress(100, 50, "ar", file=io.StringIO())  # a resumed run starts at its step
+    resumed.update(5)
+    assert resumed.file.getvalue() == ""
+    resumed.update(5)
+    assert resumed.file.getvalue().startswith("ar: 60/100 (60%)")
+    assert isinstance(progress(10, 0, True, "x"), LineProgress)  # pytest's stderr is not a terminal

@@ -295,11 +295,50 @@ class MetricsLog:
             self.fh.close()
 
 
-def progress(total: int, initial: int, enabled: bool, desc: str):
+def progress(total: int, initial: int, enabled: bool, desc: str, unit: str = "it"):
+    """A tqdm bar on a terminal; where stderr is a pipe or a log file, `LineProgress` instead
+    (tqdm redraws with carriage returns, which a log keeps as one long line of updates)."""
     from tqdm.auto import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(total, initial, desc, unit)
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
-                file=sys.stderr, mininterval=1.0)
+                file=sys.stderr, mininterval=1.0, unit=unit)
+
+
+class LineProgress:
+    """Progress for logs: one plain line each time another tenth of the work is done (the
+    tqdm calls the training loops make: `update`, `set_postfix`, `n`, `refresh`, `close`)."""
+
+    PARTS = 10
+
+    def __init__(self, total: int, initial: int, desc: str, unit: str = "it", file=None):
+        self.total, self.n, self.desc, self.unit = max(1, int(total)), int(initial), desc, unit
+        self.file = file if file is not None else sys.stderr
+        self.postfix, self.t0, self.n0 = "", time.perf_counter(), int(initial)
+        self.shown = self._part()
+
+    def _part(self) -> int:
+        return min(self.PARTS, self.n * self.PARTS // self.total)
+
+    def update(self, k: int = 1) -> None:
+        self.n += int(k)
+        self.refresh()
+
+    def set_postfix(self, values: dict, refresh: bool = False) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def refresh(self) -> None:
+        if self._part() > self.shown:
+            self.shown = self._part()
+            elapsed = time.perf_counter() - self.t0
+            rate = (self.n - self.n0) / elapsed if elapsed > 0 else 0.0
+            extra = f", {self.postfix}" if self.postfix else ""
+            print(f"{self.desc}: {self.n}/{self.total} ({100 * self.n // self.total}%), {elapsed:.0f} s, "
+                  f"{rate:.3g} {self.unit}/s{extra}", file=self.file, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
