@@ -15,11 +15,10 @@ from __future__ import annotations
 import typing
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ARConfig, VocabLayout
-from .layers import Transformer, rope_table, sequence_positions
+from .layers import Transformer, init_trunc_normal_, rope_table, sequence_positions
 
 
 def build_logit_mask(vocab: VocabLayout) -> torch.Tensor:
@@ -49,12 +48,21 @@ class ARModel(nn.Module):
         self.transformer = Transformer(
             cfg.dim, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio, cond_dim=cfg.cond_dim,
             cond_classes=num_classes + 1, bias=False, output_dim=V, output_bias=False, dropout=cfg.dropout,
+            emb_dropout=cfg.emb_dropout,  # on [BOS ; tokens] and on the condition (models.py:564-569)
+            zero_out=False,  # AR `out`: trunc_normal 0.02, unscaled, no bias (ar/_defaults.yaml:30, 35)
         )
         T = vocab.seq_len  # BOS + T-1 tokens occupy positions 0 .. T-1
         cos, sin = rope_table(sequence_positions(T, axis=0), cfg.rope_axes, torch.full((T,), cfg.rope_theta, device="cpu"))
         self.register_buffer("rope_cos", cos, persistent=False)  # [T, d/2]
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("logit_mask", build_logit_mask(vocab), persistent=False)  # [T, V]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """`bos_emb` / `semantic_emb` drawn trunc_normal(0.02), overriding nn.Embedding's N(0, 1)
+        (models.py:931-935); the Transformer initialises itself (OFFICIAL_TRAINING.md §5)."""
+        init_trunc_normal_(self.class_emb.weight)  # models.py:931-932
+        init_trunc_normal_(self.token_emb.weight)  # models.py:934-935
 
     @property
     def null_class(self) -> int:
@@ -117,8 +125,7 @@ class ARModel(nn.Module):
     ) -> torch.Tensor:
         """Teacher-forced logits `[B, L, V]`: position t predicts `seq[:, t]` (no logit mask)."""
         e = self.input_embeddings(seq, class_ids, prologue_onehot, drop_visual_inputs)
-        e = F.dropout(e, self.cfg.emb_dropout, self.training)
-        L = e.shape[1]
+        L = e.shape[1]  # emb_dropout (inputs, then condition) is applied inside the Transformer
         return self.transformer(e, self.rope_cos[:L], self.rope_sin[:L], causal=True)
 
     def logits(self, seq: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,38 @@ from torch import nn
 from .config import ffn_hidden
 
 
+# ---------------------------------------------------------------------------------------------
+# Initialisation (OFFICIAL_TRAINING.md §5). Release = github.com/Zyriix/prologue @ 3b6db41.
+# Each module initialises the parameters it owns directly, from its constructor, so every
+# construction path (PrologueModel, a bare ARModel / Tokenizer / Transformer) starts from the
+# release's distribution. All of it works on the meta device (nothing is drawn there), so
+# `load_checkpoint`'s meta construction + assign is unaffected.
+
+INIT_STD = 0.02  # the release's `trunc_normal` init (models.py:23-31)
+GATE_SCALE = 1e-5  # `init_weight=1e-5` of gates and adaLN affines (models.py:59, 287, 302)
+
+
+@torch.no_grad()
+def init_trunc_normal_(tensor: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`trunc_normal_(std=0.02)` with PyTorch's absolute bounds (-2, 2) = +-100 sigma, times `scale`
+    (the release's `Linear` multiplies the draw by `init_weight`, models.py:30-40)."""
+    nn.init.trunc_normal_(tensor, mean=0.0, std=INIT_STD, a=-2.0, b=2.0)
+    if scale != 1.0:
+        tensor.mul_(scale)
+    return tensor
+
+
+@torch.no_grad()
+def init_linear_(linear: typing.Optional[nn.Linear], scale: float = 1.0) -> None:
+    """The release's `Linear` (models.py:33-40): W ~ trunc_normal(0, 0.02) * init_weight; the bias
+    is drawn and multiplied by `init_bias = 0`, i.e. exactly zero (models.py:40)."""
+    if linear is None:
+        return
+    init_trunc_normal_(linear.weight, scale)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
 def rms(x: torch.Tensor) -> torch.Tensor:
     """`x / max(||x||, 1e-12) * sqrt(n)` over the last axis, in float32, cast back.
 
@@ -35,7 +67,12 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)  # plain RMS-norm weight = 0, scale 1 + w = 1 (models.py:61)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms(x) * (1 + self.weight)
@@ -47,6 +84,11 @@ class AdaRMSNorm(nn.Module):
     def __init__(self, dim: int, cond_dim: int):
         super().__init__()
         self.affine = nn.Linear(cond_dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # `Linear(cond_dim, dim, init_weight=1e-5)`: scale 1 + A c + a starts at ~1 (models.py:59, bias 0 :40)
+        init_linear_(self.affine, GATE_SCALE)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return rms(x) * (1 + self.affine(cond))
@@ -59,6 +101,12 @@ class GeGLU(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_linear_(self.fc1)  # models.py:175
+        # out_value = 1: every released layer is `cond_based_affine` (use_label: True), models.py:177, 283
+        init_linear_(self.fc2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u, v = self.fc1(h).chunk(2, dim=-1)
@@ -127,6 +175,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim, bias=out_bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_linear_(self.to_q)  # models.py:211
+        init_linear_(self.to_kv)  # models.py:212
+        init_linear_(self.proj)  # models.py:214 (out_value = 1, :283)
+        # q_norm / k_norm: RMSNorm weights 0 (models.py:207-208, :61), set by RMSNorm itself
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Post-norm, post-RoPE q, k and v, each `[B, H, L, d]`."""
@@ -158,6 +213,13 @@ class Block(nn.Module):
         self.adaln_mlp = AdaRMSNorm(dim, cond_dim)
         self.ffn = GeGLU(dim, hidden, bias=bias)
         self.gate_mlp = nn.Linear(cond_dim, dim, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # gates `Linear(cond_dim, dim, init_weight=1e-5)`: each residual branch starts ~off, so the
+        # block starts as (almost) the identity (models.py:287, 302; biases 0, :40)
+        init_linear_(self.gate1, GATE_SCALE)
+        init_linear_(self.gate_mlp, GATE_SCALE)
 
     def forward(self, x, cond, cos, sin, causal: bool = False):
         attn = self.attn1(self.adaln_1(x, cond), cos, sin, causal)
@@ -210,16 +272,20 @@ class Transformer(nn.Module):
         output_dim: typing.Optional[int] = None,
         output_bias: bool = False,
         dropout: float = 0.0,
+        emb_dropout: float = 0.0,
+        zero_out: bool = False,
     ):
         super().__init__()
         self.dim = dim
         self.cond_classes = cond_classes
+        self.emb_dropout = emb_dropout  # inputs and condition embedding (training only, models.py:564-569)
+        self.zero_out = zero_out  # output layer drawn x 1e-5 (decoder: True; AR: False), models.py:396
         hidden = ffn_hidden(dim, mlp_ratio)
         self.cond_proj = nn.Sequential(
             nn.Linear(cond_classes, cond_dim), RMSNorm(cond_dim), nn.GELU(approximate="tanh")
         )
         self.input_layer = nn.Linear(input_dim, dim) if input_dim is not None else None
-        self.learnable_query = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02) if num_queries else None
+        self.learnable_query = nn.Parameter(torch.empty(1, num_queries, dim)) if num_queries else None
         self.layers = nn.ModuleList(Block(dim, heads, hidden, cond_dim, bias, dropout) for _ in range(layers))
         if output_dim is not None:
             self.out_norm = AdaRMSNorm(dim, cond_dim)
@@ -227,13 +293,38 @@ class Transformer(nn.Module):
         else:
             self.out_norm = None
             self.out = None
+        self.reset_parameters()
 
-    def null_condition(self) -> torch.Tensor:
-        """Condition vector of the null class, `[1, 1, C]` (every released model uses only this)."""
+    def reset_parameters(self) -> None:
+        """The parameters this wrapper owns directly (layers and norms initialise themselves)."""
+        init_linear_(self.cond_proj[0])  # cond_proj.0: trunc_normal 0.02, bias 0 (models.py:407, :40)
+        # cond_proj.1 (plain RMS norm, weight 0) and out_norm (adaLN x 1e-5) initialise themselves
+        init_linear_(self.input_layer)  # models.py:437, bias 0
+        if self.learnable_query is not None:
+            init_trunc_normal_(self.learnable_query)  # models.py:439-440
+        # output layer: `Linear(dim, out, init_weight=1e-5 if zero_out else 1)`, bias 0 (models.py:396, 404)
+        init_linear_(self.out, GATE_SCALE if self.zero_out else 1.0)
+
+    def _null_onehot(self) -> torch.Tensor:
         weight = self.cond_proj[0].weight
         onehot = torch.zeros(1, 1, self.cond_classes, device=weight.device, dtype=weight.dtype)
         onehot[..., -1] = 1.0
-        return self.cond_proj(onehot)
+        return onehot
+
+    def null_condition(self) -> torch.Tensor:
+        """Condition vector of the null class, `[1, 1, C]` (every released model uses only this)."""
+        return self.cond_proj(self._null_onehot())
+
+    def condition(self, batch: int) -> torch.Tensor:
+        """The condition for a training or inference forward: `[1, 1, C]`, or, in training with
+        `emb_dropout > 0`, `[batch, 1, C]` with the release's per-sample dropout on the
+        condition embedding right after `cond_proj`'s Linear, before its RMS norm and GELU
+        (models.py:566-569; OFFICIAL_TRAINING.md §4)."""
+        if not (self.training and self.emb_dropout > 0):
+            return self.null_condition()
+        linear, norm, act = self.cond_proj
+        h = linear(self._null_onehot()).expand(batch, -1, -1)  # [B, 1, C]
+        return act(norm(F.dropout(h, self.emb_dropout, True)))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         e = self.input_layer(x) if self.input_layer is not None else x
@@ -248,8 +339,9 @@ class Transformer(nn.Module):
         return e
 
     def forward(self, x, cos, sin, causal: bool = False) -> torch.Tensor:
-        cond = self.null_condition()
-        e = self.embed(x)
+        # order as the release: input dropout (models.py:564), then the condition's (:566-569)
+        e = F.dropout(self.embed(x), self.emb_dropout, self.training) if self.emb_dropout > 0 else self.embed(x)
+        cond = self.condition(e.shape[0])
         for layer in self.layers:
             e = layer(e, cond, cos, sin, causal)
         return self.head(e, cond)

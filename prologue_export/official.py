@@ -168,7 +168,10 @@ def _check_supported(rc: dict, with_ar: bool) -> None:
     enc = rc.get("Encoder", {})
     if not rc.get("Prologue", False) and enc.get("context_type") == "concat":
         raise OfficialImportError("the 1-D baseline tokenizer (`1d-tokenizer`) is not supported by this package")
-    if rc.get("share_semantic_codebook", False):
+    # The release reads this flag only when `Prologue` is true (`Prologue and not
+    # share_semantic_codebook`, models.py:710, 717, 862, 906): the 2d / 1d configs ship it as
+    # True, and it changes nothing there.
+    if rc.get("Prologue", False) and rc.get("share_semantic_codebook", False):
         raise OfficialImportError("unsupported official config: share_semantic_codebook = True")
     if with_ar:
         a = rc.get("ARModel", {})

@@ -11,6 +11,7 @@ The decoder sees only the visual codes.
 
 from __future__ import annotations
 
+import contextlib
 import typing
 
 import torch
@@ -19,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import TokenizerConfig
-from .layers import Transformer, grid_positions, rope_table, sequence_positions
+from .layers import Transformer, grid_positions, init_linear_, rope_table, sequence_positions
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -45,26 +46,50 @@ def uint8_to_images(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def fp32_island(device: torch.device):
+    """Autocast disabled for `device` (the release's `@autocast("cuda", enabled=False)` on the
+    quantizers, models.py:1271, 1333, 1348; OFFICIAL_TRAINING.md §2.6), so that with the inputs cast
+    to float32 every op runs in float32. A no-op context when autocast is off (export, plain fp32)."""
+    kind = device.type
+    if kind in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
+
+
 class CosineQuantizer(nn.Module):
     """Cosine-similarity codebook lookup: `argmax(normalize(h W^T + b) . normalize(E_k))`.
 
-    As the release's quantizers, both sides are L2-normalised; codes are normalised rows.
+    As the release's quantizers, both sides are L2-normalised; codes are normalised rows. Every
+    computation (projection, normalisation, cosine logits, softmax, straight-through) runs in
+    float32 with autocast disabled (`fp32_island`), as the release's (models.py:1271-1331).
     """
 
     def __init__(self, dim: int, code_dim: int, codebook_size: int):
         super().__init__()
         self.proj_in = nn.Linear(dim, code_dim)
         self.embedding = nn.Embedding(codebook_size, code_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_linear_(self.proj_in)  # trunc_normal 0.02, bias 0 (models.py:1190, :40)
+        # `codebook_init: simvq`: N(0, z_dim^-1/2 squared), untruncated (models.py:1222-1223;
+        # tokenizer/default.yaml:52, prologue.yaml:29)
+        with torch.no_grad():
+            nn.init.normal_(self.embedding.weight, mean=0.0, std=self.embedding.weight.shape[1] ** -0.5)
 
     def latents(self, h: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj_in(h).float(), dim=-1, eps=1e-12)  # [B, L, z]
+        with fp32_island(h.device):
+            return F.normalize(self.proj_in(h.float()), dim=-1, eps=1e-12)  # [B, L, z]
 
     def codebook(self) -> torch.Tensor:
-        return F.normalize(self.embedding.weight.float(), dim=-1, eps=1e-12)  # [K, z]
+        weight = self.embedding.weight
+        with fp32_island(weight.device):
+            return F.normalize(weight.float(), dim=-1, eps=1e-12)  # [K, z]
 
     def cosine_logits(self, h: torch.Tensor) -> typing.Tuple[torch.Tensor, torch.Tensor]:
         z = self.latents(h)
-        return z, z @ self.codebook().t()  # [B, L, z], [B, L, K]
+        with fp32_island(h.device):
+            return z, z @ self.codebook().t()  # [B, L, z], [B, L, K]
 
     def ids(self, h: torch.Tensor) -> torch.Tensor:
         return self.cosine_logits(h)[1].argmax(dim=-1)  # [B, L] (first index on ties)
@@ -77,22 +102,24 @@ class VisualQuantizer(CosineQuantizer):
     """Visual codes with a straight-through estimator and the VQ loss (training path)."""
 
     def forward(self, h: torch.Tensor, beta: float) -> typing.Dict[str, torch.Tensor]:
-        z, logits = self.cosine_logits(h)
-        ids = logits.argmax(dim=-1)
-        code = self.codes(ids)
-        vq_loss = beta * F.mse_loss(z, code.detach()) + F.mse_loss(code, z.detach())
-        return {"quantized": z + (code - z).detach(), "ids": ids, "vq_loss": vq_loss}
+        with fp32_island(h.device):
+            z, logits = self.cosine_logits(h)
+            ids = logits.argmax(dim=-1)
+            code = self.codes(ids)
+            vq_loss = beta * F.mse_loss(z, code.detach()) + F.mse_loss(code, z.detach())
+            return {"quantized": z + (code - z).detach(), "ids": ids, "vq_loss": vq_loss}
 
 
 class PrologueQuantizer(CosineQuantizer):
     """Prologue codes as a straight-through one-hot over a temperature softmax (training path)."""
 
     def forward(self, h: torch.Tensor, temperature: float) -> typing.Dict[str, torch.Tensor]:
-        _, logits = self.cosine_logits(h)
-        ids = logits.argmax(dim=-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        onehot = F.one_hot(ids, logits.shape[-1]).to(probs.dtype)
-        return {"onehot": probs + (onehot - probs).detach(), "ids": ids, "logits": logits}
+        with fp32_island(h.device):
+            _, logits = self.cosine_logits(h)
+            ids = logits.argmax(dim=-1)
+            probs = torch.softmax(logits / temperature, dim=-1)
+            onehot = F.one_hot(ids, logits.shape[-1]).to(probs.dtype)
+            return {"onehot": probs + (onehot - probs).detach(), "ids": ids, "logits": logits}
 
 
 class Tokenizer(nn.Module):
@@ -122,7 +149,9 @@ class Tokenizer(nn.Module):
             self.prologue_quantizer = PrologueQuantizer(source_dim, cfg.code_dim, cfg.prologue_codebook_size)
         self.decoder = Transformer(
             cfg.decoder.dim, cfg.decoder.layers, cfg.decoder.heads,
-            input_dim=cfg.code_dim, output_dim=cfg.patch_dim, output_bias=True, **common,
+            input_dim=cfg.code_dim, output_dim=cfg.patch_dim, output_bias=True,
+            zero_out=True,  # `dec.out` x 1e-5: near-zero output at init (models.py:396, 404; tokenizer/default.yaml:81)
+            **common,
         )
 
         # RoPE tables: grid tokens (row, col, 0) with the grid theta, queries (0, 0, j) with the

@@ -64,8 +64,10 @@ class SamplingConfig:
 
     Split ("segmented") CFG is on when `prologue_cfg_schedule` or `visual_cfg_schedule` is set:
     prologue steps use the prologue schedule, EOS and visual steps the visual one. Otherwise the
-    whole-sequence schedule `cfg_schedule` with scale `cfg` applies. Scales of a segment that are
-    unset fall back to `cfg`; its power falls back to `cfg_power`.
+    whole-sequence schedule `cfg_schedule` with scale `cfg` applies. In split mode a segment
+    whose schedule is unset is `constant` (the release's `semantic_cfg_schedule or 'constant'`,
+    `models.py:1068, 1074`; `cfg_schedule` is never consulted there); scales of a segment that
+    are unset fall back to `cfg`; its power falls back to `cfg_power`.
     """
 
     cfg: float = 2.0
@@ -208,12 +210,12 @@ def cfg_scale_at(step: int, settings: "SamplingConfig", vocab: "VocabLayout") ->
     T, Z = vocab.seq_len, vocab.num_prologue_tokens
     if settings.segmented:
         if step < Z:
-            schedule = settings.prologue_cfg_schedule or settings.cfg_schedule
+            schedule = settings.prologue_cfg_schedule or "constant"  # release models.py:1068
             scale = _or(settings.prologue_cfg_scale, settings.cfg)
             start, power = settings.prologue_cfg_start, _or(settings.prologue_cfg_power, settings.cfg_power)
             t = step / Z
         else:
-            schedule = settings.visual_cfg_schedule or settings.cfg_schedule
+            schedule = settings.visual_cfg_schedule or "constant"  # release models.py:1074
             scale = _or(settings.visual_cfg_scale, settings.cfg)
             start, power = settings.visual_cfg_start, _or(settings.visual_cfg_power, settings.cfg_power)
             t = (step - Z) / (T - Z)

@@ -1,6 +1,7 @@
 """Data layer: IDX parsing, Fashion-MNIST, folders, transforms and the step-indexed loader."""
 
 import gzip
+import math
 import struct
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ from PIL import Image
 
 from prologue_export.train.data import (
     ArrayDataset, DataError, FolderDataset, SyntheticDataset, epoch_permutation, fashion_mnist,
-    make_loader, read_idx, sample_rng, steps_per_epoch, ten_crop, to_model_input, train_transform,
+    adm_random_crop, make_loader, read_idx, sample_rng, steps_per_epoch, ten_crop, to_model_input, train_transform,
 )
 
 
@@ -143,8 +144,8 @@ def test_folder_dataset_skips_corrupt(tmp_path):
     assert Counter(ds.labels.tolist()) == {0: 2, 1: 4}
     broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.png")]
     assert ds[broken[0]] == (None, 1)
-    loader = make_loader(ds, 6, seed=0, num_workers=0, image_size=12, channels=3)
-    b = next(iter(loader))  # one step = the whole epoch
+    loader = make_loader(ds, 6, seed=0, num_workers=0, image_size=12, channels=3, flip=False)
+    b = next(iter(loader))  # one step = the whole (undoubled) epoch
     assert b["skipped"] == 1 and b["images"].shape == (5, 3, 12, 12)
     assert b["images"].dtype == torch.uint8 and sorted(b["labels"].tolist()) == [0, 0, 1, 1, 1]
 
@@ -188,13 +189,60 @@ def test_train_transform_exact():
     gray = train_transform(a, 8, 1, np.random.default_rng(0), crop="center", flip=False)
     luma = np.asarray(Image.fromarray(a.transpose(1, 2, 0)).convert("L"))
     np.testing.assert_array_equal(gray[0], luma)
-    flips = {train_transform(a, 8, 3, np.random.default_rng(s), crop="center").tobytes()
+    # legacy coin flip (flip=True) and the deterministic mirror of the doubled data set
+    flips = {train_transform(a, 8, 3, np.random.default_rng(s), crop="center", flip=True).tobytes()
              for s in range(16)}
     assert flips == {a.tobytes(), np.ascontiguousarray(a[:, :, ::-1]).tobytes()}
-    # random crop of a round(1.1 * 8) = 9 pixel image: one of the 4 placements
-    b = np.random.default_rng(1).integers(0, 256, (1, 9, 9), dtype=np.uint8)
-    out = train_transform(b, 8, 1, np.random.default_rng(3), flip=False)
-    assert any((out == b[:, t:t + 8, l:l + 8]).all() for t in (0, 1) for l in (0, 1))
+    mirrored = train_transform(a, 8, 3, np.random.default_rng(0), crop="center", mirror=True)
+    np.testing.assert_array_equal(mirrored, a[:, :, ::-1])
+    # the default draws no flip at all
+    assert {train_transform(a, 8, 3, np.random.default_rng(s), crop="center").tobytes()
+            for s in range(8)} == {a.tobytes()}
+
+
+def adm_reference(img, S, rng):
+    """OFFICIAL_TRAINING §2.2 step by step: (side s, resized image, top, left)."""
+    s = int(rng.integers(S, math.ceil(S / 0.8) + 1))
+    while min(img.size) >= 2 * s:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.Resampling.BOX)
+    k = s / min(img.size)
+    img = img.resize((round(img.size[0] * k), round(img.size[1] * k)), resample=Image.Resampling.BICUBIC)
+    top = int(rng.integers(0, img.size[1] - S + 1))
+    left = int(rng.integers(0, img.size[0] - S + 1))
+    return s, img, top, left
+
+
+def test_adm_random_crop_sizes_offsets_and_exact_pixels():
+    S = 16  # sides drawn from [16, ceil(16 / 0.8)] = [16, 20]
+    src = np.random.default_rng(0).integers(0, 256, (97, 150, 3), dtype=np.uint8)  # H 97, W 150
+    img = Image.fromarray(src)
+    sides, tops, lefts = set(), set(), set()
+    for seed in range(400):
+        s, ref, top, left = adm_reference(img, S, np.random.default_rng(seed))
+        resized, t, l = adm_random_crop(img, S, np.random.default_rng(seed))
+        assert resized.size == ref.size and (t, l) == (top, left)
+        np.testing.assert_array_equal(np.asarray(resized), np.asarray(ref))
+        w, h = resized.size
+        assert min(w, h) == s and 16 <= s <= 20
+        # box-halved while the shorter side >= 2 s (32..40): 150x97 -> 75x48 -> 37x24, then bicubic
+        assert (w, h) == (round(37 * s / 24), s)
+        assert 0 <= t <= h - S and 0 <= l <= w - S
+        sides.add(s)
+        tops.add(t)
+        lefts.add(l)
+        out = train_transform(img, S, 3, np.random.default_rng(seed))
+        np.testing.assert_array_equal(out, np.asarray(ref).transpose(2, 0, 1)[:, top:top + S, left:left + S])
+        mir = train_transform(img, S, 3, np.random.default_rng(seed), mirror=True)
+        np.testing.assert_array_equal(mir, out[:, :, ::-1])
+    assert sides == set(range(16, 21))  # every side of the inclusive range is drawn
+    assert tops == set(range(0, 5))  # h = s in 16..20 -> top in [0, 4]
+    assert min(lefts) == 0 and max(lefts) <= round(37 * 20 / 24) - S and len(lefts) >= 12  # [0, 15]
+    # the released geometry: S = 256 draws sides 256..320
+    assert (math.ceil(256 / 1.0), math.ceil(256 / 0.8)) == (256, 320)
+    # an already-small image is upscaled (no halving) to the drawn side
+    small = Image.fromarray(src[:20, :30])
+    resized, _, _ = adm_random_crop(small, S, np.random.default_rng(1))
+    assert min(resized.size) in range(16, 21) and resized.size[1] == min(resized.size)
 
 
 def test_ten_crop():
@@ -218,7 +266,7 @@ def test_ten_crop():
 def test_loader_follows_spec():
     ds = random_gray(n=10)
     G, seed = 4, 7
-    b = batches(make_loader(ds, G, seed=seed, num_workers=0, image_size=8, channels=1), 4)
+    b = batches(make_loader(ds, G, seed=seed, num_workers=0, image_size=8, channels=1, flip=False), 4)
     perm0, perm1 = epoch_permutation(seed, 0, 10), epoch_permutation(seed, 1, 10)
     assert [x["step"] for x in b] == [0, 1, 2, 3]
     assert b[0]["labels"].tolist() == ds.labels[perm0[:4]].tolist()
@@ -229,7 +277,7 @@ def test_loader_follows_spec():
     np.testing.assert_array_equal(b[2]["images"].numpy(), expect)
     # drop_last=False: epochs concatenate whole, a batch may straddle two
     c = batches(make_loader(ds, G, seed=seed, num_workers=0, image_size=8, channels=1,
-                            drop_last=False), 3)
+                            drop_last=False, flip=False), 3)
     assert c[2]["labels"].tolist() == ds.labels[np.r_[perm0[8:], perm1[:2]]].tolist()
     assert steps_per_epoch(ds, G) == 2
 
@@ -274,7 +322,57 @@ def test_workers_match_in_process():
 
 def test_loader_rejects_tiny_dataset():
     with pytest.raises(DataError, match="fewer than one global batch"):
-        make_loader(random_gray(n=3), 4, seed=0, num_workers=0, image_size=8, channels=1)
+        make_loader(random_gray(n=3), 4, seed=0, num_workers=0, image_size=8, channels=1, flip=False)
+    with pytest.raises(DataError, match="fewer than one global batch"):  # doubled: 2 x 1 < 4
+        make_loader(random_gray(n=1), 4, seed=0, num_workers=0, image_size=8, channels=1)
+    make_loader(random_gray(n=2), 4, seed=0, num_workers=0, image_size=8, channels=1)  # 2 x 2 >= 4
+
+
+def test_doubled_dataset_plain_and_mirrored_once_per_epoch():
+    n, G, seed = 10, 4, 7
+    ds = random_gray(n=n)
+    ds.labels[:] = np.arange(n)  # label = image index, to identify samples
+    k = steps_per_epoch(ds, G, doubled=True)
+    assert k == 2 * n // G == 5 and steps_per_epoch(ds, G) == 2
+    b = batches(make_loader(ds, G, seed=seed, num_workers=0, image_size=8, channels=1), 2 * k)
+    perm0 = epoch_permutation(seed, 0, 2 * n)  # the sampler runs over 2N indices
+    for e in range(2):
+        perm = epoch_permutation(seed, e, 2 * n)
+        ids = [i for step in range(k) for i in perm[step * G:(step + 1) * G]]
+        assert sorted(ids) == list(range(2 * n))  # 20 = 2N: no tail dropped here
+        got = []
+        for step in range(e * k, (e + 1) * k):
+            x = b[step]
+            assert x["step"] == step
+            for p in range(G):
+                idx = int(perm[(step - e * k) * G + p])
+                mirror, img = idx >= n, idx % n
+                assert int(x["labels"][p]) == img
+                want = train_transform(ds.images[img], 8, 1, sample_rng(seed, step, p), mirror=mirror)
+                np.testing.assert_array_equal(x["images"][p].numpy(), want)
+                got.append((img, mirror))
+        # each image exactly once plain and once mirrored per epoch of 2N
+        assert sorted(got) == sorted((i, m) for i in range(n) for m in (False, True))
+    assert [int(v) for v in b[0]["labels"]] == [int(i) % n for i in perm0[:G]]
+
+
+def test_doubled_loader_deterministic_resumable_world_size_independent():
+    ds = SyntheticDataset(12, 20, 3, 4, seed=2)
+    kw = dict(seed=9, num_workers=0, image_size=16, channels=3)
+    a = batches(make_loader(ds, 6, **kw), 8)
+    again = batches(make_loader(ds, 6, **kw), 8)
+    resumed = batches(make_loader(ds, 6, start_step=5, **kw), 3)
+    r0 = batches(make_loader(ds, 6, rank=0, world_size=3, **kw), 8)
+    r1 = batches(make_loader(ds, 6, rank=1, world_size=3, **kw), 8)
+    r2 = batches(make_loader(ds, 6, rank=2, world_size=3, **kw), 8)
+    for i in range(8):
+        assert_same(a[i], again[i])
+        assert torch.equal(torch.cat([r0[i]["images"], r1[i]["images"], r2[i]["images"]]), a[i]["images"])
+    for x, y in zip(a[5:], resumed):
+        assert_same(x, y)
+    workers = batches(make_loader(ds, 6, **{**kw, "num_workers": 2}), 8)
+    for x, y in zip(a, workers):
+        assert_same(x, y)
 
 
 # ----------------------------------------------------------------------------- misc

@@ -10,12 +10,15 @@ from torch import nn
 
 from prologue_export.train.losses import (
     VGG16_CONV_LAYERS,
+    ConvNeXtPerceptualLoss,
     GANLoss,
     PatchDiscriminator,
     PerceptualLoss,
+    PerceptualWeightsError,
     diff_augment,
     load_perceptual,
 )
+from prologue_export.runtime.errors import PrologueError
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -67,8 +70,13 @@ def test_discriminator_init_and_batch1_eval():
     bns = [m for m in d.modules() if isinstance(m, nn.BatchNorm2d)]
     assert abs(convs[1].weight.std().item() - 0.02) < 0.002
     assert abs(bns[-1].weight.mean().item() - 1.0) < 0.005
-    assert all(m.bias is None or m.bias.abs().max() == 0 for m in convs)
+    # conv biases (first and last conv only) keep PyTorch's default U(+-1/sqrt(fan_in))
+    # (release model_gan.py:98-103 re-initialises weights only)
+    assert [m.bias is not None for m in convs] == [True, False, False, False, True]
+    assert 0 < convs[0].bias.abs().max() <= 1 / (3 * 16) ** 0.5
+    assert 0 < convs[-1].bias.abs().max() <= 1 / (512 * 16) ** 0.5
     assert all(m.bias.abs().max() == 0 for m in bns)
+    assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in bns)
     gan = GANLoss(in_channels=3).eval()
     with torch.no_grad():
         out = gan.discriminator_loss(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
@@ -87,6 +95,7 @@ def test_gan_state_dict_matches_official_table(reference_dir):
     table = json.loads((reference_dir / "official_keys" / "prologue-b-tokenizer.json").read_text())
     keys = table["files"]["model_4.safetensors"]["keys"]
     sd = GANLoss(in_channels=3).state_dict()
+    assert sd.pop("d_updates").dtype == torch.int64  # ours: the R1 cadence counter
     assert set(sd) == set(keys)
     for k, meta in keys.items():
         assert list(sd[k].shape) == meta["shape"], k
@@ -114,7 +123,7 @@ def test_vanilla_and_hinge_match_hand_computation():
 
     gan = stub_gan(FirstChannel(), loss="hinge", lecam_weight=0.0, r1_weight=0.0)
     out = gan.discriminator_loss(real, fake)
-    want = torch.clamp(1 - lr, min=0).mean() + torch.clamp(1 + lf, min=0).mean()
+    want = 0.5 * (torch.clamp(1 - lr, min=0).mean() + torch.clamp(1 + lf, min=0).mean())  # model_gan.py:988-991
     torch.testing.assert_close(out["d_loss"], want)
     torch.testing.assert_close(gan.generator_loss(fake), -lf.mean())
 
@@ -139,17 +148,21 @@ def test_lecam_regulariser_and_ema_update():
     real, fake = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
     lr, lf = real[:, :1], fake[:, :1]
     out = gan.discriminator_loss(real, fake)
-    want = w * (F.relu(lr - (-0.1)).pow(2).mean() + F.relu(0.2 - lf).pow(2).mean())
+    # the EMAs are updated with this batch first, then used (model_gan.py:1177-1178)
+    e_r = decay * 0.2 + (1 - decay) * lr.mean()
+    e_f = decay * -0.1 + (1 - decay) * lf.mean()
+    torch.testing.assert_close(gan.lecam_ema.logits_real_ema, e_r)
+    torch.testing.assert_close(gan.lecam_ema.logits_fake_ema, e_f)
+    want = w * (F.relu(lr - e_f).pow(2).mean() + F.relu(e_r - lf).pow(2).mean())
     torch.testing.assert_close(out["lecam"], want)
     torch.testing.assert_close(out["loss"], out["d_loss"] + want)
-    torch.testing.assert_close(gan.lecam_ema.logits_real_ema, decay * 0.2 + (1 - decay) * lr.mean())
-    torch.testing.assert_close(gan.lecam_ema.logits_fake_ema, decay * -0.1 + (1 - decay) * lf.mean())
     assert gan.lecam_ema.logits_real_ema.dtype == torch.float32
 
-    # eval mode: regulariser computed, EMAs untouched
+    # eval mode: regulariser computed with the stored EMAs, EMAs untouched
     gan.eval()
     before = gan.lecam_ema.logits_real_ema.clone(), gan.lecam_ema.logits_fake_ema.clone()
-    gan.discriminator_loss(real, fake)
+    out = gan.discriminator_loss(real, fake)
+    torch.testing.assert_close(out["lecam"], w * (F.relu(lr - e_f).pow(2).mean() + F.relu(e_r - lf).pow(2).mean()))
     assert torch.equal(gan.lecam_ema.logits_real_ema, before[0])
     assert torch.equal(gan.lecam_ema.logits_fake_ema, before[1])
 
@@ -157,10 +170,10 @@ def test_lecam_regulariser_and_ema_update():
 def test_r1_penalty():
     real, fake = torch.randn(2, 3, 5, 6), torch.randn(2, 3, 5, 6)
     # constant D: zero penalty
-    out = stub_gan(Constant(), r1_weight=1.0, lecam_weight=0.0).discriminator_loss(real, fake)
+    out = stub_gan(Constant(), r1_weight=1.0, r1_every=1, lecam_weight=0.0).discriminator_loss(real, fake)
     assert out["r1"] == 0
     # D(x) = s * x[:, :1]: grad of sum = s on channel 0 -> ||g||^2 = s^2 * H * W
-    gan = stub_gan(FirstChannel(), r1_weight=0.2, lecam_weight=0.0)
+    gan = stub_gan(FirstChannel(), r1_weight=0.2, r1_every=1, lecam_weight=0.0)
     with torch.no_grad():
         gan.discriminator.scale.fill_(1.5)
     out = gan.discriminator_loss(real, fake)
@@ -168,7 +181,7 @@ def test_r1_penalty():
     (g,) = torch.autograd.grad(out["r1"], gan.discriminator.scale)
     torch.testing.assert_close(g, torch.tensor(0.1 * 2 * 1.5 * 30))  # create_graph -> trainable
     # real discriminator: positive penalty with gradients on every D parameter
-    gan = GANLoss(in_channels=3, r1_weight=1.0, lecam_weight=0.0, aug_prob=0.0).train()
+    gan = GANLoss(in_channels=3, r1_weight=1.0, r1_every=1, lecam_weight=0.0, aug_prob=0.0).train()
     out = gan.discriminator_loss(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
     assert out["r1"] > 0
     grads = torch.autograd.grad(out["r1"], list(gan.discriminator.parameters()), allow_unused=True)
@@ -223,9 +236,10 @@ def test_augmentation():
     g = torch.Generator().manual_seed(0)
     same = [torch.equal(half.augment(x, g), x) for _ in range(20)]
     assert 0 < sum(same) < 20
-    # in eval mode the loss does not augment
-    stub = stub_gan(FirstChannel(), aug_prob=1.0, lecam_weight=0.0, r1_weight=0.0).eval()
+    # the losses never augment (PatchGAN, as the release), whatever aug_prob says
+    stub = stub_gan(FirstChannel(), aug_prob=1.0, lecam_weight=0.0, r1_weight=0.0).train()
     torch.testing.assert_close(stub.generator_loss(x), F.softplus(-x[:, :1]).mean())
+    assert GANLoss(in_channels=3).aug_prob == 0.0
 
 
 # --------------------------------------------------------------------------- perceptual loss
@@ -306,9 +320,25 @@ def test_perceptual_bad_files(vgg_state, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="VGG16"):
         load_perceptual(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(PrologueError, match="nope.safetensors"):
+        load_perceptual(str(tmp_path / "nope.safetensors"))
     (tmp_path / "w.bin").write_bytes(b"x")
-    with pytest.raises(ValueError):
+    with pytest.raises(PerceptualWeightsError, match="w.bin"):
         load_perceptual(str(tmp_path / "w.bin"))
+    # a file of neither layout, a corrupt file, a wrong kind: PrologueErrors naming the file
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(PerceptualWeightsError, match=r"other\.safetensors.*neither"):
+        load_perceptual(tmp_path / "other.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PerceptualWeightsError, match=r"broken\.safetensors"):
+        load_perceptual(tmp_path / "broken.safetensors")
+    with pytest.raises(PerceptualWeightsError, match=r"missing\.safetensors"):
+        load_perceptual(tmp_path / "missing.safetensors")
+    save_file(vgg_state, str(tmp_path / "vgg.safetensors"))
+    with pytest.raises(PerceptualWeightsError, match=r"vgg\.safetensors.*ConvNeXt"):
+        load_perceptual(tmp_path / "vgg.safetensors", kind="convnext")
+    with pytest.raises(PerceptualWeightsError, match="kind"):
+        load_perceptual(tmp_path / "vgg.safetensors", kind="resnet")
     assert load_perceptual(None) is None
 
 
@@ -321,3 +351,86 @@ def test_perceptual_pt_file(vgg_state, tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError):
         load_perceptual(tmp_path / "list.pt")
+
+
+# ------------------------------------------------------------------- ConvNeXt perceptual loss
+
+TINY_DIMS, TINY_DEPTHS, TINY_CLASSES = (8, 16), (1, 2), 10
+
+
+def random_convnext_state(seed=0):
+    """A tiny stand-in with torchvision's ConvNeXt key names and random weights."""
+    torch.manual_seed(seed)
+    net = ConvNeXtPerceptualLoss(TINY_DIMS, TINY_DEPTHS, TINY_CLASSES)
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * (0.3 if k.endswith("layer_scale") else 0.2)
+            for k, v in net.state_dict().items()}
+
+
+def test_convnext_layout_is_torchvision_convnext_small():
+    keys = ConvNeXtPerceptualLoss().state_dict()
+    n = sum(v.numel() for v in keys.values())
+    assert n == 50_223_688  # torchvision convnext_small: 50.2M parameters
+    for k, shape in {"features.0.0.weight": (96, 3, 4, 4), "features.0.1.weight": (96,),
+                     "features.1.0.layer_scale": (96, 1, 1), "features.1.0.block.0.weight": (96, 1, 7, 7),
+                     "features.1.0.block.2.weight": (96,), "features.1.0.block.3.weight": (384, 96),
+                     "features.1.0.block.5.weight": (96, 384), "features.2.0.weight": (96,),
+                     "features.2.1.weight": (192, 96, 2, 2), "features.5.26.layer_scale": (384, 1, 1),
+                     "features.7.2.block.5.bias": (768,), "classifier.0.weight": (768,),
+                     "classifier.2.weight": (1000, 768)}.items():
+        assert tuple(keys[k].shape) == shape, k
+
+
+def test_convnext_perceptual(tmp_path):
+    sd = random_convnext_state()
+    path = tmp_path / "convnext_tiny_standin.safetensors"
+    save_file(sd, str(path))
+    p = load_perceptual(path)  # chosen by its keys
+    assert isinstance(p, ConvNeXtPerceptualLoss) and p.kind == "convnext"
+    assert p.dims == TINY_DIMS and p.depths == TINY_DEPTHS
+    assert not p.training and all(not q.requires_grad for q in p.parameters())
+    p.train()
+    assert not p.training
+    assert isinstance(load_perceptual(path, kind="convnext"), ConvNeXtPerceptualLoss)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert p.logits(x).shape == (2, TINY_CLASSES)
+    assert p(x, x).shape == (2,)
+    assert torch.equal(p(x, x), torch.zeros(2))
+    y = (x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    d = p(x, y)
+    assert (d > 0).all()
+    # hand computation: [-1,1] -> [0,1], antialiased bilinear 224, ImageNet norm, logit MSE
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def logits(z):
+        z = F.interpolate(z * 0.5 + 0.5, size=224, mode="bilinear", align_corners=False, antialias=True)
+        return p.classifier(p.avgpool(p.features((z - mean) / std)))
+
+    torch.testing.assert_close(d, (logits(x) - logits(y)).pow(2).mean(-1))
+    # gradients reach the reconstruction only
+    yr = y.clone().requires_grad_(True)
+    p(x, yr).sum().backward()
+    assert yr.grad is not None and yr.grad.abs().sum() > 0
+    # grey input is repeated to RGB
+    grey = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
+    torch.testing.assert_close(p(grey, -grey), p(grey.expand(-1, 3, -1, -1), -grey.expand(-1, 3, -1, -1)))
+
+
+def test_convnext_bad_files(tmp_path):
+    sd = random_convnext_state()
+    bad = dict(sd)
+    del bad["features.3.1.block.3.weight"]
+    save_file(bad, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(PerceptualWeightsError, match=r"cut\.safetensors.*features\.3\.1\.block\.3\.weight"):
+        load_perceptual(tmp_path / "cut.safetensors")
+    bad = dict(sd)
+    bad["classifier.0.bias"] = torch.zeros(7)
+    save_file(bad, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(PrologueError, match=r"shape\.safetensors.*classifier\.0\.bias"):
+        load_perceptual(tmp_path / "shape.safetensors")
+    save_file(sd, str(tmp_path / "cnx.safetensors"))
+    with pytest.raises(PerceptualWeightsError, match=r"cnx\.safetensors.*VGG16"):
+        load_perceptual(tmp_path / "cnx.safetensors", kind="vgg")

@@ -72,7 +72,8 @@ def train_ar(cfg: ARTrainConfig, tokens, out, resume: bool = False) -> Path:
     ar = ARModel(cfg.ar, vocab, model_cfg.num_classes)
     device = acc.device
     ar.to(device)
-    optimizer = common.make_optimizer(ar.parameters(), cfg.optim)
+    # AdamW, decay 0.03 with the release's exclusions (train_ar.py:611-632, `common.ar_no_decay`)
+    optimizer = common.make_optimizer(ar.named_parameters(), cfg.optim, no_decay=common.ar_no_decay)
     ema = EMA(ar, cfg.ema_halflife)
     modules, optimizers, emas = {"ar": ar}, {"ar": optimizer}, {"ar": ema}
     ckpt_dir = out / CHECKPOINT_DIR
@@ -89,6 +90,7 @@ def train_ar(cfg: ARTrainConfig, tokens, out, resume: bool = False) -> Path:
         for step in range(start, run.steps):
             seq, classes = batch_sequences(shards, sampler.batch(step), vocab, cfg.label_drop,
                                            model_cfg.null_class, run.seed)
+            # scheduler every step, horizon run.steps (train_ar.py:636-646); lr(0) = 0 with a warm-up
             lr = common.lr_at(step, run.steps, cfg.optim)
             common.set_lr(optimizer, lr)
             ar_fwd.train()
@@ -98,12 +100,16 @@ def train_ar(cfg: ARTrainConfig, tokens, out, resume: bool = False) -> Path:
                 s, c = seq[micro].to(device), classes[micro].to(device)
                 with common.no_sync_if(acc, [ar_fwd], i < run.grad_accum - 1), acc.autocast():
                     logits = ar_fwd(s, c)  # [b, T, V]
+                    # token mean over all B*T positions = per-sample sum / T, batch mean (train_ar.py:259)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), s.flatten())
                     acc.backward(loss / run.grad_accum)
                 total += float(loss.detach()) / run.grad_accum
+            # if lr > 0: clip to 1.0 and step; zero_grad; EMA only if that pre-step lr > 0, so step 0
+            # updates neither the weights nor the EMA (train_ar.py:261-276); no NaN/inf replacement
             grad_norm = common.clip_and_step(optimizer, list(ar.parameters()), cfg.optim.grad_clip, acc)
             optimizer.zero_grad(set_to_none=True)
-            ema.update(ar)
+            if lr > 0:
+                ema.update(ar)
             done = step + 1
             report.step_done(done, {"ce": total, "lr": lr, "grad_norm": grad_norm}, "ce")
             if main and report.due(done, run.image_every):

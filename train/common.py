@@ -81,23 +81,44 @@ def rank_slice(global_tensor: torch.Tensor, rank: int, world: int) -> torch.Tens
 # schedules and EMA
 
 
-def lr_at(step: int, total: int, opt) -> float:
-    """Linear warm-up to `lr`, flat for `flat_steps`, then linear decay to `lr_min` at `total`."""
-    if opt.warmup_steps and step < opt.warmup_steps:
-        return opt.lr * (step + 1) / opt.warmup_steps
-    decay_start = opt.warmup_steps + opt.flat_steps
-    if step < decay_start or total <= decay_start:
+def lr_at(k: int, total: int, opt) -> float:
+    """The release's `get_linear_schedule_with_warmup_peak` (utils.py:141-163; OFFICIAL_TRAINING
+    §2.12) at the optimizer's own call counter `k` (0-based): `lr * k / W` for `k < W`, `lr` for
+    `W <= k < W + P`, then linear to `lr_min` at `k = N` (`N = total`, the number of calls of this
+    optimizer; the last call, `k = N - 1`, is one decay step above `lr_min`). `lambda(0) = 0` when
+    there is a warm-up, so the first call runs at lr 0, and a call at lr 0 is skipped
+    (`clip_and_step`; train_tokenizer.py:742-752, train_ar.py:261-276)."""
+    W, P = opt.warmup_steps, opt.flat_steps
+    if W and k < W:
+        return opt.lr * k / W
+    if k < W + P or total <= W + P:
         return opt.lr
-    frac = min(1.0, (step - decay_start) / max(1, total - decay_start))
-    return opt.lr + (opt.lr_min - opt.lr) * frac
+    frac = min(1.0, (k - W - P) / (total - W - P))
+    return opt.lr_min + (opt.lr - opt.lr_min) * (1.0 - frac)
 
 
-def make_optimizer(params, opt) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # norms, biases, gains
-    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=opt.lr, betas=tuple(opt.betas))
+def ar_no_decay(name: str, param: torch.Tensor) -> bool:
+    """The AR optimizers' no-decay rule (train_tokenizer.py:288-296, train_ar.py:612-622;
+    OFFICIAL_TRAINING §2.11): 1-D parameters and every name containing `bias`, `norm` or `adaln`
+    (so adaLN affine *matrices* and `out_norm.affine` are excluded; gates, embeddings and the
+    output layer are decayed). `embedding_nowd` is False in every released config."""
+    return param.dim() < 2 or any(s in name for s in ("bias", "norm", "adaln"))
+
+
+def make_optimizer(named_params, opt, no_decay: typing.Optional[typing.Callable[[str, torch.Tensor], bool]] = None
+                   ) -> torch.optim.Optimizer:
+    """AdamW (eps 1e-8, decoupled decay) over `(name, parameter)` pairs that require grad.
+
+    no_decay None: one group decayed by `opt.weight_decay` (the release's encoder/decoder, wd 0,
+    and discriminator, wd 1e-4 on every parameter: train_tokenizer.py:286, 309, 310); a rule
+    `(name, p) -> bool` (e.g. `ar_no_decay`): a decay group and a no-decay group (wd 0)."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    if no_decay is None:
+        groups = [{"params": [p for _, p in named], "weight_decay": opt.weight_decay}]
+    else:
+        groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": opt.weight_decay},
+                  {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=opt.lr, betas=tuple(opt.betas), eps=1e-8)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -105,20 +126,49 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_and_step(optimizer, params, grad_clip: float, accelerator) -> float:
+def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
+    """`max(group lr)`, what the release tests before stepping (train_tokenizer.py:736-761)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def clip_and_step(optimizer, params, grad_clip: float, accelerator, fix_nonfinite: bool = False) -> float:
+    """One optimizer call as the release makes it (train_tokenizer.py:736-761, train_ar.py:261-276):
+    if the lr is 0 (the first call of every warm-up, §2.12) the gradients are not applied; else
+    (phase 1: `fix_nonfinite`, NaN -> 0, +-inf -> +-1e5, utils.py:1021-1029) (clip) and step.
+    The caller zeroes the gradients either way. Returns the global gradient norm (before clipping)."""
     params = [p for p in params if p.grad is not None]
-    norm = float("nan")
-    if params:
-        if grad_clip > 0:
-            norm = float(accelerator.clip_grad_norm_(params, grad_clip))
-        else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
-    optimizer.step()
+    if not params:
+        return float("nan")
+    stepping = optimizer_lr(optimizer) > 0
+    if stepping and fix_nonfinite:
+        for p in params:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    if stepping and grad_clip > 0:
+        norm = float(accelerator.clip_grad_norm_(params, grad_clip))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+    if stepping:
+        optimizer.step()
     return norm
 
 
+def code_usage(hist: torch.Tensor) -> typing.Tuple[int, float]:
+    """(codes used, perplexity = exp(entropy of the code histogram)) of a count histogram `[K]`;
+    both lie in [1, K] for a non-empty histogram."""
+    hist = hist.double()
+    total = float(hist.sum())
+    if total <= 0:
+        return 0, 0.0
+    p = hist[hist > 0] / total
+    return int((hist > 0).sum()), float(torch.exp(-(p * p.log()).sum()))
+
+
 class EMA:
-    """Exponential moving average of a module's floating state, decay from a half-life in steps."""
+    """Exponential moving average of a module's floating state, decay `0.5 ** (1 / half_life)`
+    per update (train_tokenizer.py:240-241, utils.py:965-971). The release averages parameters
+    only; our tokenizer and AR have no persistent floating buffers, so the state dict is exactly
+    the parameters. The shadow starts as a copy of the initial weights (train_tokenizer.py:242-244,
+    train_ar.py:551-560)."""
 
     def __init__(self, module: nn.Module, halflife: float):
         self.decay = 0.5 ** (1.0 / halflife) if halflife > 0 else 0.0
@@ -396,13 +446,16 @@ class Reporter:
         self.bar = progress(run.steps, start, main, desc)
         self.timer = Timer()
 
-    def step_done(self, done: int, stats: dict, shown: str) -> None:
+    def step_done(self, done: int, stats: dict, shown: str, postfix: typing.Optional[dict] = None) -> None:
+        """`shown`: the stat on the progress bar; `postfix`: more `{label: text}` for the bar
+        (phase 1: the prologue codes used in the step's batch, so a collapse shows at once)."""
         maybe_kill_at_step(done)
         dt = self.timer.lap()
         rate = self.items / dt
         if self.main:
             self.bar.update(1)
-            self.bar.set_postfix({shown: f"{stats[shown]:.4f}", f"{self.unit}/s": f"{rate:.0f}"}, refresh=False)
+            self.bar.set_postfix({shown: f"{stats[shown]:.4f}", **(postfix or {}), f"{self.unit}/s": f"{rate:.0f}"},
+                                 refresh=False)
         if self.due(done, self.run.log_every):
             self.log.write({"step": done, "time": time.time(), **{k: round(float(v), 6) for k, v in stats.items()},
                             f"{self.unit}_per_s": rate})

@@ -1,11 +1,19 @@
 """Training configurations (phases 1 and 3) and their presets.
 
-Defaults follow the release's resolved configs (`official_keys/*.json`): phase 1 AdamW with
+Defaults follow the release's resolved configs (`official_keys/*.json`; file:line below cite
+the release at 3b6db41, see `../shared/reference/OFFICIAL_TRAINING.md` §6): phase 1 AdamW with
 betas (0, 0.99) for the tokenizer and discriminator, (0.9, 0.99) and weight decay 0.03 for the
-joint AR, LR 1e-4 -> 1e-5 with warm-up / flat / linear decay, EMA half-life 1000 steps, CE weight
-3.0, visual-input dropout 0.5, GAN generator weight 0.1, LeCam 0.001, R1 0.01; phase 3 AdamW
-betas (0.9, 0.96), weight decay 0.03, clip 1.0, LR 4e-4 -> 1e-5, label drop 0.1, dropout 0.1,
-EMA half-life 2500. The `tiny` presets are the Fashion-MNIST scale used by tests and the demo.
+joint AR, LR 1e-4 -> 1e-5 with warm-up / flat / linear decay, EMA half-lives 1000 (tokenizer) and
+2500 (joint AR) updates, CE weights 3 / 3, visual-input dropout 0.5, GAN generator weight 0.1,
+LeCam 0.001, R1 0.01; phase 3 AdamW betas (0.9, 0.96), weight decay 0.03, clip 1.0, LR 4e-4 ->
+1e-5, label drop 0.1, dropout 0.1, EMA half-life 2500. The `tiny` presets are the Fashion-MNIST
+scale used by tests and the demo.
+
+Phase-1 step counting: `run.steps` counts A/B *pairs* (one tokenizer update and one joint-AR /
+discriminator update each), i.e. half the release's global steps; every optimizer's schedule runs
+over its own calls, `run.steps` of them, as the release's over `total_global_steps / 2`
+(train_tokenizer.py:392-395). So the released `phases: 2000000:...` (ae.yaml:11) is
+`run.steps = 1_000_000` here, warm-up 20k calls = 40k global steps.
 
 Overrides on the command line are `dotted.key=value` with JSON values (`steps=200`,
 `tokenizer.encoder.dim=128`, `optim.lr=3e-4`, `perceptual_weights="vgg.safetensors"`).
@@ -25,7 +33,9 @@ from ..config import ARConfig, ConfigError, TokenizerConfig, ar_preset, build_da
 
 @dataclass
 class OptimConfig:
-    """AdamW + warm-up / flat / linear-decay schedule (to `lr_min` at the last step)."""
+    """AdamW + the release's warm-up / flat ("peak") / linear-decay schedule (utils.py:141-163):
+    lr 0 at the first call (skipped), `lr` from call `warmup_steps` on, decay after another
+    `flat_steps` towards `lr_min` at `run.steps` (`common.lr_at`)."""
 
     lr: float = 1e-4
     lr_min: float = 1e-5
@@ -42,8 +52,7 @@ class GANConfig:
     base_channels: int = 64
     num_layers: int = 3
     lecam_weight: float = 0.001
-    r1_weight: float = 0.01
-    aug_prob: float = 1.0
+    r1_weight: float = 0.01  # every 25th discriminator update, on the raw reals (train/losses.py)
 
 
 @dataclass
@@ -77,14 +86,15 @@ class TokenizerTrainConfig:
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     perceptual_weight: float = 1.0
-    perceptual_weights: typing.Optional[str] = None  # local VGG16/LPIPS file; none -> no perceptual loss
+    perceptual_weights: typing.Optional[str] = None  # local LPIPS-VGG16 or ConvNeXt-S file; none -> none
     gan_weight: float = 0.1
     gan_start: int = 0  # step from which the generator/discriminator losses are on
     vq_weight: float = 1.0
     ce_weight_prologue: float = 3.0  # CE on the prologue + EOS targets (the release's semantic weight)
     ce_weight_visual: float = 3.0  # CE on the visual targets
     visual_input_dropout: float = 0.5
-    ema_halflife: float = 1000.0
+    ema_halflife: float = 1000.0  # tokenizer EMA, in tokenizer updates (ae_ema_halflife, default.yaml:71)
+    ar_ema_halflife: float = 2500.0  # joint-AR EMA, in joint-AR updates (ar_ema_halflife, default.yaml:72)
     init_from: typing.Optional[str] = None  # `post`: the trained 2d tokenizer checkpoint to freeze
 
     def validate(self) -> "TokenizerTrainConfig":
@@ -144,27 +154,55 @@ def _tiny_run(**kw) -> RunConfig:
     return RunConfig(**base)
 
 
+def _release_phase1(pairs: int) -> dict:
+    """The release's phase-1 settings (OFFICIAL_TRAINING §6.1) for a run of `2 * pairs` global steps."""
+    # lr 1e-4 -> 1e-5 for enc/dec/ar/gan (ae.yaml:14-21); warm-up 20000 and peak 100000 calls
+    # (ae.yaml:23-24); horizon total/2 = run.steps (train_tokenizer.py:392-395); no clipping
+    # (grad_clip_* 0, ae.yaml:37-40)
+    sched = dict(lr=1e-4, lr_min=1e-5, warmup_steps=20000, flat_steps=100000, grad_clip=0.0)
+    return dict(
+        num_classes=1000,
+        # batch 256 global (ae.yaml:9); seed 42 (default.yaml:39); checkpoints every 200k global steps
+        # (ae.yaml:74) = 100k pairs, pictures every 40k global (visualize_freq, ae.yaml:75) = 20k pairs;
+        # log_freq 25 global (ae.yaml:73) would be 12.5 pairs: we log every 25 pairs
+        run=RunConfig(steps=pairs, batch_size=256, seed=42, checkpoint_every=100_000, image_every=20_000,
+                      log_every=25),
+        # betas (0.0, 0.99), wd 0 for enc/dec (ae.yaml:27-28, 43-44)
+        optim_tokenizer=OptimConfig(betas=[0.0, 0.99], weight_decay=0.0, **sched),
+        # joint AR: betas (0.9, 0.99) (ae.yaml:29-30), wd 0.03 with exclusions (ae.yaml:45; :288-296)
+        optim_ar=OptimConfig(betas=[0.9, 0.99], weight_decay=0.03, **sched),
+        # discriminator: betas (0.0, 0.99), wd 1e-4 on every parameter (ae.yaml:46; train_tokenizer.py:310)
+        optim_disc=OptimConfig(betas=[0.0, 0.99], weight_decay=1e-4, **sched),
+        # PatchGAN 3 layers x 64, vanilla, LeCam 0.001, R1 0.01 (default.yaml:56-68); no DiffAug for
+        # patchgan (model_gan.py:1099-1101)
+        gan=GANConfig(loss="vanilla", base_channels=64, num_layers=3, lecam_weight=0.001, r1_weight=0.01),
+        l1_weight=1.0, l2_weight=0.0,  # ae.yaml:50; DO_L2 is never set (ae.yaml:51 dead)
+        perceptual_weight=1.0,  # lpips_weight (ae.yaml:52), LPIPS-VGG for B
+        gan_weight=0.1, gan_start=0,  # gan_G_weight 0.1 non-adaptive, gan_start 0 (ae.yaml:53, 59-60)
+        vq_weight=1.0,  # commitment_loss_weight (ae.yaml:56); vq_beta 0.25 is in the tokenizer config
+        ce_weight_prologue=3.0, ce_weight_visual=3.0,  # prior_enc_*_weight (train.sh:17-18)
+        visual_input_dropout=0.5,  # prior_visual_dropout (train.sh:25)
+        ema_halflife=1000.0, ar_ema_halflife=2500.0,  # default.yaml:71-72
+    )
+
+
 def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
     tiny_opt = dict(lr=1e-3, lr_min=1e-4, warmup_steps=100, flat_steps=0)
     presets = {
-        # the release's recipe at ImageNet scale (batch 256, 2M steps)
+        # the release's prologue-b recipe: 2M global steps (ae.yaml:11) = 1M A/B pairs; joint AR
+        # "small" cut to 7 layers, untied, dropout 0 (train.sh:21-22; ae.yaml:34-36), unconditional
+        # (label_drop_prob 1.0, train.sh:26: our joint AR always gets the null class)
         "prologue-b": lambda: TokenizerTrainConfig(
-            num_classes=1000, tokenizer=tokenizer_preset("prologue-b"), joint_ar=ar_preset("joint-small"),
-            run=RunConfig(steps=2_000_000, batch_size=256, checkpoint_every=200_000, image_every=40_000, log_every=25),
-            optim_tokenizer=OptimConfig(warmup_steps=20000, flat_steps=100000, betas=[0.0, 0.99]),
-            optim_ar=OptimConfig(warmup_steps=20000, flat_steps=100000, betas=[0.9, 0.99], weight_decay=0.03),
-            optim_disc=OptimConfig(warmup_steps=20000, flat_steps=100000, betas=[0.0, 0.99], weight_decay=1e-4),
-        ),
+            tokenizer=tokenizer_preset("prologue-b"), joint_ar=ar_preset("joint-small"), **_release_phase1(1_000_000)),
+        # 2d baseline: 1.5M global steps (train.sh:7) = 750k pairs, A = AE, B = discriminator
         "2d": lambda: TokenizerTrainConfig(
-            num_classes=1000, tokenizer=tokenizer_preset("2d"), joint_ar=None,
-            run=RunConfig(steps=1_500_000, batch_size=256, checkpoint_every=200_000, image_every=40_000, log_every=25),
-        ),
+            tokenizer=tokenizer_preset("2d"), joint_ar=None, **_release_phase1(750_000)),
         "tiny": lambda: TokenizerTrainConfig(
             num_classes=10, tokenizer=tokenizer_preset("tiny"), joint_ar=ar_preset("tiny"), run=_tiny_run(),
             optim_tokenizer=OptimConfig(betas=[0.0, 0.99], **tiny_opt),
             optim_ar=OptimConfig(betas=[0.9, 0.99], weight_decay=0.03, **tiny_opt),
             optim_disc=OptimConfig(betas=[0.0, 0.99], weight_decay=1e-4, **tiny_opt),
-            gan=GANConfig(base_channels=16), ema_halflife=100.0, gan_start=500,
+            gan=GANConfig(base_channels=16), ema_halflife=100.0, ar_ema_halflife=250.0, gan_start=500,
         ),
         "tiny-2d": lambda: dataclasses.replace(
             tokenizer_train_preset("tiny"), tokenizer=tokenizer_preset("tiny-2d"), joint_ar=None),
@@ -179,10 +217,20 @@ def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
 
 def ar_train_preset(name: str) -> ARTrainConfig:
     presets = {
+        # the release's phase 3 (OFFICIAL_TRAINING §6.2), the same for every AR size
         "base": lambda: ARTrainConfig(
+            # ar_drop 0.1, ar_emb_drop 0.1, ar_attn_drop 0 (ar.yaml:25-27; we have no attention dropout)
             ar=dataclasses.replace(ar_preset("base"), dropout=0.1, emb_dropout=0.1),
-            run=RunConfig(steps=500_000, batch_size=2048, checkpoint_every=100_000, image_every=10_000, log_every=25),
-            optim=OptimConfig(lr=4e-4, lr_min=1e-5, warmup_steps=62500, betas=[0.9, 0.96], weight_decay=0.03, grad_clip=1.0),
+            # 500k steps (ar.yaml:14), batch 2048 global (ar.yaml:12), seed 42 (default.yaml:39),
+            # checkpoints every 100k (ar.yaml:47), sample grids every 10k steps
+            run=RunConfig(steps=500_000, batch_size=2048, seed=42, checkpoint_every=100_000, image_every=10_000,
+                          log_every=25),
+            # lr 4e-4 -> 1e-5, warm-up 62500, flat 0 (ar.yaml:17-21); betas (0.9, 0.96) (default.yaml:40-41);
+            # wd 0.03 with exclusions, clip 1.0 (ar.yaml:28-29)
+            optim=OptimConfig(lr=4e-4, lr_min=1e-5, warmup_steps=62500, flat_steps=0, betas=[0.9, 0.96],
+                              weight_decay=0.03, grad_clip=1.0),
+            label_drop=0.1,  # ar.yaml:24
+            ema_halflife=2500.0,  # ar_ema_halflife (default.yaml:72)
         ),
         "tiny": lambda: ARTrainConfig(
             ar=dataclasses.replace(ar_preset("tiny"), dropout=0.1, emb_dropout=0.1),

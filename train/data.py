@@ -9,8 +9,10 @@ uint8 array `[C, H, W]`, a PIL image, or None when the item could not be read; p
 - `SyntheticDataset(...)`: deterministic class-dependent patterns for smoke tests and tiny runs.
 - `open_dataset(spec)`: what the commands' `--data` names (`fashion-mnist`, `synthetic[:N]`, a path).
 
-`make_loader` turns a dataset into an endless stream of per-step batches. Which samples a step
-uses and how each is augmented depend only on `(seed, step, position in the global batch)`,
+`make_loader` turns a dataset into an endless stream of per-step batches (phase 1 as the
+release: ADM random-resize crop, x-flip by doubling the data set). Which samples a step
+uses, whether each is the mirrored copy, and how each is cropped depend only on
+`(seed, step, position in the global batch)`,
 never on the number of processes or workers, so a run resumes exactly from any step and
 `world_size` ranks together see exactly the batch one process would.
 """
@@ -35,7 +37,7 @@ from ..tokenizer import uint8_to_images
 __all__ = [
     "DataError", "ArrayDataset", "FolderDataset", "SyntheticDataset",
     "read_idx", "fashion_mnist", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_ROOT",
-    "IMAGE_EXTENSIONS", "train_transform", "ten_crop",
+    "IMAGE_EXTENSIONS", "adm_random_crop", "train_transform", "ten_crop",
     "epoch_permutation", "sample_rng", "StepBatchSampler", "make_loader", "steps_per_epoch",
     "to_model_input", "open_dataset", "fill_skipped",
 ]
@@ -321,28 +323,58 @@ def _to_chw(img: Image.Image, channels: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def adm_random_crop(img: Image.Image, image_size: int, rng: np.random.Generator,
+                    min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> Tuple[Image.Image, int, int]:
+    """The release's phase-1 random-resize crop (ADM style; OFFICIAL_TRAINING §2.2,
+    `dataset.py:242-264` of the release, re-implemented from that description).
+
+    Draws an integer shorter side `s` uniformly from `[ceil(S / max_crop_frac),
+    ceil(S / min_crop_frac)]` = `[S, ceil(S / 0.8)]`; while the shorter side is `>= 2 s`, halves
+    both sides (integer division) with BOX resampling; BICUBIC-resizes so the shorter side is `s`
+    (each side `round(side * s / shorter)`); returns the resized image and the crop offsets
+    `(top, left)`, each uniform over all valid positions. Draws from `rng` in order: `s`, top,
+    left. The caller cuts `[top:top + S, left:left + S]`.
+    """
+    S = image_size
+    lo, hi = math.ceil(S / max_crop_frac), math.ceil(S / min_crop_frac)
+    s = int(rng.integers(lo, hi + 1))
+    while min(img.size) >= 2 * s:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
+    scale = s / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
+    w, h = img.size
+    top = int(rng.integers(0, h - S + 1))
+    left = int(rng.integers(0, w - S + 1))
+    return img, top, left
+
+
 def train_transform(image: ImageLike, image_size: int, channels: int, rng: np.random.Generator,
-                    crop: str = "random", flip: bool = True) -> np.ndarray:
+                    crop: str = "random", flip: bool = False, *, mirror: bool = False) -> np.ndarray:
     """One training view: uint8 `[channels, image_size, image_size]`.
 
-    `image` is a PIL image or uint8 `[C, H, W]`. `crop="random"`: shorter side resized
-    (bicubic) to `round(1.1 * image_size)`, then a uniformly placed square crop; `"center"`:
-    shorter side resized to `image_size`, then the centre crop (offset `(H - S) // 2`). Then a
-    horizontal flip with p=0.5 when `flip`. Grayscale becomes RGB by repetition, RGB becomes
-    grayscale through PIL "L". Draws from `rng` in order: crop top, crop left (random crop
-    only), flip coin (only when `flip`).
+    `image` is a PIL image or uint8 `[C, H, W]`. `crop="random"`: the release's ADM
+    random-resize crop (`adm_random_crop`: shorter side drawn in `[S, ceil(S / 0.8)]`, box
+    halving, bicubic resize, uniform offsets); `"center"`: shorter side resized (bicubic) to
+    `image_size`, then the centre crop (offset `(H - S) // 2`). Then `mirror=True` mirrors the
+    view horizontally (the doubled data set of `make_loader`, as the release: crop first, then
+    mirror). `flip=True` is a legacy p=0.5 coin flip, drawn after the crop (the release does
+    not use one). Grayscale becomes RGB by repetition, RGB becomes grayscale through PIL "L".
+    Draws from `rng` in order: side, crop top, crop left (random crop only), flip coin (only
+    when `flip`).
     """
     if crop not in ("random", "center"):
         raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
     S = image_size
-    img = _resize_shorter(_to_pil(image, channels), round(1.1 * S) if crop == "random" else S)
-    w, h = img.size
+    img = _to_pil(image, channels)
     if crop == "random":
-        top = int(rng.integers(0, h - S + 1))
-        left = int(rng.integers(0, w - S + 1))
+        img, top, left = adm_random_crop(img, S, rng)
     else:
+        img = _resize_shorter(img, S)
+        w, h = img.size
         top, left = (h - S) // 2, (w - S) // 2
     out = _to_chw(img, channels)[:, top:top + S, left:left + S]  # [C, S, S]
+    if mirror:
+        out = out[:, :, ::-1]
     if flip and rng.random() < 0.5:
         out = out[:, :, ::-1]
     return np.ascontiguousarray(out)
@@ -379,9 +411,10 @@ def sample_rng(seed: int, step: int, position: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64([seed, step, position]))
 
 
-def steps_per_epoch(dataset: Any, global_batch_size: int) -> int:
-    """Full global batches per epoch (`len(dataset) // global_batch_size`; the tail is dropped)."""
-    n = len(dataset)
+def steps_per_epoch(dataset: Any, global_batch_size: int, doubled: bool = False) -> int:
+    """Full global batches per epoch (`len(dataset) // global_batch_size`; the tail is dropped).
+    `doubled`: the epoch of `make_loader(flip=True)`, `2 len(dataset)` items."""
+    n = len(dataset) * (2 if doubled else 1)
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
     if n < global_batch_size:
@@ -450,23 +483,28 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 class _Augmented(torch.utils.data.Dataset):
-    """`(index, step, position)` -> `(step, view or None, label)` with the sample's own RNG."""
+    """`(index, step, position)` -> `(step, view or None, label)` with the sample's own RNG.
 
-    def __init__(self, dataset, image_size: int, channels: int, crop: str, flip: bool, seed: int):
+    With `doubled`, indices run over `2 N`: `i < N` is image `i`, `N <= i < 2 N` is image
+    `i - N` mirrored (the release's x-flip, `dataset.py:101-105, 158-160`)."""
+
+    def __init__(self, dataset, image_size: int, channels: int, crop: str, doubled: bool, seed: int):
         self.dataset, self.image_size, self.channels = dataset, image_size, channels
-        self.crop, self.flip, self.seed = crop, flip, seed
+        self.crop, self.doubled, self.seed = crop, doubled, seed
+        self.n = len(dataset)
 
     def __getitem__(self, key: Tuple[int, int, int]):
         index, step, position = key
-        image, label = self.dataset[index]
+        mirror = index >= self.n
+        image, label = self.dataset[index - self.n if mirror else index]
         if image is None:
             return step, None, label
         rng = sample_rng(self.seed, step, position)
-        view = train_transform(image, self.image_size, self.channels, rng, self.crop, self.flip)
+        view = train_transform(image, self.image_size, self.channels, rng, self.crop, mirror=mirror)
         return step, view, label
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.n * (2 if self.doubled else 1)
 
 
 class _Collate:
@@ -496,8 +534,12 @@ def make_loader(dataset: Any, global_batch_size: int, *, seed: int, rank: int = 
 
     Yields `{"step": int, "images": uint8 [b', C, S, S], "labels": int64 [b'], "skipped": int}`
     with `b = global_batch_size // world_size` and `b' = b - skipped` (unreadable images are
-    dropped). Sample order is `StepBatchSampler`'s; sample augmentation is `train_transform`
-    with `sample_rng(seed, step, position)`. Batches are identical whatever `world_size` (ranks
+    dropped). `flip=True` doubles the data set as the release does (OFFICIAL_TRAINING §2.2):
+    the sampler runs over `2 N` indices, `N..2N-1` being the mirrored copies of `0..N-1`, so
+    each image appears once plain and once mirrored per epoch of `2 N` (no coin flip).
+    Sample order is `StepBatchSampler`'s over those indices; sample augmentation is
+    `train_transform` (the ADM random-resize crop for `crop="random"`) with
+    `sample_rng(seed, step, position)`. Batches are identical whatever `world_size` (ranks
     concatenated), `num_workers` or `start_step`. Has no `len`; iterating again restarts at
     `start_step`. `pin_memory` defaults to `torch.cuda.is_available()`.
     """
@@ -508,7 +550,7 @@ def make_loader(dataset: Any, global_batch_size: int, *, seed: int, rank: int = 
                          f"got {channels}, {image_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    sampler = StepBatchSampler(len(dataset), global_batch_size, seed=seed, rank=rank,
+    sampler = StepBatchSampler(len(dataset) * (2 if flip else 1), global_batch_size, seed=seed, rank=rank,
                                world_size=world_size, start_step=start_step, drop_last=drop_last)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

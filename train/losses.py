@@ -1,11 +1,40 @@
-"""Tokenizer training losses: PatchGAN discriminator loss (LeCam, R1, DiffAugment) and a
-VGG16 perceptual (LPIPS-style) distance.
+"""Tokenizer training losses: the PatchGAN discriminator loss (LeCam, lazy R1) and the two
+perceptual losses of the release, LPIPS-VGG16 (prologue-b) and ConvNeXt-S logit MSE (prologue-l).
+
+Release = github.com/Zyriix/prologue at ``3b6db41`` (``model_gan.py``, ``model_lpips.py``,
+``train_tokenizer.py``); the file:line in comments point there. Spec:
+``shared/reference/OFFICIAL_TRAINING.md`` §2.9 (GAN), §2.10 (perceptual).
 
 State-dict layout of :class:`GANLoss` matches the authors' released GAN file
 (``model_4.safetensors``): ``discriminator.main.{0,2,3,5,6,8,9,11}.*`` and
-``lecam_ema.logits_{real,fake}_ema``.
+``lecam_ema.logits_{real,fake}_ema``, plus one buffer of ours, ``d_updates`` (the count of
+discriminator updates that drives the R1 cadence; the release derives it from its global step).
 
-Nothing here downloads weights: :func:`load_perceptual` reads a local file only.
+Perceptual weights: nothing here downloads; :func:`load_perceptual` reads a local file
+(``.safetensors``, or ``.pt``/``.pth`` holding a dict of tensors). The network is chosen by the
+file's keys (``features.0.weight`` -> VGG16/LPIPS, ``features.0.0.weight`` -> ConvNeXt) or by
+``kind=``. Converting the published weights (run once where torchvision is installed; the
+resulting keys are torchvision's own, so no renaming beyond a prefix is needed)::
+
+    import torch, torchvision
+    from safetensors.torch import save_file
+
+    # prologue-b: LPIPS v0.1 VGG16 = torchvision vgg16 IMAGENET1K_V1 features (convs 0..28)
+    # + the LPIPS linear heads (taming / PerceptualSimilarity "vgg.pth", md5 d507d734...,
+    # keys lin0.model.1.weight ... lin4.model.1.weight, shape [1, C, 1, 1]).
+    feats = torchvision.models.vgg16(weights="IMAGENET1K_V1").features.state_dict()
+    sd = {f"features.{k}": v for k, v in feats.items() if int(k.split(".")[0]) <= 28}
+    heads = torch.load("vgg.pth", map_location="cpu")
+    sd.update({k: v for k, v in heads.items() if k.startswith("lin")})
+    save_file({k: v.contiguous() for k, v in sd.items()}, "lpips_vgg16.safetensors")
+
+    # prologue-l: torchvision convnext_small IMAGENET1K_V1, its state dict unchanged
+    # (features.*, classifier.0.* = LayerNorm2d, classifier.2.* = Linear(768, 1000)).
+    m = torchvision.models.convnext_small(weights="IMAGENET1K_V1")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "convnext_small.safetensors")
+
+Then ``perceptual_weights=lpips_vgg16.safetensors`` (B) or ``convnext_small.safetensors`` (L).
+A file that fits neither raises :class:`PerceptualWeightsError` (a ``PrologueError``) naming it.
 """
 
 from __future__ import annotations
@@ -17,17 +46,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..runtime.errors import PrologueError
+
 __all__ = [
     "PatchDiscriminator",
     "LeCamEMA",
     "GANLoss",
     "diff_augment",
+    "PerceptualWeightsError",
+    "PerceptualWeightsMissing",
     "PerceptualLoss",
+    "ConvNeXtPerceptualLoss",
     "load_perceptual",
     "VGG16_CONV_LAYERS",
     "VGG16_TAPS",
     "LPIPS_SHIFT",
     "LPIPS_SCALE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CONVNEXT_SMALL_DIMS",
+    "CONVNEXT_SMALL_DEPTHS",
 ]
 
 
@@ -42,6 +80,8 @@ class PatchDiscriminator(nn.Module):
     ``main`` (num_layers=3): conv(s2, bias) lrelu | [conv(s2, no bias) BN lrelu] x (num_layers-1)
     | conv(s1, no bias) BN lrelu | conv(s1, bias) -> 1 channel. Kernel 4, padding 1 everywhere;
     widths ``base_channels * min(2**n, 8)``. 256x256 -> 30x30 logits, 32x32 -> 2x2.
+    (release ``model_gan.py:24-96``). BatchNorm2d is PyTorch's default (eps 1e-5, momentum 0.1),
+    per-process batch statistics (no SyncBN), and the release never switches it to eval mode.
     """
 
     def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
@@ -67,12 +107,15 @@ class PatchDiscriminator(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Conv weights ~ N(0, 0.02); BN weights ~ N(1, 0.02); all biases 0."""
+        """Conv weights ~ N(0, 0.02); conv biases (first and last conv) PyTorch's default
+        U(+-1/sqrt(fan_in)) -- the release's ``_init_weights`` leaves them alone
+        (``model_gan.py:98-103``); BN weights ~ N(1, 0.02), BN biases 0."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    bound = 1.0 / (m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]) ** 0.5
+                    nn.init.uniform_(m.bias, -bound, bound)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
@@ -83,7 +126,8 @@ class PatchDiscriminator(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Differentiable augmentation (DiffAugment-style: translation + cutout)
+# Differentiable augmentation (DiffAugment-style: translation + cutout). NOT used by GANLoss:
+# the release builds DiffAug only for its DINO discriminator (model_gan.py:1099-1101).
 # --------------------------------------------------------------------------------------------
 
 
@@ -106,7 +150,8 @@ def diff_augment(
       clipped at the borders, is set to zero.
 
     Random numbers are drawn on CPU from ``generator`` (or the global torch RNG) and moved to
-    ``x.device``. ``x``: (B, C, H, W) -> same shape.
+    ``x.device``. ``x``: (B, C, H, W) -> same shape. Kept as a utility; the PatchGAN loss
+    below never calls it (the release does not augment PatchGAN inputs).
     """
     b, _, h, w = x.shape
     dev = x.device
@@ -139,7 +184,8 @@ def diff_augment(
 
 
 class LeCamEMA(nn.Module):
-    """EMAs of the mean real / fake discriminator logits (scalar float32 buffers)."""
+    """EMAs of the mean real / fake discriminator logits (scalar float32 buffers, start at 0;
+    release ``LeCAM_EMA``, ``model_gan.py:1031-1041``)."""
 
     def __init__(self):
         super().__init__()
@@ -148,24 +194,33 @@ class LeCamEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, real_mean: Tensor, fake_mean: Tensor, decay: float) -> None:
-        """``ema <- decay * ema + (1 - decay) * batch_mean`` for both buffers."""
-        self.logits_real_ema.mul_(decay).add_(real_mean.detach().float(), alpha=1.0 - decay)
-        self.logits_fake_ema.mul_(decay).add_(fake_mean.detach().float(), alpha=1.0 - decay)
+        """``ema <- ema + (1 - decay) * (batch_mean - ema)`` for both buffers, as the release's
+        ``lerp_`` (``model_gan.py:1038-1041``)."""
+        self.logits_real_ema.lerp_(real_mean.detach().float(), 1.0 - decay)
+        self.logits_fake_ema.lerp_(fake_mean.detach().float(), 1.0 - decay)
 
 
 class GANLoss(nn.Module):
-    """Adversarial loss for tokenizer training: PatchGAN ``discriminator`` + ``lecam_ema``.
+    """Adversarial loss for tokenizer training: PatchGAN ``discriminator`` + ``lecam_ema``
+    (release ``GANLoss``, ``model_gan.py:1062-1191``, ``disc_type: patchgan``).
 
     Args:
         in_channels, base_channels, num_layers: :class:`PatchDiscriminator` shape.
-        loss: ``"vanilla"`` (non-saturating softplus) or ``"hinge"``.
-        lecam_weight: LeCam regulariser weight (0 disables it).
-        lecam_decay: EMA decay of the LeCam logit means.
-        r1_weight: R1 gradient-penalty weight gamma (penalty = gamma/2 * E||grad_x D(x_real)||^2;
-            0 disables it).
-        aug_prob: probability, per batch and per call, of applying :func:`diff_augment` to a
-            discriminator input. Augmentation is applied in training mode only (also to the
-            fake images in :meth:`generator_loss`, as DiffAugment requires).
+        loss: ``"vanilla"`` (softplus, the release's setting) or ``"hinge"`` (the release's
+            ``hinge_d_loss`` halves the sum, ``model_gan.py:988-991``; so does this one).
+        lecam_weight: LeCam regulariser weight (0 disables it; release 0.001).
+        lecam_decay: EMA decay of the LeCam logit means (release 0.999, ``model_gan.py:1032``).
+        r1_weight: R1 weight gamma; penalty = gamma/2 * mean_b ||grad_x sum D(x_real)||^2
+            (0 disables it; release 0.01, ``model_gan.py:1044-1052``).
+        r1_every: R1 is added on discriminator update ``k`` (0-based, counted in the persistent
+            buffer ``d_updates``) when ``(k + 1) % r1_every == 0``: updates 24, 49, 74, ...
+            The release tests ``(global_step + 1) % 25 == 0`` (``model_gan.py:1186``) with D
+            steps on odd global steps ``g = 2k + 1``, i.e. the same updates. The penalty is
+            *not* multiplied by the interval (no lazy-regularisation rescaling).
+        aug_prob: accepted for compatibility and ignored. The release's ``aug_prob`` only
+            configures DiffAug for its DINO discriminator (``model_gan.py:1099-1101``); PatchGAN
+            inputs are never augmented, on the generator and the discriminator path alike.
+            :meth:`augment` stays available for explicit use.
     """
 
     def __init__(
@@ -177,88 +232,125 @@ class GANLoss(nn.Module):
         lecam_weight: float = 0.001,
         lecam_decay: float = 0.999,
         r1_weight: float = 0.01,
-        aug_prob: float = 1.0,
+        aug_prob: float = 0.0,
+        r1_every: int = 25,
     ):
         super().__init__()
         if loss not in ("vanilla", "hinge"):
             raise ValueError(f"loss must be 'vanilla' or 'hinge', got {loss!r}")
+        if r1_every < 1:
+            raise ValueError(f"r1_every must be >= 1, got {r1_every}")
         self.discriminator = PatchDiscriminator(in_channels, base_channels, num_layers)
         self.lecam_ema = LeCamEMA()
         self.loss = loss
         self.lecam_weight = float(lecam_weight)
         self.lecam_decay = float(lecam_decay)
         self.r1_weight = float(r1_weight)
-        self.aug_prob = float(aug_prob)
+        self.r1_every = int(r1_every)
+        self.aug_prob = float(aug_prob)  # unused by PatchGAN, as in the release
+        # discriminator updates begun so far (persistent: an exact resume keeps the R1 cadence)
+        self.register_buffer("d_updates", torch.zeros((), dtype=torch.int64))
 
-    # ---- augmentation
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints written before `d_updates` existed load with the counter at 0
+        absent = prefix + "d_updates" not in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if absent and prefix + "d_updates" in missing_keys:
+            missing_keys.remove(prefix + "d_updates")
+
+    # ---- augmentation (explicit use only)
     def augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """With probability ``aug_prob`` (one draw per call) return ``diff_augment(x)``, else ``x``.
-
-        Unconditional on the training flag (the loss methods only call it in training mode).
-        """
+        Never called by the losses."""
         if self.aug_prob <= 0.0:
             return x
         if self.aug_prob < 1.0 and torch.rand((), generator=generator).item() >= self.aug_prob:
             return x
         return diff_augment(x, generator)
 
-    def _maybe_augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        return self.augment(x, generator) if self.training else x
+    # ---- R1 cadence
+    def r1_due(self, update: int) -> bool:
+        """Whether discriminator update ``update`` (0-based) carries the R1 term."""
+        return self.r1_weight > 0.0 and (update + 1) % self.r1_every == 0
 
     # ---- generator side
     def generator_loss(self, fake_images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Adversarial loss for the generator (scalar); gradients flow into ``fake_images``.
 
-        vanilla: ``softplus(-D(fake)).mean()``; hinge: ``-D(fake).mean()``.
+        vanilla: ``softplus(-D(fake)).mean()``; hinge: ``-D(fake).mean()``
+        (``model_gan.py:1155-1158``, ``:1016-1017``). No augmentation; ``generator`` is unused.
         """
-        logits = self.discriminator(self._maybe_augment(fake_images, generator))
+        logits = self.discriminator(fake_images.contiguous())
         if self.loss == "hinge":
             return -logits.mean()
         return F.softplus(-logits).mean()
 
     # ---- discriminator side
     def discriminator_loss(
-        self, real_images: Tensor, fake_images: Tensor, generator: torch.Generator | None = None
+        self,
+        real_images: Tensor,
+        fake_images: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        new_update: bool = True,
     ) -> dict[str, Tensor]:
-        """Discriminator objective. ``fake_images`` are detached here.
+        """Discriminator objective (release ``GANLoss.forward(loss='D')``, ``model_gan.py:1162-1191``).
 
-        Returns a dict of scalars: ``loss`` = ``d_loss + lecam + r1``; ``d_loss``
-        (vanilla: ``softplus(-D(real)) + softplus(D(fake))``, hinge:
-        ``relu(1 - D(real)) + relu(1 + D(fake))``, each a mean); ``lecam`` =
-        ``lecam_weight * [mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2)]``
-        using the EMAs from *before* this batch, which are then updated (training mode only) with
-        the batch logit means; ``r1`` = ``r1_weight / 2 * mean_b ||grad_x sum D(x_real)||^2``
-        (``x_real`` = the augmented real input; built with ``create_graph=True``; 0 when
-        ``r1_weight == 0`` or grad mode is off); ``logits_real`` / ``logits_fake``: detached means.
+        Order as the release: ``f = D(sg(fake))`` then ``r = D(real)`` in two forwards (separate
+        BN batch statistics, ``:1172-1173``); ``d_loss`` (vanilla: ``mean softplus(-r) + mean
+        softplus(f)``, hinge: ``0.5 * (mean relu(1 - r) + mean relu(1 + f))``); LeCam: the EMAs
+        are first updated with this batch's means (training mode only), then ``lecam =
+        lecam_weight * [mean relu(r - ema_f)^2 + mean relu(ema_r - f)^2]`` with the *updated*
+        EMAs (``:1176-1178``); R1 on R1 updates (see ``r1_every``): a third forward on the raw
+        reals, ``r1 = mean_b r1_weight/2 * ||grad_x sum D(x)||^2``, ``create_graph=True``
+        (``:1044-1052``, ``:1186-1189``).
+
+        ``new_update``: a training-mode call with grad enabled begins a new discriminator
+        update (``d_updates`` += 1) when True; pass False for the 2nd.. micro-batches of a
+        gradient-accumulated update (they share its R1 decision). Calls in eval mode or under
+        ``torch.no_grad`` neither count nor compute R1. ``generator`` is unused.
+
+        Returns scalars: ``loss`` = ``d_loss + lecam + r1``, ``d_loss``, ``lecam``, ``r1``,
+        ``logits_real`` / ``logits_fake`` (detached means).
         """
-        real = self._maybe_augment(real_images.detach(), generator)
-        fake = self._maybe_augment(fake_images.detach(), generator)
-        want_r1 = self.r1_weight > 0.0 and torch.is_grad_enabled()
-        if want_r1:
-            real = real.detach().requires_grad_(True)
-        logits_real = self.discriminator(real)  # (B, 1, h, w)
-        logits_fake = self.discriminator(fake)
+        counting = self.training and torch.is_grad_enabled()
+        want_r1 = False
+        if counting:
+            if new_update or int(self.d_updates) == 0:
+                update = int(self.d_updates)
+                self.d_updates += 1
+            else:
+                update = int(self.d_updates) - 1
+            want_r1 = self.r1_due(update)
+
+        logits_fake = self.discriminator(fake_images.detach().contiguous())  # (B, 1, h, w)
+        logits_real = self.discriminator(real_images.detach().contiguous())
 
         if self.loss == "hinge":
-            d_loss = F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+            d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
         else:
             d_loss = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
 
         zero = d_loss.new_zeros(())
         lecam = zero
         if self.lecam_weight > 0.0:
-            ema_real = self.lecam_ema.logits_real_ema.to(logits_real.dtype)
-            ema_fake = self.lecam_ema.logits_fake_ema.to(logits_real.dtype)
+            if self.training:  # update first, then use (model_gan.py:1177-1178)
+                self.lecam_ema.update(logits_real.mean(), logits_fake.mean(), self.lecam_decay)
+            ema_real, ema_fake = self.lecam_ema.logits_real_ema, self.lecam_ema.logits_fake_ema
             reg = F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
             lecam = self.lecam_weight * reg
-            if self.training:
-                self.lecam_ema.update(logits_real.mean(), logits_fake.mean(), self.lecam_decay)
 
         r1 = zero
-        if want_r1:
-            (grad,) = torch.autograd.grad(logits_real.sum(), real, create_graph=True, allow_unused=True)
+        if want_r1:  # third forward on the un-augmented reals (model_gan.py:1044-1052)
+            # through the bare module when the loop wrapped it (DDP), as the release calls its inner
+            # discriminator from inside the prepared GANLoss
+            disc = getattr(self.discriminator, "module", self.discriminator)
+            x = real_images.detach().clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(disc(x).sum(), x, create_graph=True, allow_unused=True)
             if grad is not None:  # None: D ignores its input -> zero penalty
-                r1 = 0.5 * self.r1_weight * grad.pow(2).flatten(1).sum(1).mean()
+                r1 = (grad.pow(2).flatten(1).sum(1) * (self.r1_weight / 2)).mean()
 
         return {
             "loss": d_loss + lecam + r1,
@@ -271,8 +363,38 @@ class GANLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Perceptual loss (VGG16 / LPIPS-style)
+# Perceptual losses (release model_lpips.py)
 # --------------------------------------------------------------------------------------------
+
+
+class PerceptualWeightsError(PrologueError, ValueError):
+    """A perceptual-loss weights file that cannot be used; the message names the file."""
+
+
+class PerceptualWeightsMissing(PerceptualWeightsError, FileNotFoundError):
+    """The perceptual-loss weights file does not exist."""
+
+
+class _Float32(nn.Module):
+    """Base of the frozen perceptual networks: always eval mode, float32 with autocast off
+    (the release does not ``accelerate.prepare`` them, so they run in fp32, OFFICIAL §2.10)."""
+
+    def train(self, mode: bool = True):
+        """Ignored: the module always stays in eval mode."""
+        return super().train(False)
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def _rgb(x: Tensor) -> Tensor:
+        # (B, C, H, W) -> (B, 3, H, W) float32; C != 3 is averaged to grey and repeated
+        x = x.float()
+        if x.shape[1] != 3:
+            x = x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        return x
+
 
 # torchvision vgg16().features index -> (in, out) of each 3x3 conv; a ReLU follows each conv,
 # a 2x2 max-pool sits at indices 4, 9, 16, 23 (and 30, not needed here).
@@ -287,7 +409,7 @@ VGG16_CONV_LAYERS: dict[int, tuple[int, int]] = {
 VGG16_TAPS: tuple[int, ...] = (3, 8, 15, 22, 29)
 _VGG16_POOLS = (4, 9, 16, 23)
 _TAP_CHANNELS = (64, 128, 256, 512, 512)
-LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # model_lpips.py ScalingLayer
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 
@@ -300,20 +422,40 @@ class _Lin(nn.Module):
         nn.init.constant_(self.model[1].weight, 1.0 / channels)  # uniform fallback
 
 
-class PerceptualLoss(nn.Module):
-    """LPIPS-style distance on a VGG16 feature stack; frozen, always in eval mode.
+def _strip_module(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+
+
+def _fit_error(what: str, missing: list[str], misshaped: list[str], unexpected: list[str] = ()) -> str | None:
+    parts = []
+    if missing:
+        parts.append("missing: " + ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
+    if misshaped:
+        parts.append("misshaped: " + "; ".join(misshaped[:12]) + (" ..." if len(misshaped) > 12 else ""))
+    if unexpected:
+        parts.append("unexpected: " + ", ".join(list(unexpected)[:12]) + (" ..." if len(unexpected) > 12 else ""))
+    return f"perceptual weights do not fit {what} — " + " | ".join(parts) if parts else None
+
+
+class PerceptualLoss(_Float32):
+    """LPIPS v0.1 distance on VGG16 (release ``LPIPS``, ``model_lpips.py:132-184``); frozen,
+    always in eval mode (the heads' dropout off), float32.
 
     ``features.N`` follows torchvision's ``vgg16().features`` numbering (up to relu5_3), so
     its ``features.*`` tensors load directly; ``lin{i}.model.1.weight`` ((1, C, 1, 1)) follow
     the LPIPS file layout. Without LPIPS ``lin`` weights (``has_lpips_weights`` False) the
     weights are uniform 1/C, i.e. a plain channel-normalised VGG distance, *not* LPIPS.
 
-    ``forward(x, y)``: images ``(B, C, H, W)`` in [-1, 1] -> per-sample distance ``(B,)``.
-    C == 3 is used as is; any other channel count is averaged to grey and repeated to 3.
-    Parameters have ``requires_grad=False``; gradients still flow to the inputs.
-    Build it with :func:`load_perceptual` or :meth:`from_state_dict`; ``PerceptualLoss()``
-    alone has random (untrained) VGG weights.
+    ``forward(x, y)``: images ``(B, C, H, W)`` in [-1, 1] -> per-sample distance ``(B,)``:
+    ScalingLayer, relu1_2..relu5_3, unit-normalise over channels (eps 1e-10), squared
+    difference, 1x1 head, spatial mean, sum over the 5 taps. C == 3 is used as is; any other
+    channel count is averaged to grey and repeated to 3. Parameters have
+    ``requires_grad=False``; gradients still flow to the inputs. Build it with
+    :func:`load_perceptual` or :meth:`from_state_dict`; ``PerceptualLoss()`` alone has random
+    (untrained) VGG weights.
     """
+
+    kind = "vgg"
 
     def __init__(self):
         super().__init__()
@@ -332,21 +474,17 @@ class PerceptualLoss(nn.Module):
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         self.has_lpips_weights = False
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "PerceptualLoss":
-        """Ignored: the module always stays in eval mode."""
-        return super().train(False)
+        self._freeze()
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> "PerceptualLoss":
         """Build from ``features.N.{weight,bias}`` (+ optional ``lin{0..4}.model.1.weight``).
 
-        A leading ``module.`` is stripped; other keys are ignored. Raises ``ValueError``
-        naming missing / misshaped VGG tensors, or incomplete / misshaped ``lin`` weights.
+        A leading ``module.`` is stripped; other keys are ignored. Raises
+        :class:`PerceptualWeightsError` naming missing / misshaped VGG tensors, or incomplete /
+        misshaped ``lin`` weights.
         """
-        sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+        sd = _strip_module(state_dict)
         model = cls()
         own = model.state_dict()
         vgg_keys = [k for k in own if k.startswith("features.")]
@@ -360,24 +498,14 @@ class PerceptualLoss(nn.Module):
             for k in vgg_keys + present_lin
             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
         ]
-        if missing or misshaped:
-            parts = []
-            if missing:
-                parts.append("missing: " + ", ".join(missing))
-            if misshaped:
-                parts.append("misshaped: " + "; ".join(misshaped))
-            raise ValueError("perceptual weights do not fit VGG16/LPIPS — " + " | ".join(parts))
+        msg = _fit_error("VGG16/LPIPS", missing, misshaped)
+        if msg:
+            raise PerceptualWeightsError(msg)
         with torch.no_grad():
             for k in vgg_keys + present_lin:
                 own[k].copy_(sd[k].to(own[k].dtype))
         model.has_lpips_weights = bool(present_lin)
         return model
-
-    def _prepare(self, x: Tensor) -> Tensor:
-        # (B, C, H, W) in [-1, 1] -> (B, 3, H, W) LPIPS-scaled
-        if x.shape[1] != 3:
-            x = x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
-        return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
 
     def _taps(self, x: Tensor) -> list[Tensor]:
         out = []
@@ -388,46 +516,208 @@ class PerceptualLoss(nn.Module):
         return out
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Per-sample distance ``(B,)`` between image batches ``x``, ``y`` in [-1, 1]."""
-        fx = self._taps(self._prepare(x))
-        fy = self._taps(self._prepare(y))
-        total = x.new_zeros(x.shape[0])
-        for i, (a, b) in enumerate(zip(fx, fy)):
-            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit L2 norm over channels
-            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            d = getattr(self, f"lin{i}").model[1]((a - b).pow(2))  # (B, 1, h, w)
-            total = total + d.mean(dim=(1, 2, 3))
+        """Per-sample distance ``(B,)`` (float32) between image batches ``x``, ``y`` in [-1, 1]."""
+        with torch.autocast(x.device.type, enabled=False):
+            fx = self._taps((self._rgb(x) - self.shift) / self.scale)
+            fy = self._taps((self._rgb(y) - self.shift) / self.scale)
+            total = fx[0].new_zeros(x.shape[0])
+            for i, (a, b) in enumerate(zip(fx, fy)):
+                a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit L2 norm over channels
+                b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                d = getattr(self, f"lin{i}").model[1]((a - b).pow(2))  # (B, 1, h, w)
+                total = total + d.mean(dim=(1, 2, 3))
         return total
 
 
-def load_perceptual(path: str | os.PathLike | None) -> PerceptualLoss | None:
-    """Load a :class:`PerceptualLoss` from a local weights file, or ``None`` when ``path`` is None.
+# ---- ConvNeXt (torchvision's convnext_small layout and key names, written out here)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # model_lpips.py _IMAGENET_MEAN / _IMAGENET_STD
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONVNEXT_SMALL_DIMS = (96, 192, 384, 768)
+CONVNEXT_SMALL_DEPTHS = (3, 3, 27, 3)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of ``(B, C, H, W)`` (torchvision ``LayerNorm2d``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _Permute(nn.Module):
+    def __init__(self, dims: tuple[int, ...]):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+
+class _CNBlock(nn.Module):
+    """torchvision ``CNBlock``: dwconv7 -> LN -> Linear(4C) -> GELU -> Linear(C), layer scale,
+    residual. Stochastic depth is the identity in eval mode, the only mode used here."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 1e-6))
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, 7, padding=3, groups=dim, bias=True),
+            _Permute((0, 2, 3, 1)),
+            nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Linear(4 * dim, dim),
+            _Permute((0, 3, 1, 2)),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.layer_scale * self.block(x)
+
+
+class ConvNeXtPerceptualLoss(_Float32):
+    """ConvNeXt logit MSE (release ``ConvNeXtPerceptualLoss``, ``model_lpips.py:98-125``).
+
+    The network is torchvision's ``convnext_small`` (defaults ``dims=(96, 192, 384, 768)``,
+    ``depths=(3, 3, 27, 3)``, 1000 classes) with torchvision's key names (``features.0.0``
+    stem conv, ``features.0.1`` stem LayerNorm2d, ``features.{1,3,5,7}.j`` blocks,
+    ``features.{2,4,6}`` downsampling LN + conv, ``classifier.{0,2}``); smaller ``dims`` /
+    ``depths`` give stand-ins for tests. Always eval mode (the release forces ``self.eval()``
+    on every call, so stochastic depth is off), frozen, float32.
+
+    ``forward(x, y)``: images in [-1, 1] -> per-sample ``mean_k (logit_k(x) - logit_k(y))^2``
+    ``(B,)``, after ``(img + 1) / 2``, a bilinear antialiased resize to ``image_size``
+    (224; ``align_corners=False``) and ImageNet mean/std normalisation.
+    """
+
+    kind = "convnext"
+
+    def __init__(self, dims: tuple[int, ...] = CONVNEXT_SMALL_DIMS, depths: tuple[int, ...] = CONVNEXT_SMALL_DEPTHS,
+                 num_classes: int = 1000, image_size: int = 224):
+        super().__init__()
+        if len(dims) != len(depths) or not dims:
+            raise ValueError(f"dims and depths must have one entry per stage, got {dims} and {depths}")
+        self.dims, self.depths, self.image_size = tuple(dims), tuple(depths), int(image_size)
+        stages: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), _LayerNorm2d(dims[0], eps=1e-6))]
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            stages.append(nn.Sequential(*[_CNBlock(dim) for _ in range(depth)]))
+            if i + 1 < len(dims):
+                stages.append(nn.Sequential(_LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, stride=2)))
+        self.features = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(_LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1), nn.Linear(dims[-1], num_classes))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._freeze()
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor], image_size: int = 224) -> "ConvNeXtPerceptualLoss":
+        """Build from a torchvision ConvNeXt state dict (``module.`` stripped); the stage
+        widths, depths and class count are read from the tensors. Raises
+        :class:`PerceptualWeightsError` when keys are missing, misshaped or unexpected."""
+        sd = _strip_module(state_dict)
+        if "features.0.0.weight" not in sd or "classifier.2.weight" not in sd:
+            missing = [k for k in ("features.0.0.weight", "classifier.2.weight") if k not in sd]
+            raise PerceptualWeightsError(_fit_error("ConvNeXt", missing, []))
+        dims, depths = [], []
+        while f"features.{1 + 2 * len(dims)}.0.layer_scale" in sd:
+            stage = 1 + 2 * len(dims)
+            n = 0
+            while f"features.{stage}.{n}.layer_scale" in sd:
+                n += 1
+            dims.append(int(sd[f"features.{stage}.0.layer_scale"].shape[0]))
+            depths.append(n)
+        if not dims:
+            raise PerceptualWeightsError(_fit_error("ConvNeXt", ["features.1.0.layer_scale"], []))
+        model = cls(tuple(dims), tuple(depths), int(sd["classifier.2.weight"].shape[0]), image_size)
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        misshaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+                     for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        msg = _fit_error(f"ConvNeXt (dims {tuple(dims)}, depths {tuple(depths)})", missing, misshaped, unexpected)
+        if msg:
+            raise PerceptualWeightsError(msg)
+        with torch.no_grad():
+            for k in own:
+                own[k].copy_(sd[k].to(own[k].dtype))
+        return model
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] ``(B, C, H, W)`` -> class logits ``(B, num_classes)`` (float32)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = self._rgb(x) * 0.5 + 0.5
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+            x = self.features((x - self.mean) / self.std)
+            return self.classifier(self.avgpool(x))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-sample logit MSE ``(B,)`` between image batches ``x``, ``y`` in [-1, 1]."""
+        return (self.logits(x) - self.logits(y)).pow(2).mean(-1)
+
+
+_KINDS = {"vgg": "vgg", "lpips": "vgg", "convnext": "convnext"}
+
+
+def load_perceptual(path: str | os.PathLike | None, kind: str | None = None
+                    ) -> PerceptualLoss | ConvNeXtPerceptualLoss | None:
+    """Load a perceptual loss from a local weights file, or ``None`` when ``path`` is None.
 
     ``.safetensors`` is read with safetensors; ``.pt`` / ``.pth`` with
     ``torch.load(weights_only=True, map_location="cpu")`` (a dict of tensors; nothing else is
-    unpickled). Keys: torchvision VGG16 ``features.N.{weight,bias}`` plus optional LPIPS
-    ``lin{0..4}.model.1.weight``. Nothing is downloaded.
-    Raises ``FileNotFoundError`` (no file), ``ValueError`` (format / missing or misshaped keys).
+    unpickled). ``kind``: ``"vgg"`` (alias ``"lpips"``) -> :class:`PerceptualLoss` from
+    torchvision VGG16 ``features.N.{weight,bias}`` plus optional LPIPS
+    ``lin{0..4}.model.1.weight``; ``"convnext"`` -> :class:`ConvNeXtPerceptualLoss` from a
+    torchvision ConvNeXt state dict; ``None`` -> chosen by the keys. Nothing is downloaded
+    (see the module docstring for converting the published weights).
+    Raises :class:`PerceptualWeightsMissing` (no file) or :class:`PerceptualWeightsError`
+    (format, unknown layout, missing / misshaped keys), both ``PrologueError``s naming the file.
     """
     if path is None:
         return None
+    if kind is not None and kind not in _KINDS:
+        raise PerceptualWeightsError(f"perceptual kind must be 'vgg', 'lpips' or 'convnext', got {kind!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"perceptual-loss weights not found at {path!r}: expected a local VGG16 / LPIPS weights "
-            "file (.safetensors, .pt or .pth) with torchvision 'features.N.weight/bias' tensors and "
-            "optionally LPIPS 'lin{0..4}.model.1.weight'; nothing is downloaded"
+        raise PerceptualWeightsMissing(
+            f"perceptual-loss weights not found at {path!r}: expected a local VGG16/LPIPS or ConvNeXt "
+            "weights file (.safetensors, .pt or .pth) with torchvision key names (VGG16 "
+            "'features.N.weight/bias' + optional LPIPS 'lin{0..4}.model.1.weight', or convnext_small's "
+            "state dict); nothing is downloaded"
         )
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if ext == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(path, device="cpu")
-    elif ext in (".pt", ".pth"):
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-        sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    else:
-        raise ValueError(f"{path}: unsupported perceptual weights format {ext!r} (use .safetensors, .pt or .pth)")
-    return PerceptualLoss.from_state_dict(sd)
+            sd = load_file(path, device="cpu")
+        elif ext in (".pt", ".pth"):
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+            if not isinstance(obj, Mapping):
+                raise PerceptualWeightsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+            sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        else:
+            raise PerceptualWeightsError(
+                f"{path}: unsupported perceptual weights format {ext!r} (use .safetensors, .pt or .pth)")
+    except PerceptualWeightsError:
+        raise
+    except Exception as exc:  # corrupt file, pickle refused, ...
+        raise PerceptualWeightsError(f"{path}: cannot read perceptual weights ({type(exc).__name__}: {exc})") from None
+    names = {k[len("module."):] if k.startswith("module.") else k for k in sd}
+    if kind is None:
+        if "features.0.0.weight" in names:
+            kind = "convnext"
+        elif "features.0.weight" in names:
+            kind = "vgg"
+        else:
+            shown = ", ".join(sorted(names)[:6]) or "no tensors"
+            raise PerceptualWeightsError(
+                f"{path}: neither VGG16/LPIPS ('features.0.weight') nor ConvNeXt ('features.0.0.weight') "
+                f"perceptual weights (found {shown}{' ...' if len(names) > 6 else ''})")
+    try:
+        if _KINDS[kind] == "convnext":
+            return ConvNeXtPerceptualLoss.from_state_dict(sd)
+        return PerceptualLoss.from_state_dict(sd)
+    except PerceptualWeightsError as exc:
+        raise PerceptualWeightsError(f"{path}: {exc}") from None

@@ -9,6 +9,14 @@ Each step alternates, on the same batch:
 For half the rows (`visual_input_dropout`) every visual *input* of the AR is EOS, in both A and
 B, so the prologue alone must predict the image. Variants: `2d` (no prologue, no joint AR),
 `post` (a trained 2d tokenizer frozen; a separate prologue encoder + joint AR trained).
+
+Step counting: one of our steps (`run.steps`, `step` in metrics.jsonl and checkpoints) is one
+A/B *pair*, i.e. two of the release's global steps (`g = 2 * step` is A, `2 * step + 1` is B;
+utils.py:111-134, OFFICIAL_TRAINING §2.1). Every optimizer is called once per pair, so its own
+call counter, which the release's schedulers count (train_tokenizer.py:392-395, :742-752), is our
+step, and the scheduler horizon `total_global_steps / 2` is `run.steps`. The released 2M global
+steps are therefore `run.steps = 1_000_000` (`train/configs.py`). A checkpoint always lands after
+a whole pair, so nothing of step A has to be carried over to resume.
 """
 
 from __future__ import annotations
@@ -33,16 +41,27 @@ from .common import CHECKPOINT_DIR, EMA, TrainError
 from .configs import TokenizerTrainConfig
 
 
+def segment_ce(logits: torch.Tensor, seq: torch.Tensor, num_prologue: int):
+    """The release's segment CE (train_tokenizer.py:663-690, :714-724; OFFICIAL_TRAINING §2.8):
+    each sample's per-token CE *summed* over a segment and divided by the whole length
+    `T = Z + 1 + X`, then the batch mean; full vocabulary, fp32 logits, no mask.
+
+    Returns `(prologue + EOS term, visual term, per-token CE [B, T])`; the two terms add up to the
+    token mean over all T positions (step B's AR loss, :663-690)."""
+    B, T = seq.shape
+    ce = F.cross_entropy(logits.float().flatten(0, 1), seq.flatten(), reduction="none").view(B, T)
+    Z1 = num_prologue + 1
+    return ce[:, :Z1].sum(1).mean() / T, ce[:, Z1:].sum(1).mean() / T, ce
+
+
 def joint_ce(ar, vocab, prologue_ids, visual_ids, onehot, drop_rows, null_class):
-    """Per-segment CE of the unconditional joint AR: (prologue + EOS targets, visual targets)."""
+    """Segment CE (`segment_ce`) of the unconditional joint AR on `[prologue ; EOS ; visual]`."""
     B = visual_ids.shape[0]
     seq = torch.cat([prologue_ids + vocab.prologue_offset,
                      torch.full((B, 1), vocab.eos_id, device=visual_ids.device), visual_ids], dim=1)  # [B, T]
     classes = torch.full((B,), null_class, device=visual_ids.device)
     logits = ar(seq, classes, prologue_onehot=onehot, drop_visual_inputs=drop_rows)  # [B, T, V]
-    ce = F.cross_entropy(logits.float().flatten(0, 1), seq.flatten(), reduction="none").view(B, -1)
-    Z = vocab.num_prologue_tokens
-    return ce[:, :Z + 1].mean(), ce[:, Z + 1:].mean()
+    return segment_ce(logits, seq, vocab.num_prologue_tokens)
 
 
 def _drop_rows(cfg, step: int, stream: int, rank: int, world: int, micro: slice, device) -> torch.Tensor:
@@ -73,29 +92,39 @@ class TokenizerTrainer:
         if tcfg.variant != "post" and cfg.gan_weight > 0:
             g = cfg.gan
             self.gan = GANLoss(tcfg.channels, base_channels=g.base_channels, num_layers=g.num_layers, loss=g.loss,
-                               lecam_weight=g.lecam_weight, r1_weight=g.r1_weight, aug_prob=g.aug_prob)
+                               lecam_weight=g.lecam_weight, r1_weight=g.r1_weight)
         self.perceptual = None
         if tcfg.variant != "post" and cfg.perceptual_weight > 0:
             self.perceptual = load_perceptual(cfg.perceptual_weights)
             if self.perceptual is None and acc.is_main_process:
-                print("[phase 1] no perceptual weights given (perceptual_weights=PATH to a local VGG16/LPIPS "
+                print("[phase 1] no perceptual weights given (perceptual_weights=PATH to a local LPIPS-VGG16 or ConvNeXt-S "
                       "file): training without the perceptual loss", file=sys.stderr, flush=True)
         self.device = acc.device
         for m in (self.tok, self.joint, self.gan, self.perceptual):
             if m is not None:
                 m.to(self.device)
         self.tok_params = [p for p in self.tok.parameters() if p.requires_grad]
-        self.optimizers = {"tokenizer": common.make_optimizer(self.tok_params, cfg.optim_tokenizer)}
+        # encoder/decoder: one group, wd 0 (train_tokenizer.py:286, 309); joint AR: decay / no-decay
+        # groups (:287-306, `common.ar_no_decay`); discriminator: wd 1e-4 on every parameter (:310)
+        self.optimizers = {"tokenizer": common.make_optimizer(
+            [(n, p) for n, p in self.tok.named_parameters() if p.requires_grad], cfg.optim_tokenizer)}
         self.modules: typing.Dict[str, torch.nn.Module] = {"tokenizer": self.tok}
+        # EMA half-lives: encoder/decoder 1000, joint AR 2500 updates (default.yaml:71-72)
         self.emas = {"tokenizer": EMA(self.tok, cfg.ema_halflife)}
         if self.joint is not None:
-            self.optimizers["joint_ar"] = common.make_optimizer(self.joint.parameters(), cfg.optim_ar)
+            self.optimizers["joint_ar"] = common.make_optimizer(self.joint.named_parameters(), cfg.optim_ar,
+                                                                no_decay=common.ar_no_decay)
             self.modules["joint_ar"] = self.joint
-            self.emas["joint_ar"] = EMA(self.joint, cfg.ema_halflife)
+            self.emas["joint_ar"] = EMA(self.joint, cfg.ar_ema_halflife)
         if self.gan is not None:
-            self.optimizers["disc"] = common.make_optimizer(self.gan.parameters(), cfg.optim_disc)
+            self.optimizers["disc"] = common.make_optimizer(self.gan.named_parameters(), cfg.optim_disc)
             self.modules["gan"] = self.gan
         self._kept: list = []
+        K_v = self.model_cfg.tokenizer.visual_codebook_size
+        K_p = self.model_cfg.tokenizer.prologue_codebook_size if self.model_cfg.tokenizer.has_prologue else 0
+        self.codebook_sizes = {"visual": K_v, **({"prologue": K_p} if K_p else {})}
+        self._window = {k: torch.zeros(n, dtype=torch.long) for k, n in self.codebook_sizes.items()}
+        self._step_hist: typing.Dict[str, torch.Tensor] = {}
 
     def wrap(self) -> None:
         """torch.compile (optional) and DDP wrappers for the forwards; call after restoring state."""
@@ -108,6 +137,8 @@ class TokenizerTrainer:
                        if m is not None]
 
     def set_lr(self, step: int) -> float:
+        """Each optimizer's lr at its own call counter (= our pair step, see the module doc);
+        horizon `run.steps` = the release's `total_global_steps / 2` (train_tokenizer.py:392-395)."""
         names = {"tokenizer": "optim_tokenizer", "joint_ar": "optim_ar", "disc": "optim_disc"}
         lrs = {n: common.lr_at(step, self.cfg.run.steps, getattr(self.cfg, names[n])) for n in self.optimizers}
         for n, opt in self.optimizers.items():
@@ -141,15 +172,19 @@ class TokenizerTrainer:
                     loss = loss + cfg.gan_weight * parts["gan_g"]
                 if self.joint is not None:
                     drop = _drop_rows(cfg, step, 1, self.rank, self.world, micro, self.device)
-                    ce_p, ce_v = joint_ce(self.joint_fwd, self.vocab, outs["prologue_ids"], outs["visual_ids"],
-                                          outs["prologue_onehot"], drop, cfg.num_classes)
-                    parts["ce_prologue"], parts["ce_visual"] = ce_p, ce_v
-                    loss = loss + cfg.ce_weight_prologue * ce_p + cfg.ce_weight_visual * ce_v
+                    ce_p, ce_v, ce = joint_ce(self.joint_fwd, self.vocab, outs["prologue_ids"], outs["visual_ids"],
+                                              outs["prologue_onehot"], drop, cfg.num_classes)
+                    # prior->encoder: 3 (prologue + EOS) + 3 visual, each sum/T (train_tokenizer.py:714-731)
+                    parts["prior_enc"] = cfg.ce_weight_prologue * ce_p + cfg.ce_weight_visual * ce_v
+                    loss = loss + parts["prior_enc"]
+                    Z1 = self.vocab.num_prologue_tokens + 1  # logged: per-token means, for reading
+                    parts["ce_prologue"], parts["ce_visual"] = ce[:, :Z1].mean(), ce[:, Z1:].mean()
                 acc.backward(loss / run.grad_accum)
             _accumulate(stats, parts, run.grad_accum)
+            self._count_codes(outs, i == 0)
             self._kept.append((x, rec.detach(), outs.get("prologue_ids"), outs["visual_ids"].detach(), micro))
         stats["grad_norm_tokenizer"] = common.clip_and_step(
-            self.optimizers["tokenizer"], self.tok_params, cfg.optim_tokenizer.grad_clip, acc)
+            self.optimizers["tokenizer"], self.tok_params, cfg.optim_tokenizer.grad_clip, acc, fix_nonfinite=True)
         for opt in self.optimizers.values():  # AR / discriminator gradients of step A are discarded
             opt.zero_grad(set_to_none=True)
         return stats
@@ -166,32 +201,63 @@ class TokenizerTrainer:
                 loss = torch.zeros((), device=self.device)
                 parts = {}
                 if gan_on:
-                    d = self.gan.discriminator_loss(x, rec)
+                    d = self.gan.discriminator_loss(x, rec, new_update=(i == 0))  # one R1 decision per update
                     parts.update({k: d[k] for k in ("d_loss", "lecam", "r1", "logits_real", "logits_fake")})
                     loss = loss + d["loss"]
                 if self.joint is not None:
                     drop = _drop_rows(cfg, step, 2, self.rank, self.world, micro, self.device)
-                    ce_p, ce_v = joint_ce(self.joint_fwd, self.vocab, prologue_ids.detach(), visual_ids, None, drop,
-                                          cfg.num_classes)
-                    v = self.vocab
-                    parts["ar_ce"] = (ce_p * (v.num_prologue_tokens + 1) + ce_v * v.num_visual_tokens) / v.seq_len
+                    ce_p, ce_v, _ = joint_ce(self.joint_fwd, self.vocab, prologue_ids.detach(), visual_ids, None,
+                                             drop, cfg.num_classes)
+                    parts["ar_ce"] = ce_p + ce_v  # token mean over all T positions, weight 1 (:663-690)
                     loss = loss + parts["ar_ce"]
                 acc.backward(loss / run.grad_accum)
             _accumulate(stats, parts, run.grad_accum)
         if gan_on:
             stats["grad_norm_disc"] = common.clip_and_step(
-                self.optimizers["disc"], list(self.gan.parameters()), cfg.optim_disc.grad_clip, acc)
+                self.optimizers["disc"], list(self.gan.parameters()), cfg.optim_disc.grad_clip, acc, fix_nonfinite=True)
         if self.joint is not None:
             stats["grad_norm_joint_ar"] = common.clip_and_step(
-                self.optimizers["joint_ar"], list(self.joint.parameters()), cfg.optim_ar.grad_clip, acc)
+                self.optimizers["joint_ar"], list(self.joint.parameters()), cfg.optim_ar.grad_clip, acc,
+                fix_nonfinite=True)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         self._kept = []
         return stats
 
     def update_emas(self) -> None:
+        """After every pair, also the first (skipped) one: the release tests the lr *after* the
+        scheduler step in phase 1 (train_tokenizer.py:755-761), so its EMAs update every A / B step."""
         for name, ema in self.emas.items():
             ema.update(self.modules[name])
+
+    @torch.no_grad()
+    def _count_codes(self, outs: dict, first_micro: bool) -> None:
+        """Histogram of this step's code ids per codebook (all micro-batches)."""
+        if first_micro:
+            self._step_hist = {}
+        for name, K in self.codebook_sizes.items():
+            ids = outs.get(f"{name}_ids")
+            if ids is None:
+                continue
+            h = torch.bincount(ids.detach().flatten().long(), minlength=K)[:K].cpu()
+            self._step_hist[name] = self._step_hist.get(name, 0) + h
+
+    @torch.no_grad()
+    def code_stats(self, window_end: bool) -> dict:
+        """Codebook usage: `<book>_used` (codes used of K in the step's global batch), `<book>_ppl`
+        (perplexity, exp of the entropy of the code histogram), and over the log window
+        (`<book>_used_window`, `<book>_ppl_window`, when `window_end`; then the window restarts).
+        Logging only: it does not touch the run's state, so resume stays exact."""
+        stats = {}
+        for name, hist in self._step_hist.items():
+            if self.world > 1:
+                hist = self.acc.reduce(hist.to(self.device), reduction="sum").cpu()
+            self._window[name] += hist
+            stats[f"{name}_used"], stats[f"{name}_ppl"] = common.code_usage(hist)
+            if window_end:
+                stats[f"{name}_used_window"], stats[f"{name}_ppl_window"] = common.code_usage(self._window[name])
+                self._window[name].zero_()
+        return stats
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig, data: typing.Optional[str], out, resume: bool = False) -> Path:
@@ -232,7 +298,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig, data: typing.Optional[str], out, 
             stats.update(trainer.step_b(step))
             trainer.update_emas()
             done = step + 1
-            report.step_done(done, {**stats, "lr": lr, "skipped_total": skipped_total}, "l1")
+            stats.update(trainer.code_stats(window_end=report.due(done, run.log_every)))
+            book = "prologue" if "prologue" in trainer.codebook_sizes else "visual"
+            codes = {f"{book[0]}_codes": f"{stats[f'{book}_used']}/{trainer.codebook_sizes[book]}"}
+            report.step_done(done, {**stats, "lr": lr, "skipped_total": skipped_total}, "l1", postfix=codes)
             if main and report.due(done, run.image_every):
                 _recon_grid(trainer.emas["tokenizer"], trainer.model_cfg, images[:8],
                             out / "images" / f"recon_step{done:07d}.png", trainer.device)
