@@ -8,6 +8,7 @@ the release's state-dict keys below the top-level prefix, so the importer only r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import typing
 
@@ -49,6 +50,17 @@ def init_linear_(linear: typing.Optional[nn.Linear], scale: float = 1.0) -> None
     init_trunc_normal_(linear.weight, scale)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
+
+
+def fp32_island(device: torch.device):
+    """Autocast disabled for `device` (the release's float32 islands: the quantizers,
+    models.py:1271, 1333, 1348, and the output norm + output layer, models.py:625-634;
+    OFFICIAL_TRAINING.md §2.6, §2.14), so that with the inputs cast to float32 every op runs in
+    float32. A no-op context when autocast is off (export, plain fp32)."""
+    kind = device.type
+    if kind in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -333,9 +345,12 @@ class Transformer(nn.Module):
         return e
 
     def head(self, e: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Output norm + output layer in float32 with autocast off (models.py:625-634): decoder
+        outputs and AR logits are fp32 math under bf16 training too."""
         e = e.float()
         if self.out_norm is not None:
-            e = self.out(self.out_norm(e, cond))
+            with fp32_island(e.device):
+                e = self.out(self.out_norm(e, cond.float()))
         return e
 
     def forward(self, x, cos, sin, causal: bool = False) -> torch.Tensor:

@@ -11,7 +11,6 @@ The decoder sees only the visual codes.
 
 from __future__ import annotations
 
-import contextlib
 import typing
 
 import torch
@@ -20,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import TokenizerConfig
-from .layers import Transformer, grid_positions, init_linear_, rope_table, sequence_positions
+from .layers import Transformer, fp32_island, grid_positions, init_linear_, rope_table, sequence_positions
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -44,16 +43,6 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 def uint8_to_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float in [-1, 1] (`x / 127.5 - 1`; the one pixel -> float conversion)."""
     return images.float() / 127.5 - 1.0
-
-
-def fp32_island(device: torch.device):
-    """Autocast disabled for `device` (the release's `@autocast("cuda", enabled=False)` on the
-    quantizers, models.py:1271, 1333, 1348; OFFICIAL_TRAINING.md §2.6), so that with the inputs cast
-    to float32 every op runs in float32. A no-op context when autocast is off (export, plain fp32)."""
-    kind = device.type
-    if kind in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(kind):
-        return torch.autocast(device_type=kind, enabled=False)
-    return contextlib.nullcontext()
 
 
 class CosineQuantizer(nn.Module):

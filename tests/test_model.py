@@ -231,3 +231,22 @@ def test_visual_input_dropout_replaces_inputs_not_targets():
     assert torch.allclose(dropped[0], expected[0], atol=1e-6)
     assert torch.equal(dropped[1], plain[1])
     assert not torch.allclose(dropped[0], plain[0])
+
+
+def test_output_head_runs_in_float32_under_autocast():
+    """The release's float32 island (models.py:625-634): output norm + output layer in fp32 math
+    even under bf16 autocast, so AR logits are fp32 (compared against the same head without autocast)."""
+    from prologue_export.ar import ARModel
+    from prologue_export.config import ar_preset, model_preset
+
+    cfg = model_preset("tiny")
+    ar = ARModel(ar_preset("tiny"), cfg.vocab(), cfg.num_classes).eval()
+    torch.manual_seed(0)
+    e = torch.randn(2, 5, ar.cfg.dim)
+    cond = ar.transformer.condition(2)
+    plain = ar.transformer.head(e, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ar.transformer.head(e.bfloat16(), cond)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, ar.transformer.head(e.bfloat16().float(), cond), rtol=0, atol=0)
+    assert plain.dtype == torch.float32
