@@ -39,9 +39,14 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_build_engines(args) -> int:
-    from ..export.tensorrt import build_engines
+    from ..export.tensorrt import build_engines, prepare_tensorrt, trtexec_commands
 
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.print_trtexec:
+        prepare_tensorrt(args.bundle, args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch, log=log)
+        lines = trtexec_commands(args.bundle, args.precision, args.timing_cache, args.workspace_gb)
+        print(json.dumps(lines, indent=2) if args.json else "\n".join(lines))
+        return 0
     engines = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
                             timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, log=log)
     print(json.dumps(engines, indent=2) if args.json else
@@ -85,7 +90,9 @@ def _add_build_engines_parser(sub) -> None:
         "build-engines", help="build TensorRT engines from a bundle's ONNX graphs (GPU host)",
         description="One strongly typed TensorRT engine per graph, with an optimisation profile (min 1, opt the serving "
         "batch, max --max-batch), a reusable timing cache, and the engine's provenance (TensorRT version, GPU, "
-        "precision, profile) written into the manifest. Needs tensorrt and cuda-python on a CUDA GPU host.")
+        "precision, profile) written into the manifest. First the ONNX each engine is built from (If nodes inlined, "
+        "TopK capped, weight matmuls in --precision) is written into the bundle and checked against TensorRT 10's ONNX "
+        "operator table. Needs tensorrt and cuda-python on a CUDA GPU host, except with --print-trtexec.")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by prologue export")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16",
                    help="weight matmuls in this type; norms, softmax, RoPE, sampling and logits stay fp32 (default fp16)")
@@ -97,5 +104,8 @@ def _add_build_engines_parser(sub) -> None:
                    help="TensorRT timing cache to reuse and update (default ~/.cache/prologue-export/)")
     p.add_argument("--workspace-gb", dest="workspace_gb", type=float, default=DEFAULT_WORKSPACE_GB,
                    help=f"builder workspace (default {DEFAULT_WORKSPACE_GB:g})")
-    p.add_argument("--json", action="store_true", help="print the engines' manifest entries as JSON")
+    p.add_argument("--print-trtexec", dest="print_trtexec", action="store_true",
+                   help="do not build: write and check the ONNX files engines are built from, list them in the manifest's "
+                   "tensorrt section and print one trtexec command per graph (no TensorRT needed here)")
+    p.add_argument("--json", action="store_true", help="print the engines' manifest entries (or the trtexec commands) as JSON")
     p.set_defaults(func=_cmd_build_engines)

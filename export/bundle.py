@@ -66,7 +66,42 @@ def export_graph(contract, folder: Path) -> typing.List[str]:
                 opset_version=OPSET, dynamo=True, external_data=external, verbose=False)
     except Exception as exc:
         raise ExportError(f"exporting {contract.name} to ONNX failed: {type(exc).__name__}: {exc}") from exc
+    if any(s.dtype == "uint8" for s in contract.inputs):
+        _shapes_from_cast(path)
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{contract.name}.onnx"))
+
+
+def _shapes_from_cast(path: Path) -> int:
+    """Rewrite `Shape(uint8 graph input)` as `Shape(Cast(input))` in the ONNX file at `path`.
+
+    The exporter reads dynamic sizes off the first input that carries them, the uint8 image;
+    TensorRT takes UINT8 only as a network input or output (onnx-tensorrt operators.md: Shape is
+    listed for FP32/FP16/BF16/INT32/INT64/BOOL), so the shape is taken from the float copy that the
+    graph makes of its input anyway (an existing Cast is reused). Returns the nodes rewritten."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    uint8 = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.UINT8}
+    casts = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in uint8}
+    rewritten, new_casts = 0, []
+    for node in graph.node:
+        if node.op_type == "Shape" and node.input[0] in uint8:
+            source = node.input[0]
+            if source not in casts:
+                casts[source] = f"{source}__as_float"
+                new_casts.append(helper.make_node("Cast", [source], [casts[source]], to=TensorProto.FLOAT,
+                                                  name=f"{source}__cast_for_shape"))
+            node.input[0] = casts[source]
+            rewritten += 1
+    if rewritten:
+        first_cast = [n for n in graph.node if n.op_type == "Cast" and n.input[0] in uint8]
+        nodes = new_casts + first_cast + [n for n in graph.node if n not in first_cast]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return rewritten
 
 
 QUANT_BLOCK = 32

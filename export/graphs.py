@@ -23,7 +23,7 @@ from ..ar import ARModel
 from ..model import PrologueModel
 from ..runtime import contract as io
 from ..runtime.contract import AxisRange, TensorSpec
-from ..runtime.settings import top_k_active, top_p_active
+from ..runtime.settings import max_top_k, top_k_active, top_p_active
 from ..tokenizer import images_to_uint8, uint8_to_images
 from .errors import ExportError
 
@@ -40,8 +40,15 @@ class GraphContract:
     def sample_inputs(self, generator: torch.Generator) -> typing.Tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    @property
+    def sample_batch(self) -> int:
+        """The batch of the sample inputs: 2 (a size-1 sample would be specialised), or 1 when the
+        batch range is the single value 1 (`--max-batch 1`: a static batch)."""
+        return min(2, self.axes["batch"].max) if "batch" in self.axes else 1
+
     def dynamic_shapes(self) -> typing.Dict[str, dict]:
-        """`torch.export` dynamic shapes keyed by input name."""
+        """`torch.export` dynamic shapes keyed by input name (axes whose range is one value are
+        already numbers in the specs: torch.export's Dim needs min < max)."""
         dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in self.axes.items()}
         return {spec.name: {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in self.inputs}
 
@@ -76,15 +83,15 @@ class DecoderContract(GraphContract):
     def __init__(self, model: PrologueModel, max_batch: int):
         self.model = model
         t = model.config.tokenizer
-        self.axes = io.batch_axes(max_batch)
-        self.inputs, self.outputs = io.decoder_io(t.channels, t.image_size, t.num_visual_tokens)
+        self.inputs, self.outputs, self.axes = io.static_axes(
+            *io.decoder_io(t.channels, t.image_size, t.num_visual_tokens), io.batch_axes(max_batch))
 
     def module(self) -> nn.Module:
         return DecoderModule(self.model).eval()
 
     def sample_inputs(self, generator):
         t = self.model.config.tokenizer
-        return (torch.randint(0, t.visual_codebook_size, (2, t.num_visual_tokens), generator=generator),)
+        return (torch.randint(0, t.visual_codebook_size, (self.sample_batch, t.num_visual_tokens), generator=generator),)
 
 
 class PrologueGeneratorModule(nn.Module):
@@ -102,16 +109,17 @@ class PrologueGeneratorContract(GraphContract):
     def __init__(self, model: PrologueModel, max_batch: int):
         self.model = model
         t = model.config.tokenizer
-        self.axes = io.batch_axes(max_batch)
-        self.inputs, self.outputs = io.prologue_generator_io(t.channels, t.image_size, t.num_prologue_tokens,
-                                                             t.num_visual_tokens)
+        self.inputs, self.outputs, self.axes = io.static_axes(
+            *io.prologue_generator_io(t.channels, t.image_size, t.num_prologue_tokens, t.num_visual_tokens),
+            io.batch_axes(max_batch))
 
     def module(self) -> nn.Module:
         return PrologueGeneratorModule(self.model).eval()
 
     def sample_inputs(self, generator):
         t = self.model.config.tokenizer
-        return (torch.randint(0, 256, (2, t.channels, t.image_size, t.image_size), generator=generator).to(torch.uint8),)
+        shape = (self.sample_batch, t.channels, t.image_size, t.image_size)
+        return (torch.randint(0, 256, shape, generator=generator).to(torch.uint8),)
 
 
 class ARStepModule(nn.Module):
@@ -122,12 +130,17 @@ class ARStepModule(nn.Module):
     `cfg_scale = 1` and the mix is exactly `cond`. Then `/ temperature`, `+ mask[position]`, top-k
     (`top_k` 0 = off), top-p (`top_p` 0 or >= 1 = off) and `argmax(logits + Gumbel(uniform))`.
     The KV cache comes in per layer: `kv_cache` = `k_cache_0 .. k_cache_{L-1}, v_cache_0 ..`.
+
+    Every op stays inside TensorRT 10's ONNX operator table (export/trt_support.py): top-k is a
+    TopK of constant K = `top_k_cap` (the largest top-k the vocabulary allows) and a compare, top-p
+    a bisection on the scores (no sort, no scatter), integer bounds use Min/Max/Where (no Clip).
     """
 
     def __init__(self, ar: ARModel, conditional: bool = True):
         super().__init__()
         self.ar = ar
-        self.conditional = conditional  # top-k / top-p sorts only when on (False: always, then select)
+        self.conditional = conditional  # top-k / top-p run only when on (False: always, then select)
+        self.top_k_cap = max_top_k(ar.vocab)
 
     def forward(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p, *kv_cache):
         R, T = input_ids.shape
@@ -142,7 +155,7 @@ class ARStepModule(nn.Module):
         position = start_pos.reshape(-1)[:1] + (T - 1)  # [1] the step being sampled
         mask = self.ar.logit_mask.index_select(0, position)  # [1, V]
         scores = mixed / temperature + mask
-        scores = _top_k(scores, top_k, self.conditional)
+        scores = _top_k(scores, top_k, self.top_k_cap, self.conditional)
         scores = _top_p(scores, top_p, self.conditional)
         gumbel = -torch.log(-torch.log(uniform))
         next_tokens = torch.argmax(scores + gumbel, dim=-1)  # [B]
@@ -150,36 +163,54 @@ class ARStepModule(nn.Module):
         return next_tokens, k_new, v_new, last
 
 
-def _top_k(scores: torch.Tensor, top_k: torch.Tensor, conditional: bool = True) -> torch.Tensor:
-    """Keep the `top_k` best scores of each row (0 = off). With `conditional` the sort runs only
-    when it is on (an `If` in the ONNX graph: the default settings pay nothing for it); without,
-    it always runs and a select picks the result (for compilers without control flow)."""
+TOP_P_BISECTION_STEPS = 40  # the final interval is 2^-40 of the score range: one distinct score at most
+
+
+def _top_k(scores: torch.Tensor, top_k: torch.Tensor, cap: int, conditional: bool = True) -> torch.Tensor:
+    """Keep the `top_k` best scores of each row (0 = off; ties with the k-th kept, as the release's
+    `logits < kth -> -inf`). The k-th value comes from one TopK of constant K = `cap` (>= every
+    allowed top_k); with `conditional` it runs only when top-k is on (an ONNX `If`), without, it
+    always runs and a select picks the result (for compilers without control flow)."""
     V = scores.shape[-1]
     k = top_k.reshape(-1)[:1]
     active = top_k_active(k, V).reshape(())
 
     def truncate(scores, k):
-        kth = torch.sort(scores, dim=-1, descending=True).values.gather(-1, (k.clamp(1, V) - 1).expand(scores.shape[0], 1))
+        best = torch.topk(scores, min(cap, V), dim=-1).values  # [B, cap], sorted
+        index = torch.where(k < 1, torch.ones_like(k), torch.where(k > cap, torch.full_like(k, cap), k)) - 1
+        kth = best.gather(-1, index.reshape(1, 1).expand(scores.shape[0], 1))
         return torch.where(scores < kth, torch.full_like(scores, float("-inf")), scores)
 
     return _apply_if(active, truncate, scores, k, conditional)
 
 
 def _top_p(scores: torch.Tensor, top_p: torch.Tensor, conditional: bool = True) -> torch.Tensor:
-    """Keep the smallest set of best scores whose probability reaches `top_p` (0 or >= 1 = off);
-    `conditional` as in `_top_k`."""
+    """Keep the smallest set of best scores whose probability reaches `top_p` (0 or >= 1 = off):
+    token i stays iff the mass of the tokens scoring strictly above it is <= p (the release's
+    sorted rule `c_{i-1} <= p`; the best token always stays). Without a sort: the threshold is
+    found by bisection on the score axis (`mass_above` falls as the threshold rises), then the
+    one score left inside the final interval is decided exactly. `conditional` as in `_top_k`."""
     p = top_p.reshape(-1)[:1]
     active = top_p_active(p).reshape(())
+    return _apply_if(active, _top_p_truncate, scores, p, conditional)
 
-    def truncate(scores, p):
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass ranked above each token: exactly 0 for the best
-        remove_sorted = before > p  # so with p > 0 the best token always stays
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        return torch.where(remove, torch.full_like(scores, float("-inf")), scores)
 
-    return _apply_if(active, truncate, scores, p, conditional)
+def _top_p_truncate(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(scores, dim=-1)
+    neg_inf, pos_inf = torch.full_like(scores, float("-inf")), torch.full_like(scores, float("inf"))
+
+    def mass_above(t):  # [B, 1] -> [B, 1]
+        return torch.where(scores > t, probs, torch.zeros_like(probs)).sum(-1, keepdim=True)
+
+    hi = scores.amax(-1, keepdim=True)  # mass above the best = 0 <= p: a valid threshold
+    lo = torch.where(scores > neg_inf, scores, hi).amin(-1, keepdim=True) - 1.0  # everything above: > p
+    for _ in range(TOP_P_BISECTION_STEPS):
+        mid = (lo + hi) * 0.5
+        ok = mass_above(mid) <= p
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    t = torch.where(scores > lo, scores, pos_inf).amin(-1, keepdim=True)  # the lowest score that may stay
+    keep = (scores > t) | ((scores >= t) & (mass_above(t) <= p))  # t itself stays iff its mass above is <= p
+    return torch.where(keep, scores, neg_inf)
 
 
 def _apply_if(active: torch.Tensor, truncate, scores: torch.Tensor, arg: torch.Tensor, conditional: bool):
@@ -202,8 +233,8 @@ class ARStepContract(GraphContract):
             raise ExportError("the checkpoint has no AR model: ar_step cannot be exported")
         self.model = model
         a, v = model.config.ar, model.config.vocab()
-        self.axes = io.ar_step_axes(max_batch, v.seq_len)
-        self.inputs, self.outputs = io.ar_step_io(a.layers, a.heads, a.head_dim, v.seq_len, v.vocab_size)
+        self.inputs, self.outputs, self.axes = io.static_axes(
+            *io.ar_step_io(a.layers, a.heads, a.head_dim, v.seq_len, v.vocab_size), io.ar_step_axes(max_batch, v.seq_len))
 
     def module(self, conditional: bool = True) -> nn.Module:
         return ARStepModule(self.model.ar, conditional).eval()
@@ -216,9 +247,10 @@ class ARStepContract(GraphContract):
 
     def sample_inputs(self, generator):
         a, v = self.model.config.ar, self.model.config.vocab()
-        B, R, T = 2, 4, 3
+        B, T = self.sample_batch, 3
+        R = 2 * B  # with CFG
         ids = torch.randint(0, v.vocab_size, (R, T), generator=generator)
-        ids[:, 0] = v.vocab_size + torch.tensor([1, 2, self.model.config.null_class, self.model.config.null_class])
+        ids[:, 0] = v.vocab_size + torch.tensor(list(range(1, B + 1)) + [self.model.config.null_class] * B)
         caches = tuple(torch.zeros(R, a.heads, v.seq_len, a.head_dim) for _ in range(2 * a.layers))
         return (ids, torch.tensor([0]), torch.rand(B, v.vocab_size, generator=generator).clamp(1e-6, 1 - 1e-6),
                 torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.0])) + caches

@@ -32,6 +32,7 @@ from ..runtime.contract import DEFAULT_MAX_BATCH, ENGINE_GRAPHS, OPT_BATCH
 from ..runtime.cuda import device_info
 from ..runtime.tensorrt_backend import engine_file_name
 from .errors import ExportError
+from .trt_support import OPERATORS_MD, TOPK_MAX_K, check_model
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 MIN_REDUCED_K = 16  # constant matmuls with a shorter reduction (the RoPE rotation) are not weights
@@ -191,6 +192,133 @@ def reduce_matmul_precision(model, precision: str, keep_output_dims: typing.Sequ
     return model, converted
 
 
+# --------------------------------------------------------------------------- the ONNX engines are built from
+
+
+def tensorrt_onnx_name(graph: str, precision: str) -> str:
+    return f"{graph}.{precision}.trt.onnx"
+
+
+def cap_topk(model, limit: int = TOPK_MAX_K):
+    """A copy whose TopK nodes keep at most `limit` (TensorRT's TopK takes K < 3840): each
+    constant K above it gets its own initializer of `limit`. The ar_step graph's TopK keeps the
+    largest top-k the vocabulary allows (16384 for a 2d model); its engine then serves top_k up
+    to `limit`, which the tensorrt backend enforces. Returns (model, the smallest K or None, changed)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .trt_support import _constant_value
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph, cap, changed = model.graph, None, False
+    for node in graph.node:
+        if node.op_type != "TopK":
+            continue
+        k = _constant_value([graph], node.input[1])
+        if k is None:
+            continue  # the compatibility check reports a computed K
+        k = int(k.reshape(-1)[0])
+        if k > limit:
+            name = f"{node.name or node.output[0]}__k_tensorrt"
+            graph.initializer.append(numpy_helper.from_array(np.array([limit], dtype=np.int64), name))
+            node.input[1] = name
+            k, changed = limit, True
+        cap = k if cap is None else min(cap, k)
+    return model, cap, changed
+
+
+def tensorrt_model(model, precision: str, vocab_size: int):
+    """The ONNX a TensorRT engine is built from: `If`s inlined, TopK capped, weight matmuls in
+    `precision`. Returns (model, facts for the manifest)."""
+    model, n_if = inline_conditionals(model)
+    model, top_k_max, capped = cap_topk(model)
+    facts = {"inlined_ifs": n_if, "reduced_matmuls": 0}
+    if top_k_max is not None:
+        facts.update(top_k_max=top_k_max, top_k_capped=capped)
+    if precision != "fp32":
+        model, facts["reduced_matmuls"] = reduce_matmul_precision(model, precision, keep_output_dims=[vocab_size])
+    return model, facts
+
+
+def check_for_tensorrt(model, what: str) -> None:
+    """Refuse a graph outside TensorRT 10's ONNX operator table, listing every problem."""
+    problems = check_model(model)
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ExportError(f"{what} is not buildable by TensorRT 10 ({OPERATORS_MD}):\n  {shown}")
+
+
+def prepare_tensorrt(bundle_path, precision: str = "fp16", max_batch: typing.Optional[int] = None,
+                     opt_batch: typing.Optional[int] = None, graphs: typing.Optional[typing.Sequence[str]] = None,
+                     log=print) -> dict:
+    """Write into the bundle the exact ONNX files its engines are built from, check each against
+    TensorRT's operator table, and list them in the manifest's `tensorrt` section (per precision,
+    per graph: file, source graph, profile, what was rewritten). A graph that needs no rewrite
+    (no `If`, fp32) is built from the bundle's own file. Needs onnx, not TensorRT."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bundle = Bundle(bundle_path)  # verifies every file before we add to it
+    max_batch = int(bundle.manifest.get("max_batch", DEFAULT_MAX_BATCH)) if max_batch is None else max_batch
+    graphs = [g for g in (graphs or ENGINE_GRAPHS) if g in bundle.graphs]
+    if not graphs:
+        raise ExportError(f"{bundle.path} has none of the graphs {', '.join(ENGINE_GRAPHS)}")
+    import onnx
+
+    vocab_size = bundle.manifest["vocab"]["vocab_size"]
+    staging = Path(tempfile.mkdtemp(prefix=".tensorrt-", dir=bundle.path.parent))
+    entries, files = {}, []
+    try:
+        for graph in graphs:
+            source = bundle.graphs[graph]["file"]
+            model, facts = tensorrt_model(onnx.load(str(bundle.graph_file(graph))), precision, vocab_size)
+            check_for_tensorrt(model, f"{graph} ({precision})")
+            name = source
+            if facts["inlined_ifs"] or facts["reduced_matmuls"] or facts.get("top_k_capped"):
+                name = tensorrt_onnx_name(graph, precision)
+                files += _save(model, staging / name)
+            entries[graph] = {"onnx": name, "source": source, **facts,
+                              "profile": engine_profile(bundle.graphs[graph], max_batch, opt_batch)}
+            log(f"[tensorrt] {graph} ({precision}): {name}, {facts['inlined_ifs']} If inlined, "
+                f"{facts['reduced_matmuls']} weight matmuls in {precision}; TensorRT operator check passed")
+        section = {"operators_table": OPERATORS_MD, "max_batch": max_batch, "graphs": entries}
+        _install(bundle.path, staging, files, lambda m: m.setdefault("tensorrt", {}).__setitem__(precision, section))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return section
+
+
+def _save(model, path: Path) -> typing.List[str]:
+    import onnx
+
+    external = model.ByteSize() > 2 * 1024**3
+    onnx.save(model, str(path), save_as_external_data=external,
+              location=path.name + ".data" if external else None)
+    return [path.name] + ([path.name + ".data"] if external else [])
+
+
+def trtexec_commands(bundle_path, precision: str = "fp16", timing_cache=None,
+                     workspace_gb: float = DEFAULT_WORKSPACE_GB) -> typing.List[str]:
+    """`trtexec` command lines that build the bundle's engines from the files of its `tensorrt`
+    section (`prepare_tensorrt` writes them), one per graph, with the same profile, strong typing,
+    workspace and timing cache as `build_engines`."""
+    bundle = Bundle(bundle_path)
+    section = bundle.manifest.get("tensorrt", {}).get(precision)
+    if not section:
+        raise ExportError(f"{bundle.path} has no TensorRT {precision} files yet: run prologue build-engines "
+                          f"{bundle.path} --precision {precision} --print-trtexec")
+    cache = Path(timing_cache) if timing_cache else default_timing_cache()
+    lines = []
+    for graph, entry in section["graphs"].items():
+        shapes = {k: ",".join(f"{name}:{'x'.join(str(d) for d in dims[k])}" for name, dims in entry["profile"].items())
+                  for k in ("min", "opt", "max")}
+        lines.append(" ".join([
+            "trtexec", f"--onnx={bundle.path / entry['onnx']}",
+            f"--saveEngine={bundle.path / engine_file_name(graph, precision)}", "--stronglyTyped",
+            f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}",
+            f"--memPoolSize=workspace:{int(workspace_gb * 1024)}M", f"--timingCacheFile={cache}"]))
+    return lines
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -199,71 +327,75 @@ def _tensorrt():
         import tensorrt
     except ImportError:
         raise ExportError("TensorRT is not installed here: building engines needs a CUDA GPU host with "
-                          "`pip install tensorrt` (and cuda-python); the ONNX bundle works without it") from None
+                          "`pip install 'prologue-export[tensorrt]'` (tensorrt 10 and cuda-python); the ONNX bundle "
+                          "works without it, and `prologue build-engines BUNDLE --print-trtexec` prints trtexec "
+                          "commands") from None
     return tensorrt
+
+
+def _checked(ok, what: str) -> None:
+    if not ok:
+        raise ExportError(f"TensorRT refused to {what}")
+
+
+def _build_one(trt, logger, onnx_path: Path, profile: dict, cache_path: Path, workspace_gb: float, graph: str):
+    """One strongly typed engine from `onnx_path`; returns the serialized engine and the timing cache."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {graph}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 1024**3))
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    _checked(cache is not None and config.set_timing_cache(cache, ignore_mismatch=False),
+             f"use the timing cache {cache_path} (delete it if it came from another TensorRT or GPU)")
+    opt_profile = builder.create_optimization_profile()
+    for name, shapes in profile.items():
+        opt_profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    _checked(opt_profile.is_valid() if hasattr(opt_profile, "is_valid") else True, f"the profile of {graph}")
+    _checked(config.add_optimization_profile(opt_profile) >= 0, f"add the optimisation profile of {graph}")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build the {graph} engine (see its log above)")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
 
 
 def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Optional[int] = None,
                   opt_batch: typing.Optional[int] = None, timing_cache=None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
                   graphs: typing.Optional[typing.Sequence[str]] = None, log=print) -> dict:
-    """Build and add engines to the bundle at `bundle_path`; returns the manifest's `engines`."""
+    """Build and add engines to the bundle at `bundle_path`; returns the manifest's `engines`.
+
+    First `prepare_tensorrt` (the files engines are built from, checked against TensorRT's
+    operator table), then one engine per graph from exactly those files."""
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    bundle = Bundle(bundle_path)  # verifies every file before we add to it
-    max_batch = int(bundle.manifest.get("max_batch", DEFAULT_MAX_BATCH)) if max_batch is None else max_batch
-    graphs = [g for g in (graphs or ENGINE_GRAPHS) if g in bundle.graphs]
-    if not graphs:
-        raise ExportError(f"{bundle.path} has none of the graphs {', '.join(ENGINE_GRAPHS)}")
-    trt = _tensorrt()
-    import onnx
-
+    trt = _tensorrt()  # before writing anything
+    section = prepare_tensorrt(bundle_path, precision, max_batch, opt_batch, graphs, log=log)
+    bundle = Bundle(bundle_path)
     info = device_info()
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
     logger = trt.Logger(trt.Logger.WARNING)
-    vocab_size = bundle.manifest["vocab"]["vocab_size"]
     staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=bundle.path.parent))
     engines = {}
     try:
-        for graph in graphs:
-            contract = bundle.graphs[graph]
-            onnx_path = bundle.graph_file(graph)
-            model, n_if = inline_conditionals(onnx.load(str(onnx_path)))
-            if precision != "fp32":
-                model, n = reduce_matmul_precision(model, precision, keep_output_dims=[vocab_size])
-                log(f"[engines] {graph}: {n} weight matmuls in {precision}, the rest fp32")
-            if n_if or precision != "fp32":
-                onnx_path = staging / f"{graph}.{precision}.onnx"
-                onnx.save(model, str(onnx_path), save_as_external_data=model.ByteSize() > 2 * 1024**3)
-            profile = engine_profile(contract, max_batch, opt_batch)
-            builder = trt.Builder(logger)
-            network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse_from_file(str(onnx_path)):
-                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise ExportError(f"TensorRT cannot parse {graph}: {errors}")
-            config = builder.create_builder_config()
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 1024**3))
-            cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
-            opt_profile = builder.create_optimization_profile()
-            for name, shapes in profile.items():
-                opt_profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
-            config.add_optimization_profile(opt_profile)
-            log(f"[engines] building {graph} ({precision}, batch up to {max_batch}) ...")
-            serialized = builder.build_serialized_network(network, config)
-            if serialized is None:
-                raise ExportError(f"TensorRT failed to build the {graph} engine (see its log above)")
+        for graph, entry in section["graphs"].items():
+            log(f"[engines] building {graph} ({precision}, batch up to {section['max_batch']}) ...")
+            engine, cache = _build_one(trt, logger, bundle.path / entry["onnx"], entry["profile"], cache_path,
+                                       workspace_gb, graph)
             name = engine_file_name(graph, precision)
-            (staging / name).write_bytes(bytes(serialized))
+            (staging / name).write_bytes(engine)
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp_cache = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
-            tmp_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+            tmp_cache.write_bytes(cache)
             os.replace(tmp_cache, cache_path)
             engines[graph] = {
-                "file": name, "precision": precision, "strongly_typed": True, "profile": profile,
-                "max_batch": max_batch, "tensorrt_version": trt.__version__,
+                "file": name, "onnx": entry["onnx"], "precision": precision, "strongly_typed": True,
+                "profile": entry["profile"], "max_batch": section["max_batch"], "tensorrt_version": trt.__version__,
                 "compute_capability": info["compute_capability"], "device": info["name"],
                 "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **({"top_k_max": entry["top_k_max"]} if "top_k_max" in entry else {}),
             }
         install_engines(bundle.path, staging, engines)
     finally:
@@ -271,60 +403,30 @@ def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Option
     return engines
 
 
-def install_engines(bundle_path, staging: Path, engines: dict) -> None:
-    """Move built engine files from `staging` into the bundle and record them in the manifest
-    (written last, atomically). Engines of the same graphs built before are replaced."""
-    bundle_path = Path(bundle_path)
+def _install(bundle_path: Path, staging: Path, names: typing.Sequence[str], update) -> None:
+    """Move files from `staging` into the bundle, vouch for them in the manifest, apply
+    `update(manifest)`, and write the manifest last, atomically."""
     manifest = json.loads((bundle_path / MANIFEST).read_text())
-    old = manifest.get("engines", {})
-    for graph, meta in engines.items():
-        previous = old.get(graph, {}).get("file")
-        if previous and previous != meta["file"]:
-            manifest["files"].pop(previous, None)
-            (bundle_path / previous).unlink(missing_ok=True)
-        os.replace(staging / meta["file"], bundle_path / meta["file"])
-        file = bundle_path / meta["file"]
-        manifest["files"][meta["file"]] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
-        old[graph] = meta
-    manifest["engines"] = old
+    for name in names:
+        os.replace(staging / name, bundle_path / name)
+        file = bundle_path / name
+        manifest["files"][name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+    update(manifest)
+    referenced = {g["file"] for g in manifest["graphs"].values()} | {e["file"] for e in manifest.get("engines", {}).values()}
+    referenced |= {e["onnx"] for s in manifest.get("tensorrt", {}).values() for e in s["graphs"].values()}
+    for name in list(manifest["files"]):  # files an update left behind (a replaced engine or ONNX copy)
+        base = name[:-len(".data")] if name.endswith(".data") else name
+        if base not in referenced and (name.endswith(".engine") or ".trt.onnx" in name):
+            manifest["files"].pop(name)
+            (bundle_path / name).unlink(missing_ok=True)
     tmp = bundle_path / f".{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, bundle_path / MANIFEST)
 
 
-# --------------------------------------------------------------------------- torch-tensorrt path
-
-
-def torch_tensorrt_engine(checkpoint, graph: str, out, precision: str = "fp32", max_batch: int = DEFAULT_MAX_BATCH) -> Path:
-    """One serialized engine straight from a checkpoint through `torch_tensorrt.dynamo` (for
-    users who start from torch): the same graph contract and profile as `build_engines`."""
-    try:
-        import torch
-        import torch_tensorrt
-    except ImportError:
-        raise ExportError("torch-tensorrt is not installed here (a CUDA GPU host with `pip install torch-tensorrt`)") from None
-    from ..checkpoint import load_checkpoint
-    from .graphs import contracts
-
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    model = load_checkpoint(checkpoint).eval().cuda()
-    by_name = {c.name: c for c in contracts(model, max_batch)}
-    if graph not in by_name:
-        raise ExportError(f"unknown graph {graph!r}; choose from {', '.join(by_name)}")
-    contract = by_name[graph]
-    # no control flow for TensorRT: top-k/top-p always sort and select (see inline_conditionals)
-    module = (contract.module(conditional=False) if graph == "ar_step" else contract.module()).cuda()
-    args = tuple(a.cuda() for a in contract.sample_inputs(torch.Generator().manual_seed(0)))
-    exported = torch.export.export(module, args, dynamic_shapes=contract.export_dynamic_shapes())
-    profile = engine_profile(contract.to_json(), max_batch)
-    inputs = [torch_tensorrt.Input(min_shape=profile[s.name]["min"], opt_shape=profile[s.name]["opt"],
-                                   max_shape=profile[s.name]["max"], dtype=getattr(torch, s.dtype))
-              for s in contract.inputs]
-    kwargs = {"use_explicit_typing": True} if precision == "fp32" else {
-        "use_explicit_typing": False, "enabled_precisions": {torch.float16 if precision == "fp16" else torch.bfloat16}}
-    engine = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
-        exported, arg_inputs=inputs, **kwargs)
-    out = Path(out)
-    out.write_bytes(bytes(engine))
-    return out
+def install_engines(bundle_path, staging: Path, engines: dict) -> None:
+    """Move built engine files from `staging` into the bundle and record them in the manifest
+    (written last, atomically). Engines of the same graphs built before are replaced."""
+    bundle_path = Path(bundle_path)
+    _install(bundle_path, staging, [m["file"] for m in engines.values()],
+             lambda m: m.__setitem__("engines", {**m.get("engines", {}), **engines}))

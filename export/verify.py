@@ -63,6 +63,11 @@ def check_dynamic_axes(bundle: Bundle) -> dict:
     return result
 
 
+def _batch(backend: OrtBackend) -> int:
+    """The batch checked: 3 (not the export sample's 2), or less when the bundle serves less."""
+    return min(3, int(backend.bundle.manifest.get("max_batch", 3)))
+
+
 def _max_err(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.max(np.abs(a - b))) if a.size else 0.0
@@ -76,7 +81,7 @@ def _require(ok: bool, message: str) -> None:
 @torch.no_grad()
 def check_decoder(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.random.Generator) -> dict:
     t = model.config.tokenizer
-    ids = rng.integers(0, t.visual_codebook_size, (3, t.num_visual_tokens))
+    ids = rng.integers(0, t.visual_codebook_size, (_batch(backend), t.num_visual_tokens))
     ref_u8, ref_f = DecoderModule(model)(torch.from_numpy(ids))
     got_u8, got_f = backend.run(DECODER, {"visual_ids": ids})
     err = _max_err(got_f, ref_f)
@@ -92,7 +97,7 @@ def check_decoder(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.
 @torch.no_grad()
 def check_prologue_generator(model: PrologueModel, backend: OrtBackend, rng: np.random.Generator) -> dict:
     t = model.config.tokenizer
-    images = rng.integers(0, 256, (3, t.channels, t.image_size, t.image_size), dtype=np.uint8)
+    images = rng.integers(0, 256, (_batch(backend), t.channels, t.image_size, t.image_size), dtype=np.uint8)
     ref_p, ref_v = PrologueGeneratorModule(model)(torch.from_numpy(images))
     got_p, got_v = backend.run(PROLOGUE_GENERATOR, {"image": images})
     x = uint8_to_images(torch.from_numpy(images))
@@ -116,14 +121,14 @@ def check_prologue_generator(model: PrologueModel, backend: OrtBackend, rng: np.
 @torch.no_grad()
 def check_ar_step(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.random.Generator) -> dict:
     ar, v = model.ar, model.config.vocab()
-    B, T = 3, 4
+    B, T = _batch(backend), 4
     classes = rng.integers(0, model.config.num_classes, B)
     rows = np.concatenate([classes, np.full(B, model.config.null_class)])
     ids = rng.integers(0, v.vocab_size, (2 * B, T))
     ids[:, 0] = rows + v.vocab_size
     k = np.zeros((ar.cfg.layers, 2 * B, ar.cfg.heads, v.seq_len, ar.cfg.head_dim), np.float32)
     vv = np.zeros_like(k)
-    contract = ARStepContract(model, max_batch=B)
+    contract = ARStepContract(model, max_batch=max(B, 2))  # the torch module; its contract's axes do not matter
     module = contract.module()
     report = {"logits_max_err": 0.0, "kv_max_err": 0.0, "token_mismatches": 0}
     start = 0
@@ -165,8 +170,8 @@ def _generations(model: PrologueModel, bundle: Bundle, backend: OrtBackend, clas
         prologue = None
         if fixed:
             first = sample(model.ar, classes, settings, seed=seed + 100)
-            prologue = (first[:, :v.num_prologue_tokens] - v.prologue_offset).numpy()
-        ref = sample(model.ar, classes, settings, seed=seed, prologue_ids=prologue).numpy()
+            prologue = (first[:, :v.num_prologue_tokens] - v.prologue_offset).cpu().numpy()
+        ref = sample(model.ar, classes, settings, seed=seed, prologue_ids=prologue).cpu().numpy()
         state = lambda rows, batch: backend.ar_state(rows, batch, bundle.ar_cache_shape(rows))  # noqa: E731
         got = TokenLoop(state, bundle.vocab, bundle.num_classes, classes, SamplingConfig.coerce(settings), seed=seed,
                         prologue_ids=prologue).run()
@@ -175,7 +180,7 @@ def _generations(model: PrologueModel, bundle: Bundle, backend: OrtBackend, clas
 
 @torch.no_grad()
 def check_generation(model: PrologueModel, bundle: Bundle, backend: OrtBackend, seed: int = 0) -> dict:
-    classes = np.arange(3) % model.config.num_classes
+    classes = np.arange(_batch(backend)) % model.config.num_classes
     report = {}
     for name, settings, ref, got in _generations(model, bundle, backend, classes, seed):
         same = int((got == ref).all(axis=1).sum())
@@ -189,8 +194,8 @@ def check_generation(model: PrologueModel, bundle: Bundle, backend: OrtBackend, 
 def quantized_agreement(model: PrologueModel, bundle: Bundle, graph: str, seed: int = 0) -> dict:
     """Token agreement of a weight-only quantized AR graph with the fp32 torch sampler (reported,
     not required: quantized weights change the distribution)."""
-    classes = np.arange(4) % model.config.num_classes
     backend = OrtBackend(bundle, "cpu", ar_graph=graph)
+    classes = np.arange(min(4, int(bundle.manifest.get("max_batch", 4)))) % model.config.num_classes
     return {name: {"token_agreement": float((got == ref).mean()), "sequences_identical": int((got == ref).all(1).sum()),
                    "sequences": len(classes)}
             for name, _, ref, got in _generations(model, bundle, backend, classes, seed)}

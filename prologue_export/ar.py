@@ -79,8 +79,9 @@ class ARModel(nn.Module):
         """Embed ids of the *input* vocabulary: `0 .. V-1` tokens, `V + c` the BOS of class c."""
         V = self.vocab.vocab_size
         is_bos = input_ids >= V
-        tokens = self.token_emb(input_ids.clamp(max=V - 1))
-        bos = self.class_emb((input_ids - V).clamp(min=0))
+        zero = torch.zeros_like(input_ids)  # Where, not Clip: TensorRT has no integer Clip
+        tokens = self.token_emb(torch.where(is_bos, zero, input_ids))
+        bos = self.class_emb(torch.where(is_bos, input_ids - V, zero))
         return torch.where(is_bos.unsqueeze(-1), bos, tokens)  # [B, T, D]
 
     def input_embeddings(

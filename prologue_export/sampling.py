@@ -9,12 +9,18 @@ reports is the one before the top-1 truncation.
 Noise contract (DESIGN.md §3): with `seed`, one `rng.random((B, V), dtype=float32)` per AR
 position in order, forced positions included, `rng = numpy.random.Generator(PCG64(seed))`;
 or an explicit `uniform` array `[B, T, V]`.
+
+Devices: everything runs on the AR model's device (logits, mask, CFG mix, top-k/top-p,
+Gumbel-max in float64, the tokens and the reported distributions); only the noise is drawn on
+the host and uploaded per step, and the results stay on the model's device. `to_host` is the one
+device -> host copy (inputs checked on the host, images and features in the training code).
 """
 
 from __future__ import annotations
 
 import typing
 
+import numpy as np
 import torch
 
 from .ar import ARModel, write_kv
@@ -50,8 +56,13 @@ def gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logp + gumbel, dim=-1)
 
 
+def to_host(x: torch.Tensor) -> np.ndarray:
+    """The one device -> host copy of the sampling paths (a test replaces it to run on `meta`)."""
+    return x.detach().cpu().numpy()
+
+
 def _numpy(x):
-    return x.detach().cpu().numpy() if torch.is_tensor(x) else x
+    return to_host(x) if torch.is_tensor(x) else x
 
 
 @torch.no_grad()
@@ -70,34 +81,36 @@ def sample(
     (`semantic_cfg_scale`, `topK`, ...). prologue_ids: raw ids `[B, Z]` (as `encode` returns) to
     keep fixed; the visual tokens are then resampled. With `return_probs`, also returns the
     distributions drawn from, `[B, T, V]` float32 (NaN at fixed steps).
+    Every step runs on the model's device (only the host noise is uploaded, one `[B, V]` per
+    step); the returned tensors are on the model's device too (`.cpu()` them for numpy).
     """
     settings = SamplingConfig.coerce(settings)
     vocab = ar.vocab
     T, V, Z = vocab.seq_len, vocab.vocab_size, vocab.num_prologue_tokens
-    classes = torch.from_numpy(check_class_ids(_numpy(class_ids), ar.num_classes))
+    device = ar.token_emb.weight.device
+    classes = torch.from_numpy(check_class_ids(_numpy(class_ids), ar.num_classes)).to(device)
     B = classes.shape[0]
     noise = Noise(B, T, V, seed=seed, uniform=_numpy(uniform))
     fixed = None
     if prologue_ids is not None:
-        fixed = torch.from_numpy(check_prologue_ids(_numpy(prologue_ids), B, vocab)) + vocab.prologue_offset
+        fixed = torch.from_numpy(check_prologue_ids(_numpy(prologue_ids), B, vocab)).to(device) + vocab.prologue_offset
 
-    device = ar.token_emb.weight.device
     use_cfg = cfg_enabled(settings)
     rows = torch.cat([classes, torch.full_like(classes, ar.null_class)]) if use_cfg else classes
     k_cache, v_cache = ar.new_kv_cache(rows.shape[0], dtype=ar.token_emb.weight.dtype, device=device)
     mask = ar.logit_mask.float()
 
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    probs_out = torch.full((B, T, V), float("nan")) if return_probs else None
-    feed = (rows + V).view(-1, 1).to(device)  # BOS of each row
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    probs_out = torch.full((B, T, V), float("nan"), device=device) if return_probs else None
+    feed = (rows + V).view(-1, 1)  # BOS of each row
     for step in range(T):
         logits, k_new, v_new = ar.step(feed, torch.tensor([step], device=device), k_cache, v_cache)
         write_kv(k_cache, v_cache, k_new, v_new, step)
-        logits = logits[:, -1].float().cpu()  # [rows, V]
+        logits = logits[:, -1].float()  # [rows, V]
         if use_cfg:
             scale = cfg_scale_at(step, settings, vocab)
             logits = scale * logits[:B] + (1 - scale) * logits[B:]
-        u = torch.from_numpy(noise.at(step))  # drawn at every position, forced ones included
+        u = torch.from_numpy(noise.at(step)).to(device)  # drawn at every position, forced ones included
         if fixed is not None and step < Z:
             chosen = fixed[:, step]
         else:
@@ -110,7 +123,7 @@ def sample(
                 chosen = gumbel_argmax(processed, u)
         tokens[:, step] = chosen
         nxt = torch.cat([chosen, chosen]) if use_cfg else chosen
-        feed = nxt.view(-1, 1).to(device)
+        feed = nxt.view(-1, 1)
     return (tokens, probs_out) if return_probs else tokens
 
 

@@ -69,6 +69,18 @@ def ar_step_axes(max_batch: int, seq_len: int) -> typing.Dict[str, AxisRange]:
             "new_tokens": AxisRange(1, 1, seq_len)}
 
 
+def static_axes(inputs, outputs, axes: typing.Dict[str, AxisRange]):
+    """Axes whose range is one value (`batch` with max batch 1) become that number in the specs
+    and leave `axes`: a static dimension, which exporters and engine builders take as it is."""
+    fixed = {name: r.min for name, r in axes.items() if r.min == r.max}
+
+    def resolve(specs):
+        return [TensorSpec(s.name, s.dtype, [fixed.get(d, d) if isinstance(d, str) else d for d in s.shape])
+                for s in specs]
+
+    return resolve(inputs), resolve(outputs), {name: r for name, r in axes.items() if name not in fixed}
+
+
 # --------------------------------------------------------------------------- graph I/O
 
 

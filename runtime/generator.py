@@ -52,10 +52,23 @@ def make_backend(bundle: Bundle, backend: str = "auto", providers=None, threads:
 
 
 class Generation:
-    """One generation in progress (the stepwise interface): `step()` until `done`, then `images()`."""
+    """One generation in progress (the stepwise interface): `step()` until `done`, then `images()`.
+
+    Its KV cache (device memory on a GPU backend) is freed when the last token is sampled or
+    `run()` raises; a generation abandoned before that must be closed: `close()` (idempotent), or
+    `with gen.start(...) as run: ...`. Tokens and images stay available after closing."""
 
     def __init__(self, generator: "Generator", loop: TokenLoop):
         self.generator, self.loop = generator, loop
+
+    def close(self) -> None:
+        self.loop.close()
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def done(self) -> bool:
@@ -97,6 +110,19 @@ class Generator:
         bundle = Bundle(path)
         return cls(bundle, make_backend(bundle, backend, providers, threads, ar_weights))
 
+    def close(self) -> None:
+        """Release the backend's shared resources where it has any (the TensorRT backend's stream
+        and idle execution contexts); generations still running keep their own. Idempotent."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def backend_name(self) -> str:
         return self.backend.name
@@ -112,7 +138,7 @@ class Generator:
         option names) and keyword overrides (`cfg`, `temperature`, `top_k`, `top_p`, ...)."""
         try:
             settings = self.bundle.sampling_defaults.updated(sampling, **overrides)
-            check_top_k(settings.top_k, self.bundle.vocab)
+            check_top_k(settings.top_k, self.bundle.vocab, getattr(self.backend, "top_k_max", None))
         except ConfigError as exc:
             raise InputError(str(exc)) from None
         return settings
@@ -129,11 +155,17 @@ class Generator:
 
     def _ar_state(self, rows: int, batch: int):
         """Each generation's KV cache, from the backend: on the GPU where it can, else on the host."""
+        static = "batch" not in self.bundle.graphs[AR_STEP].get("dynamic_axes", {})  # exported with --max-batch 1
+        if static and batch > self.max_batch:
+            raise InputError(f"batch {batch} is larger than this bundle's graphs take ({self.max_batch}: exported with "
+                             "--max-batch 1); generate one image per call or re-export with prologue export --max-batch N")
         return self.backend.ar_state(rows, batch, self.bundle.ar_cache_shape(rows))
 
     def generate(self, class_ids, seed=None, uniform=None, sampling=None, progress=None, **overrides) -> np.ndarray:
-        """Class-conditional images, uint8 `[B, H, W, C]` (`class_ids` may hold the null class)."""
-        return self.start(class_ids, seed=seed, uniform=uniform, sampling=sampling, **overrides).run(progress).images()
+        """Class-conditional images, uint8 `[B, H, W, C]` (`class_ids` may hold the null class).
+        The generation's state is freed before this returns, whether it succeeds or raises."""
+        with self.start(class_ids, seed=seed, uniform=uniform, sampling=sampling, **overrides) as gen:
+            return gen.run(progress).images()
 
     def variations(self, image, n: int, seed=None, class_id: typing.Optional[int] = None, sampling=None,
                    progress=None, **overrides) -> np.ndarray:
@@ -150,8 +182,8 @@ class Generator:
             overrides.setdefault("cfg", 0.0)
         classes = np.full(int(n), class_id)
         fixed = np.repeat(prologue_ids, int(n), axis=0)
-        gen = self.start(classes, seed=seed, prologue_ids=fixed, sampling=sampling, **overrides)
-        return gen.run(progress).images()
+        with self.start(classes, seed=seed, prologue_ids=fixed, sampling=sampling, **overrides) as gen:
+            return gen.run(progress).images()
 
     # -- tokenizer graphs ---------------------------------------------------------------------
 

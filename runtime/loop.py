@@ -4,7 +4,8 @@ Backend-neutral: the loop takes a state factory `(rows, batch) -> state`, one st
 generation, whose `step(feeds)` runs `ar_step` on the per-step inputs (`contract.step_feeds`)
 and its own KV cache, updates the cache and returns the sampled tokens `[B]`. `HostKVState` is
 the state of a backend whose cache lives in host memory; device backends keep theirs on the
-GPU. Noise follows DESIGN.md §3: one
+GPU. A state frees what it holds in `close()` (idempotent; a no-op where nothing is held), and
+the loop closes its state when the generation ends (see `TokenLoop`). Noise follows DESIGN.md §3: one
 `rng.random((B, V), dtype=float32)` per AR position, in order, forced positions included, from
 `numpy.random.Generator(PCG64(seed))`, or an explicit `uniform [B, T, V]`.
 """
@@ -80,14 +81,28 @@ def check_prologue_ids(prologue_ids, batch: int, vocab: VocabLayout) -> np.ndarr
 class HostKVState:
     """A KV cache in host memory, written in place from each step's new K/V slice.
 
-    `run_step(feeds, k_cache, v_cache)` runs the graph and returns `(next_tokens, k_new, v_new)`."""
+    `run_step(feeds, k_cache, v_cache)` runs the graph and returns `(next_tokens, k_new, v_new)`.
+    `close()` drops the cache arrays (idempotent); a closed state refuses to step."""
 
     def __init__(self, run_step: typing.Callable, cache_shape: tuple):
         self.run_step = run_step
         self.k_cache = np.zeros(cache_shape, dtype=np.float32)  # [L, R, H, S, d]
         self.v_cache = np.zeros_like(self.k_cache)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.k_cache = self.v_cache = None
+
+    def __enter__(self) -> "HostKVState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
+        if self.closed:
+            raise InputError("this generation's KV cache is closed (the generation ended or was closed)")
         next_tokens, k_new, v_new = self.run_step(feeds, self.k_cache, self.v_cache)
         p, n = int(feeds["start_pos"][0]), feeds["input_ids"].shape[1]
         self.k_cache[:, :, :, p:p + n] = k_new
@@ -104,6 +119,11 @@ class TokenLoop:
 
     `state(rows, batch)` makes this generation's KV-cache state; `settings` are validated
     where they enter (`Generator.settings`, `SamplingConfig.updated`), not here.
+
+    The state (device memory on a GPU backend) is freed by `close()` (idempotent), which the loop
+    calls itself when the last token is sampled and when `run()` raises; a loop stopped early
+    must be closed by its owner, or used as a context manager (`with TokenLoop(...) as loop:`).
+    The tokens stay readable after `close()`.
     """
 
     def __init__(self, state: typing.Callable[[int, int], typing.Any], vocab: VocabLayout, num_classes: int,
@@ -115,7 +135,7 @@ class TokenLoop:
         self.noise = Noise(B, T, V, seed=seed, uniform=uniform)
         self.use_cfg = cfg_enabled(settings)
         rows = np.concatenate([self.classes, np.full(B, num_classes)]) if self.use_cfg else self.classes
-        self.state = state(len(rows), B)
+        self.state = None
         self.tokens = np.zeros((B, T), dtype=np.int64)
         self.position = 0  # next cache slot
         self.steps_done = 0  # sampled (or forced) tokens so far
@@ -128,15 +148,35 @@ class TokenLoop:
             self.steps_done = Z
             prefix = np.concatenate([fixed, fixed]) if self.use_cfg else fixed
             self.feed = np.concatenate([self.feed, prefix], axis=1)  # prefill BOS + prologue
+        self.state = state(len(rows), B)  # last: nothing after it can fail and leak it
 
     @property
     def done(self) -> bool:
         return self.steps_done >= self.vocab.seq_len
 
+    @property
+    def closed(self) -> bool:
+        return self.state is None
+
+    def close(self) -> None:
+        """Free this generation's state (its KV cache; device memory on a GPU backend). Idempotent."""
+        state, self.state = self.state, None
+        close = getattr(state, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "TokenLoop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def step(self) -> np.ndarray:
-        """Run one `ar_step` call; returns the tokens just sampled `[B]`."""
+        """Run one `ar_step` call; returns the tokens just sampled `[B]`. The last step closes the state."""
         if self.done:
             raise InputError("generation is finished: every position has a token")
+        if self.closed:
+            raise InputError("this generation was closed before it finished; start a new one")
         s, settings = self.steps_done, self.settings
         scale = cfg_scale_at(s, settings, self.vocab) if self.use_cfg else 1.0
         tau = settings.temperature_at(s, self.vocab)
@@ -148,13 +188,23 @@ class TokenLoop:
         self.tokens[:, s] = next_tokens
         self.steps_done += 1
         self.feed = (np.concatenate([next_tokens, next_tokens]) if self.use_cfg else next_tokens)[:, None]
+        if self.done:
+            self.close()
         return next_tokens
 
     def run(self, progress: typing.Optional[typing.Callable[[int, int], None]] = None) -> np.ndarray:
-        while not self.done:
-            self.step()
-            if progress is not None:
-                progress(self.steps_done, self.vocab.seq_len)
+        """Step until done (which closes the state); on an error the state is closed too."""
+        try:
+            while not self.done:
+                self.step()
+                if progress is not None:
+                    progress(self.steps_done, self.vocab.seq_len)
+        except BaseException:
+            try:
+                self.close()
+            except Exception:  # the step's error is the one to report
+                pass
+            raise
         return self.tokens
 
 

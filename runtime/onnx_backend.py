@@ -38,16 +38,27 @@ def available_providers() -> typing.List[str]:
     return list(_ort().get_available_providers())
 
 
+# provider aliases; `tensorrt` keeps CUDA behind TensorRT so that the nodes TensorRT rejects run on
+# the GPU rather than on the CPU with host copies
+PROVIDER_ALIASES = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"],
+                    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}
+
+
 def resolve_providers(providers: typing.Union[str, typing.Sequence[str], None]) -> typing.List[str]:
-    """`auto`/None: the best available of TensorRT, CUDA, CPU; `cpu`/`cuda`/`tensorrt` or a list."""
+    """`auto`/None: the best available of CUDA, CPU (TensorRT only when asked for);
+    `cpu` / `cuda` / `tensorrt` (= TensorRT, CUDA); or a list of names or aliases, kept in the
+    order given. The CPU provider is appended last when missing, for ops no accelerator has."""
     available = available_providers()
-    aliases = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
     if providers in (None, "auto"):
         chosen = [p for p in PROVIDER_ORDER if p in available and p != "TensorrtExecutionProvider"]
         return chosen or ["CPUExecutionProvider"]
     if isinstance(providers, str):
         providers = [providers]
-    chosen = [aliases.get(p, p) for p in providers]
+    chosen = []
+    for p in providers:
+        for name in PROVIDER_ALIASES.get(p, [p]):
+            if name not in chosen:
+                chosen.append(name)
     missing = [p for p in chosen if p not in available]
     if missing:
         raise BundleError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here (available: "
@@ -145,7 +156,10 @@ class OrtDeviceState:
     The cache is one device allocation per tensor, `[L, rows, H, S, d]`; layer i is bound as the
     graph input `k_cache_i` / `v_cache_i` by its address inside it, so nothing is copied per step
     except the new slice. Written from the ONNX Runtime IO-binding documentation; it runs only
-    where onnxruntime-gpu, cuda-python and a GPU are present (tests marked `gpu`)."""
+    where onnxruntime-gpu, cuda-python and a GPU are present (tests marked `gpu`).
+
+    `close()` (idempotent; also `with state:`) drops the cache `OrtValue`s and the IO binding, which
+    frees their device memory; `TokenLoop` calls it when the generation ends."""
 
     def __init__(self, backend: OrtBackend, cache_shape: tuple):
         self.cudart = cudart()  # CudaUnavailable without cuda-python
@@ -157,8 +171,26 @@ class OrtDeviceState:
         self.shape = cache_shape
         self.names = cache_input_names(cache_shape[0])
         self.binding = self.session.io_binding()
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.binding is not None:
+            self.binding.clear_binding_inputs()
+            self.binding.clear_binding_outputs()
+        self.binding = self.k_cache = self.v_cache = None
+
+    def __enter__(self) -> "OrtDeviceState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
+        if self.closed:
+            raise InputError("this generation's device state is closed (the generation ended or was closed)")
         io = self.binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()

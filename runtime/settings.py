@@ -192,13 +192,25 @@ def top_p_active(top_p):
     return (top_p > 0) & (top_p < 1)
 
 
-def check_top_k(top_k: int, vocab: "VocabLayout") -> None:
-    """A top-k larger than the smallest segment's codebook cannot hold: the segment mask leaves
-    fewer candidates than k at that segment's steps."""
+def max_top_k(vocab: "VocabLayout") -> int:
+    """The largest top-k that can hold at every step: the smallest segment's codebook (the segment
+    mask leaves no more candidates than that). The ar_step graph's TopK keeps this many."""
     segments = [vocab.visual_codebook_size] + ([vocab.prologue_codebook_size] if vocab.has_prologue else [])
-    if top_k > min(segments):
-        raise ConfigError(f"top_k {top_k} is larger than the smallest segment's vocabulary ({min(segments)} codes); "
-                          f"use at most {min(segments)} or 0 (off)")
+    return min(segments)
+
+
+def check_top_k(top_k: int, vocab: "VocabLayout", engine_limit: typing.Optional[int] = None) -> None:
+    """A top-k larger than the smallest segment's codebook cannot hold: the segment mask leaves
+    fewer candidates than k at that segment's steps. `engine_limit`: the TensorRT engines' TopK
+    bound (TensorRT's TopK takes K < 3840), which the tensorrt backend passes."""
+    limit = max_top_k(vocab)
+    if top_k > limit:
+        raise ConfigError(f"top_k {top_k} is larger than the smallest segment's vocabulary ({limit} codes); "
+                          f"use at most {limit} or 0 (off)")
+    if engine_limit is not None and top_k > engine_limit:
+        raise ConfigError(f"top_k {top_k} is more than this bundle's TensorRT engines can keep ({engine_limit}: "
+                          f"TensorRT's TopK takes K < 3840); use at most {engine_limit}, 0 (off), or the ONNX Runtime "
+                          "backend")
 
 
 # ---------------------------------------------------------------------------------------------

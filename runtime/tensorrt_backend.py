@@ -2,16 +2,25 @@
 
 - Engines are refused, with how to rebuild them, when the manifest says they were built with
   another TensorRT version or for another GPU compute capability (`check_engine`).
-- Device memory comes from cuda-python's runtime API. Each generation owns an execution context,
-  a stream and its KV cache on the device; the graph's new K/V slice is copied into the cache in
-  place (one strided device-to-device copy per step), nothing of the cache crosses to the host.
-- Decode steps (one new token per row) are captured as a CUDA graph after one eager warm-up step
-  and replayed; the inputs that change (ids, position, noise) live in fixed device buffers that
-  are refreshed before each replay.
+- Device memory comes from cuda-python's runtime API. Each generation borrows an execution
+  context from the backend's per-engine pool (a new one only when the pool is empty, so
+  concurrent generations never share one) and owns a stream and its KV cache on the device; the
+  graph's new K/V slice is copied into the cache in place (one strided device-to-device copy per
+  step), nothing of the cache crosses to the host. `DeviceARState.close()` frees all of it
+  (idempotent; `TokenLoop` calls it when the generation ends) and gives the context back.
+- Decode steps (one new token per row) are captured as a CUDA graph (thread-local capture mode,
+  so other threads' CUDA calls are not affected) after one eager warm-up step and replayed; the
+  inputs that change (ids, position, noise) live in fixed device buffers that are refreshed
+  before each replay.
+- At load, each engine's tensor names, directions and dtypes are compared with the bundle's
+  contract (`check_engine_io`). Every TensorRT call that reports failure by returning False and
+  every CUDA call's error code is checked; a failure is a `BundleError` / `CudaError` naming the
+  tensor or the call.
 - Same seed, same tokens as the ONNX Runtime backend: the noise and the sampling are the graph's.
 
 Written from the TensorRT 10 and cuda-python documentation; it runs only where both and a GPU
-are present (tests marked `tensorrt`). The provenance checks are plain Python and tested on CPU.
+are present (tests marked `tensorrt`); on CPU it is tested with a fake cudart and a fake
+tensorrt (tests/test_gpu_backends.py), which say nothing about real GPU behaviour.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .contract import AR_STEP, DEFAULT_MAX_BATCH, ENGINE_GRAPHS, cache_input_names
-from .cuda import DeviceBuffer, check, copy_new_kv, cudart, device_info
+from .cuda import DeviceBuffer, check, copy_new_kv, cudart, device_info, release_all
 from .loop import InputError
 
 
@@ -47,12 +56,62 @@ def check_engine(graph: str, meta: dict, tensorrt_version: str, compute_capabili
                           f"({meta.get('device', 'unknown GPU')}), this GPU is {compute_capability}: {rebuild}")
 
 
+def check_engine_io(graph: str, contract: dict, actual: typing.Dict[str, typing.Tuple[str, str]],
+                    bundle_path="BUNDLE") -> None:
+    """Refuse an engine whose tensors differ from the bundle's contract for `graph`.
+
+    contract: the manifest's `{"inputs": [...], "outputs": [...]}` specs (name, numpy dtype name);
+    actual: the engine's `{name: ("input" | "output", numpy dtype name)}`."""
+    want = {spec["name"]: ("input", spec["dtype"]) for spec in contract["inputs"]}
+    want.update({spec["name"]: ("output", spec["dtype"]) for spec in contract["outputs"]})
+    rebuild = f"the engine does not match this bundle; rebuild it: prologue build-engines {bundle_path}"
+    for name in sorted(set(want) | set(actual)):
+        if name not in actual:
+            raise BundleError(f"the {graph} engine has no {want[name][0]} {name!r} ({want[name][1]}), which the "
+                              f"bundle's contract declares: {rebuild}")
+        if name not in want:
+            raise BundleError(f"the {graph} engine has an {actual[name][0]} {name!r} that the bundle's contract "
+                              f"does not declare: {rebuild}")
+        if actual[name] != want[name]:
+            raise BundleError(f"the {graph} engine's tensor {name!r} is an {actual[name][0]} of {actual[name][1]}, the "
+                              f"bundle's contract says an {want[name][0]} of {want[name][1]}: {rebuild}")
+
+
+# --------------------------------------------------------------------------- checked TensorRT calls
+
+
+def set_shape(context, graph: str, name: str, shape) -> None:
+    """`IExecutionContext.set_input_shape`, which returns False for a shape it refuses."""
+    shape = tuple(int(x) for x in shape)
+    if not context.set_input_shape(name, shape):
+        raise BundleError(f"TensorRT refused shape {list(shape)} for input {name!r} of the {graph} engine (outside its "
+                          "optimisation profile?); use smaller batches or rebuild: prologue build-engines --max-batch N")
+
+
+def set_address(context, graph: str, name: str, ptr: int) -> None:
+    """`IExecutionContext.set_tensor_address`, which returns False for an address it refuses."""
+    if not context.set_tensor_address(name, int(ptr)):
+        raise BundleError(f"TensorRT refused the device address of tensor {name!r} of the {graph} engine "
+                          "(an unknown name, or a misaligned address); the TensorRT log says why")
+
+
+def execute(context, graph: str, stream) -> None:
+    """`IExecutionContext.execute_async_v3`, which returns False when it cannot enqueue."""
+    if not context.execute_async_v3(stream):
+        raise BundleError(f"TensorRT failed to run the {graph} engine (execute_async_v3 returned False); "
+                          "the TensorRT log above says why")
+
+
 # --------------------------------------------------------------------------- backend
+
+CONTEXT_POOL_SIZE = 4  # idle execution contexts kept per engine (each holds device activation memory)
 
 
 class TensorRTBackend:
-    """Engines of a bundle on one GPU. Safe to share between threads: every generation gets its
-    own execution context, stream and cache, and one-off graph runs are serialised by a lock."""
+    """Engines of a bundle on one GPU. Safe to share between threads: every generation borrows an
+    execution context of its own from a per-engine pool and owns its stream and cache; one-off
+    graph runs (`run`) share one stream and are serialised by a lock. `close()` (or `with`) frees
+    the shared stream and the idle contexts; generations still running keep theirs until they end."""
 
     def __init__(self, bundle: Bundle, device: int = 0, cuda_graphs: bool = True):
         engines = bundle.manifest.get("engines") or {}
@@ -65,12 +124,12 @@ class TensorRTBackend:
         except ImportError:
             raise BundleError("the tensorrt backend needs TensorRT: pip install tensorrt (on a CUDA GPU host)") from None
         self.trt, self.cudart = trt, cudart()
-        check(self.cudart.cudaSetDevice(device))
-        info = device_info(device)
+        self.bundle, self.device, self.cuda_graphs = bundle, device, cuda_graphs
+        self.use_device()
+        info = device_info(device, self.cudart)
         for graph in ENGINE_GRAPHS:
             if graph in engines:
                 check_engine(graph, engines[graph], trt.__version__, info["compute_capability"])
-        self.bundle, self.device, self.cuda_graphs = bundle, device, cuda_graphs
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         self.engines = {}
@@ -78,12 +137,20 @@ class TensorRTBackend:
             engine = runtime.deserialize_cuda_engine((bundle.path / meta["file"]).read_bytes())
             if engine is None:
                 raise BundleError(f"TensorRT could not load {meta['file']}; rebuild it: prologue build-engines {bundle.path}")
+            self._check_io(graph, engine)
             self.engines[graph] = engine
         self.max_batch = min(int(m.get("max_batch", DEFAULT_MAX_BATCH)) for m in engines.values())
-        self._lock = threading.Lock()
-        self._contexts: typing.Dict[str, typing.Any] = {}
-        self._stream = check(self.cudart.cudaStreamCreate())
+        # the ar_step engine's TopK bound (TensorRT's TopK takes K < 3840): Generator refuses a larger top_k
+        self.top_k_max = engines.get(AR_STEP, {}).get("top_k_max")
+        self._lock = threading.Lock()  # serialises `run` (one shared stream)
+        self._pool_lock = threading.Lock()
+        self._pools: typing.Dict[str, typing.List[typing.Any]] = {}  # graph -> idle execution contexts
+        self._stream = check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.name = f"tensorrt[{info['name']}, {next(iter(engines.values()))['precision']}]"
+
+    def use_device(self) -> None:
+        """Make this backend's GPU current in the calling thread (CUDA's current device is per thread)."""
+        check(self.cudart.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
 
     def _dtype(self, engine, name: str):
         return np.dtype(self.trt.nptype(engine.get_tensor_dtype(name)))
@@ -93,46 +160,107 @@ class TensorRTBackend:
         inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
         return inputs, [n for n in names if n not in inputs]
 
+    def _check_io(self, graph: str, engine) -> None:
+        if graph not in self.bundle.graphs:
+            raise BundleError(f"{self.bundle.path} has a TensorRT engine for {graph!r} but no such graph; rebuild the "
+                              f"engines: prologue build-engines {self.bundle.path}")
+        inputs, outputs = self._io(engine)
+        actual = {n: ("input", self._dtype(engine, n).name) for n in inputs}
+        actual.update({n: ("output", self._dtype(engine, n).name) for n in outputs})
+        check_engine_io(graph, self.bundle.graphs[graph], actual, self.bundle.path)
+
+    # -- execution contexts --------------------------------------------------------------------
+
+    def borrow_context(self, graph: str):
+        """An idle execution context of `graph`'s engine, created only when the pool has none: two
+        callers never hold the same context. Give it back with `return_context`."""
+        with self._pool_lock:
+            pool = self._pools.setdefault(graph, [])
+            if pool:
+                return pool.pop()
+        context = self.engines[graph].create_execution_context()
+        if context is None:
+            raise BundleError(f"TensorRT could not create an execution context for the {graph} engine "
+                              "(out of device memory?); run fewer generations at once")
+        return context
+
+    def return_context(self, graph: str, context) -> None:
+        with self._pool_lock:
+            pool = self._pools.setdefault(graph, [])
+            if len(pool) < CONTEXT_POOL_SIZE and all(c is not context for c in pool):
+                pool.append(context)
+
+    def idle_contexts(self, graph: str) -> int:
+        with self._pool_lock:
+            return len(self._pools.get(graph, ()))
+
+    # -- graph runs ----------------------------------------------------------------------------
+
     def run(self, graph: str, feeds: typing.Dict[str, np.ndarray], outputs: typing.Optional[typing.List[str]] = None):
         """One call of a graph with host arrays in and out (decoder, prologue generator)."""
         engine = self.engines[graph]
+        in_names, out_names = self._io(engine)
         with self._lock:
-            if graph not in self._contexts:
-                self._contexts[graph] = engine.create_execution_context()
-            context, stream = self._contexts[graph], self._stream
-            in_names, out_names = self._io(engine)
-            buffers = []
+            if self._stream is None:
+                raise BundleError("this TensorRT backend is closed")
+            self.use_device()
+            context, stream, buffers = self.borrow_context(graph), self._stream, []
             try:
-                for name in in_names:
-                    array = np.ascontiguousarray(feeds[name], dtype=self._dtype(engine, name))
-                    context.set_input_shape(name, array.shape)
-                    buf = DeviceBuffer(array.nbytes)
-                    buf.upload(array, stream)
-                    context.set_tensor_address(name, buf.ptr)
-                    buffers.append(buf)
-                results = {}
-                for name in out_names:
-                    host = np.empty(tuple(context.get_tensor_shape(name)), dtype=self._dtype(engine, name))
-                    buf = DeviceBuffer(host.nbytes)
-                    context.set_tensor_address(name, buf.ptr)
-                    buffers.append(buf)
-                    results[name] = (host, buf)
-                if not context.execute_async_v3(stream):
-                    raise BundleError(f"TensorRT failed to run {graph}")
-                for host, buf in results.values():
-                    buf.download(host, stream)
-                check(self.cudart.cudaStreamSynchronize(stream))
+                results = self._run(graph, context, stream, buffers, feeds, in_names, out_names)
             finally:
-                for buf in buffers:
-                    buf.free()
-        return [results[n][0] for n in (outputs or out_names)]
+                release_all([buf.free for buf in buffers])
+                self.return_context(graph, context)
+        return [results[n] for n in (outputs or out_names)]
+
+    def _run(self, graph, context, stream, buffers, feeds, in_names, out_names) -> typing.Dict[str, np.ndarray]:
+        engine = self.engines[graph]
+        for name in in_names:
+            array = np.ascontiguousarray(feeds[name], dtype=self._dtype(engine, name))
+            set_shape(context, graph, name, array.shape)
+            buffers.append(DeviceBuffer(array.nbytes, self.cudart))
+            buffers[-1].upload(array, stream)
+            set_address(context, graph, name, buffers[-1].ptr)
+        results = {}
+        for name in out_names:
+            shape = tuple(int(x) for x in context.get_tensor_shape(name))
+            if any(x < 0 for x in shape):
+                raise BundleError(f"TensorRT cannot tell the shape of output {name!r} of the {graph} engine ({list(shape)}) "
+                                  "from the input shapes")
+            results[name] = np.empty(shape, dtype=self._dtype(engine, name))
+            buffers.append(DeviceBuffer(results[name].nbytes, self.cudart))
+            set_address(context, graph, name, buffers[-1].ptr)
+        execute(context, graph, stream)
+        for name, buf in zip(out_names, buffers[len(in_names):]):
+            buf.download(results[name], stream)
+        check(self.cudart.cudaStreamSynchronize(stream), f"cudaStreamSynchronize (after {graph})")
+        return results
 
     def ar_state(self, rows: int, batch: int, cache_shape: typing.Tuple[int, ...]) -> "DeviceARState":
         return DeviceARState(self, rows, batch, cache_shape)
 
+    def close(self) -> None:
+        """Destroy the shared stream and drop the idle contexts (idempotent)."""
+        with self._lock:
+            stream, self._stream = self._stream, None
+            with self._pool_lock:
+                self._pools.clear()
+            if stream is not None:
+                check(self.cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+
+    def __enter__(self) -> "TensorRTBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class DeviceARState:
-    """One generation's `ar_step` on the device: a KV cache updated in place, CUDA-graph decode."""
+    """One generation's `ar_step` on the device: a borrowed execution context, a stream, a KV
+    cache updated in place, CUDA-graph decode steps.
+
+    `close()` (idempotent; also `with state:`) synchronises the stream, destroys the CUDA graph
+    exec and the stream, frees every device buffer and gives the context back to the backend's
+    pool. `TokenLoop` closes its state when the generation ends."""
 
     def __init__(self, backend: TensorRTBackend, rows: int, batch: int, cache_shape: typing.Tuple[int, ...]):
         if batch > backend.max_batch or rows > 2 * backend.max_batch:
@@ -140,32 +268,46 @@ class DeviceARState:
                              "generate in smaller batches or rebuild with prologue build-engines --max-batch N")
         self.b, self.cudart = backend, backend.cudart
         self.engine = backend.engines[AR_STEP]
-        self.context = self.engine.create_execution_context()
-        self.stream = check(self.cudart.cudaStreamCreate())
-        L, R, H, S, d = cache_shape
         self.shape, self.rows, self.batch = cache_shape, rows, batch
-        self.cache_names = cache_input_names(L)
+        self.cache_names = cache_input_names(cache_shape[0])
+        self.context = self.stream = self.graph_exec = self.k_cache = self.v_cache = None
+        self.buffers: typing.Dict[str, DeviceBuffer] = {}
+        self.cuda_graph, self.capture_error = backend.cuda_graphs, None
+        self.decode_steps = 0
+        self.closed = False
+        try:
+            self._allocate()
+        except BaseException:
+            try:
+                self.close()
+            except Exception:  # the allocation's error is the one to report
+                pass
+            raise
+
+    def _allocate(self) -> None:
+        L, R, H, S, d = self.shape
+        self.b.use_device()
+        self.context = self.b.borrow_context(AR_STEP)
+        self.stream = check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.itemsize = self.b._dtype(self.engine, self.cache_names[0][0]).itemsize
         cache_bytes = L * R * H * S * d * self.itemsize
         # one allocation per tensor [L, R, H, S, d]; layer i is the engine input k_cache_i / v_cache_i
-        self.k_cache, self.v_cache = DeviceBuffer(cache_bytes), DeviceBuffer(cache_bytes)
-        for buf in (self.k_cache, self.v_cache):
-            check(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
-        V = int(backend.bundle.manifest["vocab"]["vocab_size"])
-        sizes = {"input_ids": R * S * 8, "start_pos": 8, "uniform": batch * V * 4, "cfg_scale": 4, "temperature": 4,
-                 "top_k": 8, "top_p": 4, "next_tokens": batch * 8, "k_new": cache_bytes, "v_new": cache_bytes,
-                 "logits": R * V * 4}
-        self.buffers = {name: DeviceBuffer(n) for name, n in sizes.items()}
-        for name, buf in self.buffers.items():
-            self.context.set_tensor_address(name, buf.ptr)
+        self.k_cache = DeviceBuffer(cache_bytes, self.cudart)
+        self.v_cache = DeviceBuffer(cache_bytes, self.cudart)
+        for buf in (self.k_cache, self.v_cache):  # stale slots are masked, but must not hold NaN
+            check(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream), "cudaMemsetAsync (KV cache)")
+        V = int(self.b.bundle.manifest["vocab"]["vocab_size"])
+        elements = {"input_ids": R * S, "start_pos": 1, "uniform": self.batch * V, "cfg_scale": 1, "temperature": 1,
+                    "top_k": 1, "top_p": 1, "next_tokens": self.batch, "k_new": L * R * H * S * d,
+                    "v_new": L * R * H * S * d, "logits": R * V}
+        for name, n in elements.items():
+            self.buffers[name] = DeviceBuffer(n * self.b._dtype(self.engine, name).itemsize, self.cudart)
+            set_address(self.context, AR_STEP, name, self.buffers[name].ptr)
         layer_bytes = R * H * S * d * self.itemsize
         for cache, names in zip((self.k_cache, self.v_cache), self.cache_names):
             for i, name in enumerate(names):
-                self.context.set_tensor_address(name, cache.ptr + i * layer_bytes)
-        self.graph_exec = None
-        self.cuda_graph, self.capture_error = backend.cuda_graphs, None
-        self.decode_steps = 0
-        self.next_tokens = np.empty(batch, dtype=self.b._dtype(self.engine, "next_tokens"))  # int64, or int32
+                set_address(self.context, AR_STEP, name, cache.ptr + i * layer_bytes)
+        self.next_tokens = np.empty(self.batch, dtype=self.b._dtype(self.engine, "next_tokens"))
 
     def _set_shapes(self, n: int) -> None:
         L, R, H, S, d = self.shape
@@ -174,9 +316,11 @@ class DeviceARState:
                   "temperature": (1,), "top_k": (1,), "top_p": (1,)}
         shapes.update({name: (R, H, S, d) for names in self.cache_names for name in names})
         for name, shape in shapes.items():
-            self.context.set_input_shape(name, shape)
+            set_shape(self.context, AR_STEP, name, shape)
 
     def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
+        if self.closed:
+            raise InputError("this generation's device state is closed (the generation ended or was closed)")
         n = int(feeds["input_ids"].shape[1])
         position = int(feeds["start_pos"][0])
         for name, value in feeds.items():
@@ -185,34 +329,79 @@ class DeviceARState:
         if n == 1 and self.cuda_graph and self.decode_steps >= 1 and self.graph_exec is None:
             self._capture()  # after one eager decode step with these shapes
         if n == 1 and self.graph_exec is not None:
-            check(self.cudart.cudaGraphLaunch(self.graph_exec, self.stream))
-        elif not self.context.execute_async_v3(self.stream):
-            raise BundleError("TensorRT failed to run ar_step")
+            check(self.cudart.cudaGraphLaunch(self.graph_exec, self.stream), "cudaGraphLaunch (ar_step decode)")
+        else:
+            execute(self.context, AR_STEP, self.stream)
         if n == 1:
             self.decode_steps += 1
         for cache, new in ((self.k_cache, self.buffers["k_new"]), (self.v_cache, self.buffers["v_new"])):
             copy_new_kv(self.cudart, cache.ptr, new.ptr, self.shape, position, n, self.itemsize, self.stream)
         self.buffers["next_tokens"].download(self.next_tokens, self.stream)
-        check(self.cudart.cudaStreamSynchronize(self.stream))
+        check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize (after ar_step)")
         return self.next_tokens.astype(np.int64)
 
     def _capture(self) -> None:
         """Capture one decode step as a CUDA graph; an engine that cannot be captured (TensorRT
-        refuses some control flow and data-dependent shapes) keeps running eagerly."""
-        cudart = self.cudart
-        check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
-        enqueued = self.context.execute_async_v3(self.stream)
-        err, graph = cudart.cudaStreamEndCapture(self.stream)
-        if not enqueued or int(err) != 0:
-            self.cuda_graph = False
-            self.capture_error = f"enqueue {'ok' if enqueued else 'failed'}, end capture: {err}"
-            cudart.cudaGetLastError()  # clear the failed capture's error
-            return
-        self.graph_exec = check(cudart.cudaGraphInstantiate(graph, 0))
+        refuses some control flow and data-dependent shapes) keeps running eagerly, and says why
+        in `capture_error`. Thread-local mode: only this thread's unsafe CUDA calls break the capture,
+        other threads' generations are unaffected. The captured graph is destroyed once
+        instantiated (the exec does not need it)."""
+        rt = self.cudart
+        check(rt.cudaStreamBeginCapture(self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+              "cudaStreamBeginCapture")
+        try:
+            failure = None if self.context.execute_async_v3(self.stream) else "execute_async_v3 returned False"
+        except Exception as exc:  # the capture must still be ended; the eager step will raise it again
+            failure = f"execute_async_v3 raised {exc!r}"
+        err, graph = rt.cudaStreamEndCapture(self.stream)
+        if int(err) != 0:
+            failure = f"cudaStreamEndCapture: {err}"
+        else:
+            try:
+                if failure is None:
+                    err, graph_exec = rt.cudaGraphInstantiate(graph, 0)
+                    if int(err) != 0:
+                        failure = f"cudaGraphInstantiate: {err}"
+                    else:
+                        self.graph_exec = graph_exec
+            finally:
+                check(rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        if failure is not None:
+            self.cuda_graph, self.capture_error = False, failure
+            rt.cudaGetLastError()  # clears the failed capture's error (the call returns that error)
 
     def close(self) -> None:
-        for buf in list(self.buffers.values()) + [self.k_cache, self.v_cache]:
-            buf.free()
-        if self.stream is not None:
-            self.cudart.cudaStreamDestroy(self.stream)
-            self.stream = None
+        """Free everything this generation holds (idempotent); raises the first failed call's error
+        after attempting every release."""
+        if self.closed:
+            return
+        self.closed = True
+        rt, stream, graph_exec, context = self.cudart, self.stream, self.graph_exec, self.context
+        buffers = [b for b in [*self.buffers.values(), self.k_cache, self.v_cache] if b is not None]
+        self.stream = self.graph_exec = self.context = self.k_cache = self.v_cache = None
+        self.buffers = {}
+        finished = [stream is None]
+
+        def synchronize():  # the stream's work must finish before its memory and context go
+            check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            finished[0] = True
+
+        def give_back():  # a context whose stream could not finish is dropped, not reused
+            if finished[0]:
+                self.b.return_context(AR_STEP, context)
+
+        steps = [synchronize] if stream is not None else []
+        if graph_exec is not None:
+            steps.append(lambda: check(rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy"))
+        steps += [buf.free for buf in buffers]
+        if stream is not None:
+            steps.append(lambda: check(rt.cudaStreamDestroy(stream), "cudaStreamDestroy"))
+        if context is not None:
+            steps.append(give_back)
+        release_all(steps)
+
+    def __enter__(self) -> "DeviceARState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

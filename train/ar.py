@@ -21,7 +21,7 @@ from ..checkpoint import load_checkpoint
 from ..model import PrologueModel
 from ..config import ModelConfig
 from .data import StepBatchSampler, sample_rng
-from ..sampling import sample, split_sequence
+from ..sampling import sample, split_sequence, to_host
 from ..tokenizer import images_to_uint8
 from . import common
 from .common import CHECKPOINT_DIR, EMA, TrainError
@@ -127,13 +127,14 @@ def train_ar(cfg: ARTrainConfig, tokens, out, resume: bool = False) -> Path:
 
 @torch.no_grad()
 def _sample_grid(ar: ARModel, tokenizer, model_cfg: ModelConfig, cfg: ARTrainConfig, path: Path) -> None:
-    """One row per class (up to `sample_classes`), 8 samples each, with the raw AR (as the release)."""
+    """One row per class (up to `sample_classes`), 8 samples each, with the raw AR (as the release).
+    Sampling and decoding run on the models' devices; only the uint8 grid comes to the host."""
     was_training = ar.training
     ar.eval()
     n_classes = min(cfg.sample_classes, model_cfg.num_classes)
     classes = np.repeat(np.arange(n_classes), 8)
-    tokens = sample(ar, classes, {"cfg": cfg.sample_cfg}, seed=0)
+    tokens = sample(ar, classes, {"cfg": cfg.sample_cfg}, seed=0)  # on the AR's device
     _, visual = split_sequence(tokens, model_cfg.vocab())
     images = images_to_uint8(tokenizer.decode(visual.to(next(tokenizer.parameters()).device)))
-    common.save_grid(images, path, nrow=8)
+    common.save_grid(torch.from_numpy(to_host(images)), path, nrow=8)
     ar.train(was_training)

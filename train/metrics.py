@@ -303,23 +303,28 @@ def encode_ids(tokenizer, images: np.ndarray, batch_size: int = 256) -> typing.T
     return np.concatenate(pro), np.concatenate(vis)
 
 
-def decode_ids(tokenizer, visual_ids: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def decode_ids(tokenizer, visual_ids, batch_size: int = 256) -> np.ndarray:
+    """Visual ids `[N, X]` (numpy, or a tensor on any device) -> uint8 `[N, H, W, C]` on the host;
+    decoded on the tokenizer's device, then copied with `sampling.to_host`."""
     import torch
 
+    from ..sampling import to_host
     from ..tokenizer import images_to_uint8
 
+    device = next(tokenizer.parameters()).device
     out = []
     with torch.no_grad():
         for i in range(0, len(visual_ids), batch_size):
-            img = tokenizer.decode(torch.from_numpy(visual_ids[i:i + batch_size]))
-            out.append(images_to_uint8(img).permute(0, 2, 3, 1).numpy())
+            img = tokenizer.decode(torch.as_tensor(visual_ids[i:i + batch_size]).to(device))
+            out.append(to_host(images_to_uint8(img).permute(0, 2, 3, 1)))
     return np.concatenate(out)
 
 
 def generate_images(n: int, num_classes: int, sampling: dict, seed: int, checkpoint=None, bundle=None,
-                    batch_size: int = 8, progress=None) -> np.ndarray:
+                    batch_size: int = 8, progress=None, device="cpu") -> np.ndarray:
     """`n` class-balanced samples (class `i % num_classes`), batch `b` drawn with seed `seed + b`,
-    through the runtime (`bundle`) or the torch reference sampler (`checkpoint`)."""
+    through the runtime (`bundle`) or the torch reference sampler (`checkpoint`, loaded onto
+    `device`)."""
     classes = np.arange(n) % num_classes
     out = []
     if bundle is not None:
@@ -333,13 +338,22 @@ def generate_images(n: int, num_classes: int, sampling: dict, seed: int, checkpo
                 progress(min(i + batch_size, n), n)
         return np.concatenate(out)
     from ..checkpoint import load_checkpoint
+
+    return sample_images(load_checkpoint(checkpoint, device=device).eval(), classes, sampling, seed, batch_size,
+                         progress)
+
+
+def sample_images(model, classes, sampling: dict, seed: int, batch_size: int = 8, progress=None) -> np.ndarray:
+    """The torch sampler's images uint8 `[N, H, W, C]` for `classes` `[N]`, batch `b` drawn with seed
+    `seed + b`; sampled and decoded on the model's device, only the images come to the host."""
     from ..sampling import sample, split_sequence
 
-    model = load_checkpoint(checkpoint).eval()
+    classes = np.asarray(classes)
+    n, out = len(classes), []
     for b, i in enumerate(range(0, n, batch_size)):
         tokens = sample(model.ar, classes[i:i + batch_size].tolist(), sampling, seed=seed + b)
         _, visual = split_sequence(tokens, model.config.vocab())
-        out.append(decode_ids(model.tokenizer, visual.numpy()))
+        out.append(decode_ids(model.tokenizer, visual))
         if progress:
             progress(min(i + batch_size, n), n)
     return np.concatenate(out)

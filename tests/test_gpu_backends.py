@@ -1,0 +1,334 @@
+"""The GPU backends' resource handling and error checks, on a CPU, with a fake cuda-python runtime
+and a fake `tensorrt` (tests/fake_cuda.py). The fake engines run the bundle's ONNX graphs with
+ONNX Runtime on the bytes behind the fake device pointers, so a generation through the TensorRT
+backend must give the CPU backend's tokens and images. None of this says anything about a real
+GPU: it checks how the backends call the APIs (frees, destroys, capture mode, return values).
+"""
+
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prologue_export.runtime import BundleError, Generator, InputError
+from prologue_export.runtime import cuda as runtime_cuda
+from prologue_export.runtime import onnx_backend, tensorrt_backend
+from prologue_export.runtime.bundle import MANIFEST, sha256_file
+from prologue_export.runtime.contract import ENGINE_GRAPHS
+from prologue_export.runtime.cuda import CudaError
+
+from .fake_cuda import DataType, FakeCudart, TensorIOMode, cudaStreamCaptureMode, fake_tensorrt
+
+CFG = dict(cfg=2.0)
+NO_CFG = dict(cfg=0.0, temperature=0.9, top_k=30, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def plain_bundle(tmp_path_factory):
+    """A small exported bundle: `$PROLOGUE_TEST_BUNDLE_DIR/bundle` (see tests/runtime_fixture.py),
+    else exported here from a tiny random model (needs torch)."""
+    given = os.environ.get("PROLOGUE_TEST_BUNDLE_DIR")
+    if given:
+        return Path(given) / "bundle"
+    torch = pytest.importorskip("torch", reason="no torch and no PROLOGUE_TEST_BUNDLE_DIR")
+    import prologue_export as pe
+    from prologue_export.config import model_preset
+    from prologue_export.export.bundle import export_bundle
+    from prologue_export.model import PrologueModel
+
+    from .conftest import randomize_
+
+    torch.manual_seed(0)
+    model = randomize_(PrologueModel(model_preset("tiny").validate()).eval(), seed=3)
+    root = tmp_path_factory.mktemp("gpu_backends")
+    pe.save_checkpoint(model, root / "ckpt")
+    export_bundle(root / "ckpt", root / "bundle", max_batch=4, force=True, verify=False, log=lambda m: None)
+    return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(plain_bundle, tmp_path_factory):
+    """The bundle with fake engine files recorded in its manifest (as `prologue build-engines`
+    would): each file's bytes name the graph whose ONNX the fake engine runs."""
+    bundle = tmp_path_factory.mktemp("engines") / "bundle"
+    shutil.copytree(plain_bundle, bundle)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    graphs = {}
+    manifest["engines"] = {}
+    for graph in ENGINE_GRAPHS:
+        file = tensorrt_backend.engine_file_name(graph, "fp32")
+        data = f"fake engine of {graph}".encode()
+        (bundle / file).write_bytes(data)
+        manifest["files"][file] = {"sha256": sha256_file(bundle / file), "bytes": len(data)}
+        manifest["engines"][graph] = {"file": file, "precision": "fp32", "max_batch": 4, "tensorrt_version": "10.7.0",
+                                      "compute_capability": "9.0", "device": "Fake GPU"}
+        graphs[data] = (graph, bundle / manifest["graphs"][graph]["file"])
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return bundle, graphs
+
+
+@pytest.fixture
+def fakes(engine_bundle, monkeypatch):
+    """(fake cudart, fake tensorrt module), installed where the runtime looks for them."""
+    cudart = FakeCudart()
+    trt = fake_tensorrt(cudart, engine_bundle[1])
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tensorrt_backend, "cudart", lambda: cudart)
+    monkeypatch.setattr(runtime_cuda, "cudart", lambda: cudart)
+    return cudart, trt
+
+
+@pytest.fixture(scope="module")
+def cpu(plain_bundle):
+    return Generator.from_bundle(plain_bundle, backend="cpu")
+
+
+def trt_generator(engine_bundle) -> Generator:
+    return Generator.from_bundle(engine_bundle[0], backend="tensorrt")
+
+
+def engine_of(trt, graph):
+    return next(e for e in trt.engines if e.graph == graph)
+
+
+def streams_left(cudart) -> int:
+    return cudart.created["stream"] - cudart.destroyed["stream"]
+
+
+# --------------------------------------------------------------------------- results and resources
+
+
+@pytest.mark.parametrize("settings", [CFG, NO_CFG], ids=["cfg", "no_cfg_top_k_top_p"])
+def test_generation_gives_the_cpu_tokens_and_frees_everything(fakes, engine_bundle, cpu, settings):
+    cudart, trt = fakes
+    gen = trt_generator(engine_bundle)
+    assert gen.backend_name == "tensorrt[Fake GPU, fp32]"
+    classes = [1, 2, 10]
+    want = cpu.start(classes, seed=0, **settings).run().tokens
+    run = gen.start(classes, seed=0, **settings)
+    state = run.loop.state
+    run.run()
+    np.testing.assert_array_equal(run.tokens, want)
+    # the decode steps after the first were replayed from one CUDA graph, captured thread-locally
+    assert state.closed and state.capture_error is None
+    assert cudart.created["exec"] == 1 and cudart.created["graph"] == 1
+    assert cudart.capture_modes == [cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal]
+    assert engine_of(trt, "ar_step").contexts[0].runs == gen.bundle.vocab.seq_len
+    cudart.assert_all_released()  # graph, graph exec, every buffer: freed by the run's end
+    assert streams_left(cudart) == 1  # the backend's own stream for one-off runs
+    np.testing.assert_array_equal(gen.generate(classes, seed=0, **settings), cpu.generate(classes, seed=0, **settings))
+    cudart.assert_all_released()
+    gen.close()
+    gen.close()  # idempotent
+    assert streams_left(cudart) == 0 and not cudart.bad_calls
+
+
+def test_variations_prefill_and_encode_match_the_cpu(fakes, engine_bundle, cpu):
+    cudart, _ = fakes
+    gen = trt_generator(engine_bundle)
+    image = cpu.generate([3], seed=1, **CFG)[0]
+    np.testing.assert_array_equal(gen.variations(image, n=2, seed=4), cpu.variations(image, n=2, seed=4))
+    np.testing.assert_array_equal(gen.reconstruct(image[None]), cpu.reconstruct(image[None]))
+    cudart.assert_all_released()
+    gen.close()
+    assert streams_left(cudart) == 0
+
+
+def test_an_error_mid_generation_frees_the_state(fakes, engine_bundle):
+    cudart, _ = fakes
+    gen = trt_generator(engine_bundle)
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done == 5:
+            cudart.fail["cudaGraphLaunch"] = 719  # a launch failure, after the graph was captured
+    with pytest.raises(CudaError, match="cudaGraphLaunch"):
+        gen.generate([1, 2], seed=0, progress=progress, **CFG)
+    del cudart.fail["cudaGraphLaunch"]
+    cudart.assert_all_released()
+    assert streams_left(cudart) == 1 and cudart.created["exec"] == 1
+
+    def stop(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate([1], seed=0, progress=stop)
+    cudart.assert_all_released()
+    assert streams_left(cudart) == 1
+    assert gen.backend.idle_contexts("ar_step") == 1  # given back, reused: one context in all
+    assert len(engine_of(fakes[1], "ar_step").contexts) == 1
+
+
+def test_closing_a_stepwise_generation(fakes, engine_bundle):
+    cudart, _ = fakes
+    gen = trt_generator(engine_bundle)
+    with gen.start([1, 2], seed=0) as run:
+        run.step()
+        run.step()
+        state = run.loop.state
+    assert state.closed and run.loop.closed
+    cudart.assert_all_released()
+    run.close()  # idempotent
+    state.close()
+    with pytest.raises(InputError, match="closed"):
+        run.step()
+    with pytest.raises(InputError, match="closed"):
+        state.step({})
+    assert run.tokens.shape == (2, gen.bundle.vocab.seq_len)  # the tokens so far stay readable
+
+
+def test_contexts_are_reused_in_sequence_and_distinct_at_once(fakes, engine_bundle, cpu):
+    cudart, trt = fakes
+    gen = trt_generator(engine_bundle)
+    for seed in range(3):
+        gen.start([1], seed=seed).run()
+    engine = engine_of(trt, "ar_step")
+    assert len(engine.contexts) == 1
+    a, b = gen.start([1], seed=0), gen.start([2], seed=1)
+    assert a.loop.state.context is not b.loop.state.context and len(engine.contexts) == 2
+    a.run()
+    b.run()
+    assert gen.backend.idle_contexts("ar_step") == 2
+    # two threads generating at once: each with its own context (the fake asserts no context runs
+    # twice at a time), each with the CPU's tokens
+    want = {c: cpu.start([c], seed=c, **CFG).run().tokens for c in (4, 5, 6, 7)}
+    got, errors = {}, []
+
+    def work(c):
+        try:
+            got[c] = gen.start([c], seed=c, **CFG).run().tokens
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(c,)) for c in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for c in want:
+        np.testing.assert_array_equal(got[c], want[c])
+    assert len(engine.contexts) <= 4
+    cudart.assert_all_released()
+    assert set(cudart.capture_modes) == {cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal}
+
+
+def test_a_failed_capture_runs_eagerly(fakes, engine_bundle, cpu):
+    cudart, _ = fakes
+    cudart.fail["cudaStreamEndCapture"] = 901  # e.g. cudaErrorStreamCaptureInvalidated
+    gen = trt_generator(engine_bundle)
+    run = gen.start([1, 2], seed=0, **CFG)
+    state = run.loop.state
+    run.run()
+    assert "cudaStreamEndCapture" in state.capture_error and cudart.created["exec"] == 0
+    np.testing.assert_array_equal(run.tokens, cpu.start([1, 2], seed=0, **CFG).run().tokens)
+    cudart.assert_all_released()
+
+
+# --------------------------------------------------------------------------- checked return values
+
+
+@pytest.mark.parametrize("call, tensor, when, match", [
+    ("set_input_shape", "input_ids", "step", r"refused shape \[\d+, 1\] for input 'input_ids' of the ar_step"),
+    ("set_input_shape", "visual_ids", "decode", r"refused shape .* 'visual_ids' of the decoder"),
+    ("set_tensor_address", "k_cache_1", "start", r"refused the device address of tensor 'k_cache_1' of the ar_step"),
+    ("set_tensor_address", "image", "decode", r"'image' of the decoder"),
+    ("execute_async_v3", True, "step", r"failed to run the ar_step engine \(execute_async_v3 returned False\)"),
+    ("execute_async_v3", True, "decode", r"failed to run the decoder engine"),
+])
+def test_refusals_of_tensorrt_raise_and_free(fakes, engine_bundle, call, tensor, when, match):
+    cudart, trt = fakes
+    gen = trt_generator(engine_bundle)
+    trt.refuse[call] = tensor
+    with pytest.raises(BundleError, match=match):
+        if when == "decode":
+            gen.decode(np.zeros((1, gen.bundle.vocab.num_visual_tokens), np.int64))
+        elif when == "start":
+            gen.start([1], seed=0)
+        else:
+            gen.start([1], seed=0).run()
+    cudart.assert_all_released()
+    assert streams_left(cudart) == 1
+
+
+def test_cuda_errors_raise_naming_the_call(fakes, engine_bundle):
+    cudart, _ = fakes
+    gen = trt_generator(engine_bundle)
+    cudart.fail["cudaMalloc"] = 2
+    with pytest.raises(CudaError, match=r"cudaMalloc\(\d+ bytes\) failed: .*MemoryAllocation|cudaMalloc.*failed: 2"):
+        gen.start([1], seed=0)
+    del cudart.fail["cudaMalloc"]
+    cudart.assert_all_released()
+    assert streams_left(cudart) == 1  # the half-made state destroyed its stream
+    run = gen.start([1], seed=0)
+    run.step()
+    cudart.fail["cudaFree"] = 1
+    with pytest.raises(CudaError, match="cudaFree failed"):
+        run.close()
+    del cudart.fail["cudaFree"]
+    assert cudart.live_allocations == 0 and streams_left(cudart) == 1  # the rest was still released
+    run.close()  # idempotent: nothing is freed twice
+    cudart.fail["cudaStreamSynchronize"] = 700
+    with pytest.raises(CudaError, match=r"cudaStreamSynchronize \(after decoder\) failed: 700"):
+        gen.decode(np.zeros((1, gen.bundle.vocab.num_visual_tokens), np.int64))
+    cudart.assert_all_released()
+
+
+# --------------------------------------------------------------------------- engine I/O vs contract
+
+
+@pytest.mark.parametrize("graph, changes, match", [
+    ("ar_step", {"next_tokens": (TensorIOMode.OUTPUT, DataType.INT32)},
+     r"ar_step engine's tensor 'next_tokens' is an output of int32, the bundle's contract says an output of int64"),
+    ("decoder", {"image_float": None}, r"decoder engine has no output 'image_float' \(float32\)"),
+    ("prologue_generator", {"image": (TensorIOMode.OUTPUT, DataType.UINT8)}, r"'image' is an output of uint8.*input"),
+    ("ar_step", {"extra": (TensorIOMode.INPUT, DataType.FLOAT)}, r"has an input 'extra' that the bundle's contract"),
+])
+def test_engines_that_differ_from_the_contract_are_refused(fakes, engine_bundle, graph, changes, match):
+    cudart, trt = fakes
+    trt.io_changes[graph] = changes
+    with pytest.raises(BundleError, match=match) as info:
+        trt_generator(engine_bundle)
+    assert "prologue build-engines" in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def test_tensorrt_provider_alias_keeps_cuda_behind_it(monkeypatch):
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnx_backend, "available_providers", lambda: everything)
+    resolve = onnx_backend.resolve_providers
+    assert resolve("tensorrt") == everything
+    assert resolve(["tensorrt"]) == everything
+    assert resolve("cuda") == everything[1:]
+    assert resolve(None) == everything[1:]  # auto never picks TensorRT by itself
+    assert resolve(["TensorrtExecutionProvider"]) == ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    assert resolve(["CUDAExecutionProvider", "tensorrt"]) == ["CUDAExecutionProvider", "TensorrtExecutionProvider",
+                                                             "CPUExecutionProvider"]
+    monkeypatch.setattr(onnx_backend, "available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BundleError, match="CUDAExecutionProvider not available here.*onnxruntime-gpu"):
+        resolve("tensorrt")
+
+
+def test_cpu_generations_close_their_host_state(plain_bundle, monkeypatch):
+    gen = Generator.from_bundle(plain_bundle, backend="cpu")
+    states = []
+    make = gen.backend.ar_state
+    monkeypatch.setattr(gen.backend, "ar_state", lambda *a: states.append(make(*a)) or states[-1])
+    gen.generate([1], seed=0)
+    with pytest.raises(InputError):
+        gen.generate([1], seed=0, progress=lambda d, t: (_ for _ in ()).throw(InputError("stop")))
+    run = gen.start([1], seed=0)
+    run.step()
+    assert len(states) == 3 and states[0].closed and states[1].closed and not states[2].closed
+    with run:
+        pass
+    assert states[2].closed and states[2].k_cache is None
+    with pytest.raises(InputError, match="closed"):
+        states[2].step({})
