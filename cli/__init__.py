@@ -15,23 +15,48 @@ from . import eval as eval_commands
 from . import export, model, recipes, runtime, train
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit code 2, as argparse's own)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prologue", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="prologue", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (model, train, export, runtime, recipes, eval_commands):
         group.add_parsers(sub)
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_error_message(exc: OSError) -> str:
+    """An OSError (ENOSPC, EACCES, ...) as one line naming the path when it has one."""
+    what = exc.strerror or _one_line(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {what}" if paths else what
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every error meant for the user (PrologueError), and any OSError the
+    environment raises (disk full, permission denied), is one line on stderr and exit code 2;
+    Ctrl-C is one line and 130; anything else is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)  # usage errors: one line, exit code 2
+    name = f"prologue {args.command}"  # tests and scripts match this prefix
     try:
         return args.func(args)
-    except PrologueError as exc:  # every error meant for the user: one line, exit code 2
-        print(f"prologue {args.command}: error: {exc}", file=sys.stderr)
+    except PrologueError as exc:
+        print(f"{name}: error: {_one_line(exc) or type(exc).__name__}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # last resort: the environment (disk full, permission denied), not our code
+        print(f"{name}: error: {_os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"prologue {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+from .checks import (CLIError, data_argument, bundle_dir, input_path, non_negative_float, non_negative_int, output_dir, output_file,
+                     positive_float, positive_int, seed_int, unit_float)
 from .runtime import runtime_overrides
 
 
 def _cmd_eval(args) -> int:
+    _check_eval_args(args)
     from ..train import metrics
 
     progress = None if args.json else _tqdm_progress
@@ -25,8 +28,6 @@ def _cmd_eval(args) -> int:
         report.update({"checkpoint": args.checkpoint, "data": args.data})
         line = f"probe top-1 {100 * report['test_accuracy']:.2f}% ({report['features']})"
     else:
-        if bool(args.checkpoint) == bool(getattr(args, "bundle", None)):
-            raise SystemExit(f"prologue eval {args.metric}: error: give exactly one of --checkpoint or --bundle")
         size, channels, num_classes = _geometry(args)
         real, _ = metrics.real_images(args.data, args.ref_split, args.ref_n or args.n, size, channels, seed=0)
         key = f"{metrics.data_key(args.data, args.ref_split, len(real), size, channels)}-{net.key}"
@@ -51,6 +52,22 @@ def _cmd_eval(args) -> int:
     metrics.write_report(report, args.out)
     print(json.dumps(report, indent=2) if args.json else line)
     return 0
+
+
+def _check_eval_args(args) -> None:
+    """What can be checked before torch is loaded: the inputs exist, --out can be written."""
+    if args.metric == "gfid" and bool(args.checkpoint) == bool(args.bundle):
+        raise CLIError("give exactly one of --checkpoint or --bundle")
+    if args.checkpoint:
+        input_path(args.checkpoint, "--checkpoint", "dir")
+    if getattr(args, "bundle", None):
+        bundle_dir(args.bundle)
+    if args.inception:
+        input_path(args.inception, "--inception", "file")
+    if args.out:
+        output_file(args.out)
+    if getattr(args, "stats_dir", None):
+        output_dir(args.stats_dir, "--stats-dir")
 
 
 def _geometry(args):
@@ -94,29 +111,29 @@ def add_parsers(sub) -> None:
         q = metrics_sub.add_parser(name, help=text, description=text)
         q.add_argument("--checkpoint", metavar="CKPT", required=name != "gfid",
                        help="checkpoint folder (gfid: the torch sampler; or --bundle)")
-        q.add_argument("--data", default="fashion-mnist", metavar="PATH", help="real images (default fashion-mnist)")
+        q.add_argument("--data", type=data_argument, default="fashion-mnist", metavar="PATH", help="real images (default fashion-mnist)")
         q.add_argument("--out", metavar="FILE", help="also write the report as JSON here")
         q.add_argument("--json", action="store_true", help="print the report as JSON")
         if name == "probe":
-            q.add_argument("--train-n", dest="train_n", type=int, default=10000, help="training images (default 10000)")
-            q.add_argument("--test-n", dest="test_n", type=int, default=5000, help="test images (default 5000)")
-            q.add_argument("--k", type=int, default=None, help="tokenizers without prologue: probe the first K visual tokens")
-            q.add_argument("--epochs", type=int, default=30, help="probe training epochs (default 30)")
+            q.add_argument("--train-n", dest="train_n", type=positive_int, default=10000, help="training images (default 10000)")
+            q.add_argument("--test-n", dest="test_n", type=positive_int, default=5000, help="test images (default 5000)")
+            q.add_argument("--k", type=positive_int, default=None, help="tokenizers without prologue: probe the first K visual tokens")
+            q.add_argument("--epochs", type=positive_int, default=30, help="probe training epochs (default 30)")
             q.set_defaults(inception=None)
         else:
-            q.add_argument("--n", type=int, default=1000, help="images to evaluate (default 1000)")
+            q.add_argument("--n", type=positive_int, default=1000, help="images to evaluate (default 1000)")
             q.add_argument("--ref-split", dest="ref_split", default="test", choices=["train", "test"],
                            help="Fashion-MNIST split of the reference images (default test)")
-            q.add_argument("--ref-n", dest="ref_n", type=int, default=None, help="reference images (default --n)")
+            q.add_argument("--ref-n", dest="ref_n", type=positive_int, default=None, help="reference images (default --n)")
             q.add_argument("--inception", metavar="PATH", help="TorchScript FID network file")
             q.add_argument("--stats-dir", dest="stats_dir", default="runs/fid_stats", metavar="DIR",
                            help="cache of reference statistics (default runs/fid_stats)")
-            q.add_argument("--batch-size", dest="batch_size", type=int, default=50, help="batch size (default 50)")
+            q.add_argument("--batch-size", dest="batch_size", type=positive_int, default=50, help="batch size (default 50)")
         if name == "gfid":
             q.add_argument("--bundle", metavar="BUNDLE", help="sample with the torch-free runtime from this bundle")
-            q.add_argument("--seed", type=int, default=0, help="batch b uses seed + b (default 0)")
-            q.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's; 0 = off)")
-            q.add_argument("--temperature", type=float, default=None)
-            q.add_argument("--top-k", dest="top_k", type=int, default=None)
-            q.add_argument("--top-p", dest="top_p", type=float, default=None)
+            q.add_argument("--seed", type=seed_int, default=0, help="batch b uses seed + b (default 0)")
+            q.add_argument("--cfg", type=non_negative_float, default=None, help="CFG scale (default: the model's; 0 = off)")
+            q.add_argument("--temperature", type=positive_float, default=None)
+            q.add_argument("--top-k", dest="top_k", type=non_negative_int, default=None)
+            q.add_argument("--top-p", dest="top_p", type=unit_float, default=None)
         q.set_defaults(func=_cmd_eval)

@@ -7,11 +7,21 @@ import sys
 
 from ..export.tensorrt import DEFAULT_WORKSPACE_GB, PRECISIONS
 from ..runtime.contract import DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS
+from .checks import CLIError, bundle_dir, input_path, json_argument, output_dir, output_file, positive_float, positive_int
 
 
 def _cmd_export(args) -> int:
+    input_path(args.checkpoint, "--checkpoint", "dir")
+    if args.verify and args.out:
+        raise CLIError("give --out BUNDLE to export or --verify BUNDLE to verify, not both")
+    if args.verify:
+        bundle_dir(args.verify, "--verify")
+    elif not args.out:
+        raise CLIError("--out BUNDLE is required (or --verify BUNDLE to verify an existing bundle)")
+    else:
+        output_dir(args.out)
+    sampling = json_argument(args.sampling, "--sampling")
     from ..export.bundle import export_bundle
-    from ..export.errors import ExportError
     from ..export.verify import verify_bundle
 
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -20,9 +30,6 @@ def _cmd_export(args) -> int:
         print(json.dumps({"bundle": args.verify, "verification": report}, indent=2) if args.json
               else f"{args.verify}: verified against {args.checkpoint}")
         return 0
-    if not args.out:
-        raise ExportError("--out BUNDLE is required (or --verify BUNDLE to verify an existing bundle)")
-    sampling = json.loads(args.sampling) if args.sampling else None
     manifest = export_bundle(args.checkpoint, args.out, max_batch=args.max_batch,
                              force=args.force, verify=not args.no_verify, sampling=sampling, log=log,
                              ar_weights=args.ar_weights or ())
@@ -39,6 +46,11 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_build_engines(args) -> int:
+    bundle_dir(args.bundle, "BUNDLE")
+    if args.timing_cache:
+        output_file(args.timing_cache, "--timing-cache")
+    if args.opt_batch is not None and args.max_batch is not None and args.opt_batch > args.max_batch:
+        raise CLIError(f"--opt-batch {args.opt_batch} is larger than --max-batch {args.max_batch}")
     from ..export.tensorrt import build_engines, prepare_tensorrt, trtexec_commands
 
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -69,9 +81,9 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint folder (training or import-official)")
     p.add_argument("--out", metavar="BUNDLE", help="bundle folder to write (must not exist unless --force)")
     p.add_argument("--verify", metavar="BUNDLE", help="verify this existing bundle against --checkpoint instead of exporting")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
                    help=f"largest batch the graphs and engines must serve (default {DEFAULT_MAX_BATCH})")
-    p.add_argument("--sampling", metavar="JSON", help="sampling defaults stored in the manifest, e.g. '{\"cfg\": 3.0}' "
+    p.add_argument("--sampling", metavar="JSON", help="sampling defaults stored in the manifest, a JSON object, e.g. '{\"cfg\": 3.0}' "
                    "(our names or the release's)")
     p.add_argument("--ar-weights", dest="ar_weights", nargs="+", choices=QUANTIZED_AR_WEIGHTS, metavar="W",
                    help="also write weight-only quantized AR graphs (int8 and/or int4, ONNX Runtime MatMulNBits)")
@@ -96,13 +108,13 @@ def _add_build_engines_parser(sub) -> None:
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by prologue export")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16",
                    help="weight matmuls in this type; norms, softmax, RoPE, sampling and logits stay fp32 (default fp16)")
-    p.add_argument("--max-batch", dest="max_batch", type=int, default=None, metavar="N",
+    p.add_argument("--max-batch", dest="max_batch", type=positive_int, default=None, metavar="N",
                    help="largest batch (default: the bundle's max_batch)")
-    p.add_argument("--opt-batch", dest="opt_batch", type=int, default=None, metavar="N",
+    p.add_argument("--opt-batch", dest="opt_batch", type=positive_int, default=None, metavar="N",
                    help="the serving batch the engines are tuned for (default min(8, max batch))")
     p.add_argument("--timing-cache", dest="timing_cache", metavar="FILE",
                    help="TensorRT timing cache to reuse and update (default ~/.cache/prologue-export/)")
-    p.add_argument("--workspace-gb", dest="workspace_gb", type=float, default=DEFAULT_WORKSPACE_GB,
+    p.add_argument("--workspace-gb", dest="workspace_gb", type=positive_float, default=DEFAULT_WORKSPACE_GB,
                    help=f"builder workspace (default {DEFAULT_WORKSPACE_GB:g})")
     p.add_argument("--print-trtexec", dest="print_trtexec", action="store_true",
                    help="do not build: write and check the ONNX files engines are built from, list them in the manifest's "

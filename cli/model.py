@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import json
 
+from .checks import input_path, output_dir
+
 
 def _cmd_import_official(args) -> int:
+    input_path(args.tokenizer, "--tokenizer", "dir")
+    if args.ar:
+        input_path(args.ar, "--ar", "dir")
+    if args.official_config:
+        input_path(args.official_config, "--official-config", "file")
+    output_dir(args.out)
     from ..official import import_official
 
     model = import_official(

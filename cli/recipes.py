@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+from .checks import data_argument, input_path, non_negative_int, output_dir, positive_float
+
 
 def _cmd_demo(args) -> int:
+    output_dir(args.out)
     from .demo import run_demo
 
     report = run_demo(args.out, data=args.data, scale=args.scale, compile_=not args.no_compile,
@@ -27,12 +30,17 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
+    output_dir(args.out)
+    if args.inception:
+        input_path(args.inception, "--inception", "file")
+    if args.post_from:
+        input_path(args.post_from, "--post-from", "dir")
     from .experiment import ROWS, parse_rows, run_experiment
 
+    rows = parse_rows(args.rows) if args.rows is not None else ROWS
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-
     results = run_experiment(args.out, scale=args.scale, data=args.data, inception=args.inception,
-                             compile_=not args.no_compile, log=log, rows=parse_rows(args.rows) if args.rows else ROWS,
+                             compile_=not args.no_compile, log=log, rows=rows,
                              tokenizer_overrides=args.tokenizer_set or (), post_from=args.post_from)
     print(json.dumps(results, indent=2) if args.json else results["table"])
     return 0
@@ -47,11 +55,11 @@ def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train a small Prologue, export it and generate pictures with the runtime",
                        description="The whole pipeline at demo scale: phase 1, pretokenize, phase 3, export + verify, "
                        "then class, reconstruction and fixed-prologue grids from the torch-free runtime.")
-    p.add_argument("--data", default="fashion-mnist", metavar="PATH",
+    p.add_argument("--data", type=data_argument, default="fashion-mnist", metavar="PATH",
                    help="fashion-mnist (default) or a folder of class subfolders (images are resized to 32x32 RGB)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo); rerunning continues")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies the training steps (default 1.0)")
-    p.add_argument("--pretokenize-limit", dest="pretokenize_limit", type=int, default=12000, metavar="N",
+    p.add_argument("--scale", type=positive_float, default=1.0, help="multiplies the training steps (default 1.0)")
+    p.add_argument("--pretokenize-limit", dest="pretokenize_limit", type=non_negative_int, default=12000, metavar="N",
                    help="pretokenize (ten-crop) only the first N images (default 12000; 0 = all)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the models")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -65,8 +73,8 @@ def _add_experiment_parser(sub) -> None:
                        "linear probe. About an hour on a 2-core CPU at --scale 1; rerunning continues.")
     p.add_argument("name", choices=["small"], help="the experiment (small: Fashion-MNIST, tiny models)")
     p.add_argument("--out", default="runs/experiment-small", metavar="DIR", help="output folder")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies steps, subsets and sample counts")
-    p.add_argument("--data", default="fashion-mnist", metavar="PATH", help="data set (default fashion-mnist)")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="multiplies steps, subsets and sample counts")
+    p.add_argument("--data", type=data_argument, default="fashion-mnist", metavar="PATH", help="data set (default fashion-mnist)")
     p.add_argument("--inception", metavar="PATH", help="TorchScript FID network file")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the models")
     p.add_argument("--rows", metavar="V:S,...", help="only these rows, e.g. prologue:0 (default: 2d:0,2d:1,prologue:0,"

@@ -7,6 +7,8 @@ import sys
 
 from ..runtime.contract import AR_WEIGHTS
 from ..runtime.generator import BACKENDS
+from .checks import (MAX_IMAGES, CLIError, bundle_dir, image_count, input_path, json_argument, non_negative_float,
+                     non_negative_int, output_file, positive_float, positive_int, seed_int, unit_float)
 
 RUNTIME_COMMANDS = ("generate", "variations", "reconstruct")
 
@@ -45,17 +47,23 @@ def _write_grid(images, out: str, nrow) -> None:
     save_png(grid(images, grid_columns(len(images), nrow)), out)
 
 
+def _check_common(args):
+    """Checks made before a bundle is loaded: --out, --bundle, --sampling; returns the parsed --sampling."""
+    output_file(args.out)
+    bundle_dir(args.bundle)
+    return json_argument(getattr(args, "sampling", None), "--sampling")
+
+
 def _cmd_generate(args) -> int:
     import numpy as np
 
     from ..runtime.generator import Generator
-    from ..runtime.loop import InputError
 
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1, got {args.n}")
+    if len(args.class_ids) * args.n > MAX_IMAGES:
+        raise CLIError(f"{len(args.class_ids)} classes x --n {args.n} images is more than {MAX_IMAGES} images")
+    sampling = _check_common(args)
     gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
     classes = np.repeat(np.asarray(args.class_ids, dtype=np.int64), args.n)
-    sampling = json.loads(args.sampling) if args.sampling else None
     images = gen.generate(classes, seed=args.seed, sampling=sampling,
                           progress=_progress("generate", not args.json), **runtime_overrides(args))
     _write_grid(images, args.out, args.nrow or args.n)
@@ -69,9 +77,10 @@ def _cmd_variations(args) -> int:
     from ..runtime.generator import Generator
     from ..runtime.images import load_image
 
+    sampling = _check_common(args)
+    input_path(args.image, "--image", "file")
     gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
     image = load_image(args.image, gen.bundle.image_size, gen.bundle.channels)
-    sampling = json.loads(args.sampling) if args.sampling else None
     images = gen.variations(image, args.n, seed=args.seed, class_id=args.class_id, sampling=sampling,
                             progress=_progress("variations", not args.json), **runtime_overrides(args))
     _write_grid(images, args.out, args.nrow)
@@ -86,6 +95,9 @@ def _cmd_reconstruct(args) -> int:
 
     from ..runtime.generator import Generator, parse_images
 
+    _check_common(args)
+    for path in args.image:
+        input_path(path, "--image", "file")
     gen = Generator.from_bundle(args.bundle, backend=args.backend)
     images = parse_images(args.image, gen.bundle)
     recon = gen.reconstruct(images)
@@ -105,32 +117,33 @@ def add_parsers(sub) -> None:
         p.add_argument("--json", action="store_true", help="print a JSON report of what was written")
 
     def sampling(p):
-        p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-        p.add_argument("--cfg", type=float, help="CFG scale (overrides the bundle's sampling defaults)")
-        p.add_argument("--temperature", type=float, help="sampling temperature")
-        p.add_argument("--prologue-temperature", dest="prologue_temperature", type=float,
+        p.add_argument("--seed", type=seed_int, default=0, help="noise seed, 0 .. 2**64 - 1 (default 0)")
+        p.add_argument("--cfg", type=non_negative_float, help="CFG scale (overrides the bundle's sampling defaults)")
+        p.add_argument("--temperature", type=positive_float, help="sampling temperature")
+        p.add_argument("--prologue-temperature", dest="prologue_temperature", type=positive_float,
                        help="temperature of the prologue tokens")
-        p.add_argument("--top-k", dest="top_k", type=int, help="top-k (0 = off)")
-        p.add_argument("--top-p", dest="top_p", type=float, help="top-p (0 = off)")
-        p.add_argument("--sampling", metavar="JSON", help="more settings as JSON (our or the release's option names)")
-        p.add_argument("--nrow", type=int, help="images per grid row")
+        p.add_argument("--top-k", dest="top_k", type=non_negative_int, help="top-k (0 = off)")
+        p.add_argument("--top-p", dest="top_p", type=unit_float, help="top-p in [0, 1] (0 = off)")
+        p.add_argument("--sampling", metavar="JSON",
+                       help="more settings as a JSON object (our or the release's option names)")
+        p.add_argument("--nrow", type=positive_int, help="images per grid row")
         p.add_argument("--ar-weights", dest="ar_weights", default="fp32", choices=AR_WEIGHTS,
                        help="AR graph: fp32 (default) or a weight-only quantized one the bundle carries")
 
     p = sub.add_parser("generate", help="generate class-conditional images from a bundle (no torch needed)")
     common(p)
     sampling(p)
-    p.add_argument("--class", dest="class_ids", type=int, nargs="+", required=True, metavar="ID",
+    p.add_argument("--class", dest="class_ids", type=non_negative_int, nargs="+", required=True, metavar="ID",
                    help="class id(s); the null class id gives unconditional samples")
-    p.add_argument("--n", type=int, default=8, help="images per class (default 8)")
+    p.add_argument("--n", type=image_count, default=8, help=f"images per class (default 8; at most {MAX_IMAGES} in all)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("variations", help="images that share the prologue of an input image")
     common(p)
     sampling(p)
     p.add_argument("--image", required=True, metavar="FILE", help="input image of the bundle's size")
-    p.add_argument("--n", type=int, default=8, help="number of variations (default 8)")
-    p.add_argument("--class-id", dest="class_id", type=int, help="class to condition on (default: unconditional)")
+    p.add_argument("--n", type=image_count, default=8, help=f"number of variations (default 8, at most {MAX_IMAGES})")
+    p.add_argument("--class-id", dest="class_id", type=non_negative_int, help="class to condition on (default: unconditional)")
     p.set_defaults(func=_cmd_variations)
 
     p = sub.add_parser("reconstruct", help="encode and decode images through the visual tokens")

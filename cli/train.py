@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from .checks import data_argument, input_path, non_negative_int, output_dir, positive_int
+
+
+def _check_train_args(args) -> None:
+    """Inputs exist and --out can be written, checked before torch is loaded."""
+    output_dir(args.out)
+    if getattr(args, "checkpoint", None):
+        input_path(args.checkpoint, "--checkpoint", "dir")
+    if getattr(args, "tokens", None):
+        input_path(args.tokens, "--tokens", "dir")
+    config = getattr(args, "config", None)
+    if config and (config.endswith(".json") or "/" in config or Path(config).exists()):  # a file, not a preset
+        input_path(config, "--config", "file")
 
 
 def _cmd_train(args) -> int:
+    _check_train_args(args)
     from ..train.configs import ARTrainConfig, TokenizerTrainConfig, ar_train_preset, load_train_config, tokenizer_train_preset
 
     if args.phase == "pretokenize":
@@ -49,7 +65,7 @@ def add_parsers(sub) -> None:
 
     p = phases.add_parser("tokenizer", help="phase 1: tokenizer + joint AR (variants prologue, 2d, post)")
     common(p, "a JSON training config or a preset: tiny, tiny-2d, tiny-post, prologue-b, 2d")
-    p.add_argument("--data", default="fashion-mnist", metavar="PATH",
+    p.add_argument("--data", type=data_argument, default="fashion-mnist", metavar="PATH",
                    help="fashion-mnist (default; Debian's dataset-fashion-mnist), synthetic[:N], a folder "
                    "with the Fashion-MNIST IDX files, or ImageNet-style class folders")
 
@@ -59,11 +75,11 @@ def add_parsers(sub) -> None:
 
     p = phases.add_parser("pretokenize", help="phase 2: encode a data set with the EMA tokenizer into id shards")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a tokenizer checkpoint (phase 1's checkpoint/ folder)")
-    p.add_argument("--data", default="fashion-mnist", metavar="PATH", help="as for `train tokenizer`")
+    p.add_argument("--data", type=data_argument, default="fashion-mnist", metavar="PATH", help="as for `train tokenizer`")
     p.add_argument("--out", required=True, metavar="DIR", help="shard folder (index.json + shard_*.npz); resumable")
     p.add_argument("--crops", choices=["ten", "center"], default="ten", help="ten-crop augmentation (default) or one centre crop")
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
-    p.add_argument("--shard-size", type=int, default=8192, help="images per shard file")
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes")
-    p.add_argument("--limit", type=int, metavar="N", help="encode only the first N images of the data set")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder batch")
+    p.add_argument("--shard-size", type=positive_int, default=8192, help="images per shard file")
+    p.add_argument("--num-workers", type=non_negative_int, default=2, help="image decoding worker processes")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="encode only the first N images of the data set")
     p.set_defaults(func=_cmd_train)

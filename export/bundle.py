@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from ..model import PrologueModel
 from ..config import SamplingConfig
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from ..runtime.contract import AR_STEP, DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS, ar_graph_name
+from ..runtime.files import fsync_dir, shown, write_json_atomic
 from .errors import ExportError
 from .graphs import contracts
 
@@ -209,10 +209,7 @@ def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by
 
 
 def write_json(path: Path, obj) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_json_atomic(path, obj, "bundle manifest", indent=2)  # strict JSON: read_json refuses NaN
 
 
 def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bool = False,
@@ -261,13 +258,17 @@ def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bo
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)
+        if out.is_symlink() or (out.exists() and not (out / MANIFEST).is_file()):
+            raise ExportError(f"--out {shown(out)} changed while exporting (now a link or not a bundle); "
+                              "refusing to replace it")
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # exclusive, empty
+            os.replace(out, old)  # a folder renamed onto an empty folder replaces it
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import typing
@@ -311,7 +312,10 @@ def trtexec_commands(bundle_path, precision: str = "fp16", timing_cache=None,
     for graph, entry in section["graphs"].items():
         shapes = {k: ",".join(f"{name}:{'x'.join(str(d) for d in dims[k])}" for name, dims in entry["profile"].items())
                   for k in ("min", "opt", "max")}
-        lines.append(" ".join([
+        if entry["onnx"] not in bundle.files:
+            raise ExportError(f"{bundle.path}: the tensorrt section names {entry['onnx']!r}, which the bundle does not "
+                              f"hold; run prologue build-engines {bundle.path} --precision {precision} --print-trtexec")
+        lines.append(" ".join(shlex.quote(arg) for arg in [
             "trtexec", f"--onnx={bundle.path / entry['onnx']}",
             f"--saveEngine={bundle.path / engine_file_name(graph, precision)}", "--stronglyTyped",
             f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}",

@@ -23,6 +23,7 @@ from torch import nn
 from .config import ConfigError, ModelConfig
 from .model import PrologueModel, unwrap
 from .runtime.errors import PrologueError
+from .runtime.files import OutputError, check_output_path, fsync_dir, shown
 
 CONFIG_FILE = "config.json"
 COMPONENT_FILES = {"tokenizer": "tokenizer.safetensors", "ar": "ar.safetensors"}
@@ -33,14 +34,40 @@ class CheckpointError(PrologueError, RuntimeError):
 
 
 def _fsync_dir(path: Path) -> None:
+    fsync_dir(path)
+
+
+def _leftovers(path: Path, kind: str) -> typing.List[Path]:
+    """Exact names of this checkpoint's leftover `.NAME.tmp-XXXXXXXX` / `.NAME.old-XXXXXXXX` folders.
+
+    The folder is listed and each name compared with the literal prefix (no glob pattern: `ckpt[1]`
+    or `ckpt*` in NAME must not match a sibling's files); the rest of the name must be what
+    `mkdtemp` makes (no dot), so a sibling named `NAME.old-5` (whose backups start with the same
+    prefix) is never taken for ours. Only real folders count, never links."""
+    prefix = f".{path.name}.{kind}-"
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789_")  # mkdtemp's letters (older saves: a pid)
+    found = []
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        rest = entry.name[len(prefix):]
+        if (entry.name.startswith(prefix) and rest and set(rest) <= allowed
+                and entry.is_dir(follow_symlinks=False)):
+            found.append(Path(entry.path))
+    return found
+
+
+def _check_target(path: Path) -> None:
+    """Refuse a checkpoint target that is a link or not a folder (never followed, never replaced), or
+    whose folder cannot be written (`OutputError`: a file in the path, no permission)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        kind = "a symbolic link" if path.is_symlink() else "not a folder"
+        raise CheckpointError(f"{shown(path)} exists and is {kind}, not a checkpoint folder; refusing to replace it")
+    if path.exists() and not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{shown(path)} exists and is not a checkpoint folder; refusing to overwrite it")
+    check_output_path(path, "checkpoint", folder=True)
 
 
 def save_checkpoint(
@@ -58,13 +85,15 @@ def save_checkpoint(
     """
     model = unwrap(model)
     path = Path(path)
-    if path.exists() and not (path / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{path} exists and is not a checkpoint folder; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(path)
     recover_interrupted(path)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+    _check_target(path)
+    for stale in _leftovers(path, "tmp"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed mid-write
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write checkpoint {shown(path)}: {exc.strerror or exc}") from None
     written: typing.List[str] = []
     try:
         tensors = {name: unwrap(m).state_dict() for name, m in model.components().items()}
@@ -92,27 +121,44 @@ def save_checkpoint(
             file.chmod(0o666 & ~umask)
         tmp.chmod(0o777 & ~umask)
         _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        _swap_into_place(tmp, path)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, PrologueError):
+            raise OutputError(f"cannot write checkpoint {shown(path)}: {exc.strerror or exc}") from None
         raise
     return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`, the previous checkpoint (if any) first moved to an
+    exclusively created `.NAME.old-XXXXXXXX` and removed only once `path` is the new one."""
+    if not path.exists():
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return
+    _check_target(path)  # again: a link or file may have been put there meanwhile
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))  # exclusive and empty
+    try:
+        os.replace(path, old)  # a folder renamed onto an empty folder replaces it
+        os.replace(tmp, path)
+    except BaseException:
+        if not (old / CONFIG_FILE).is_file():
+            shutil.rmtree(old, ignore_errors=True)  # still the empty placeholder
+        elif not os.path.lexists(path):
+            os.replace(old, path)  # put the previous checkpoint back (else recover_interrupted will)
+        raise
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_interrupted(path) -> None:
     """If a save was killed between its two renames, put the previous checkpoint back."""
     path = Path(path)
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(_leftovers(path, "old"), key=lambda p: p.lstat().st_mtime)
     if not olds:
         return
-    if not path.exists() and (olds[-1] / CONFIG_FILE).is_file():
+    if not os.path.lexists(path) and (olds[-1] / CONFIG_FILE).is_file():
         os.replace(olds[-1], path)
         olds = olds[:-1]
     for stale in olds:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from .runtime.files import FileFormatError, parse_json
 from .runtime.settings import (  # re-exported: one definition for the model and the runtime
     CFG_SCHEDULES, ConfigError, SamplingConfig, VocabLayout, _build, build_dataclass,
 )
@@ -29,6 +31,21 @@ __all__ = [
 CONFIG_FORMAT_VERSION = 1
 
 TOKENIZER_VARIANTS = ("prologue", "2d", "post")
+
+# Upper bounds on sizes, checked before any module is built (a hostile or mistyped config must
+# fail at once with a one-line ConfigError, not after minutes of allocation). The released
+# models are far below every one of them.
+MAX_LAYERS = 256
+MAX_DIM = 16384  # dim, code_dim, cond_dim
+MAX_HEADS = 1024
+MAX_CODEBOOK = 2**20  # visual and prologue codebook sizes
+MAX_IMAGE_SIZE = 4096
+MAX_CHANNELS = 4
+MAX_VISUAL_TOKENS = 2**16  # (image_size / patch_size) ** 2
+MAX_PROLOGUE_TOKENS = 4096
+MAX_NUM_CLASSES = 10**6
+MAX_MLP_RATIO = 16
+MAX_STACK_PARAMS = 4 * 10**9  # estimated parameters of one Transformer stack (16 GB in float32)
 
 
 def ffn_hidden(dim: int, mlp_ratio: str) -> int:
@@ -98,13 +115,10 @@ class TokenizerConfig:
         )
 
     def validate(self) -> None:
+        self._validate_numbers()
         if self.variant not in TOKENIZER_VARIANTS:
             raise ConfigError(
                 f"tokenizer.variant: {self.variant!r} is not one of {', '.join(TOKENIZER_VARIANTS)}"
-            )
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"tokenizer.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         if self.has_prologue and (self.num_prologue_tokens < 1 or self.prologue_codebook_size < 1):
             raise ConfigError(
@@ -125,6 +139,33 @@ class TokenizerConfig:
             _validate_stack(f"tokenizer.{name}", size, self.rope_axes)
         for name in ("mlp_ratio", "prologue_encoder_mlp_ratio"):
             _validate_ratio(f"tokenizer.{name}", getattr(self, name))
+        for name, size in stacks:
+            ratio = self.prologue_encoder_mlp_ratio if name == "prologue_encoder" else self.mlp_ratio
+            _validate_stack_params(f"tokenizer.{name}", size, ratio)
+
+    def _validate_numbers(self) -> None:
+        """Types and ranges of the scalar fields (before any derived size is computed)."""
+        if not isinstance(self.variant, str):
+            raise ConfigError(f"tokenizer.variant must be a string, got {self.variant!r}")
+        check_int("tokenizer.image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_int("tokenizer.patch_size", self.patch_size, 1, MAX_IMAGE_SIZE)
+        check_int("tokenizer.channels", self.channels, 1, MAX_CHANNELS)
+        check_int("tokenizer.visual_codebook_size", self.visual_codebook_size, 1, MAX_CODEBOOK)
+        check_int("tokenizer.prologue_codebook_size", self.prologue_codebook_size, 0, MAX_CODEBOOK)
+        check_int("tokenizer.num_prologue_tokens", self.num_prologue_tokens, 0, MAX_PROLOGUE_TOKENS)
+        check_int("tokenizer.code_dim", self.code_dim, 1, MAX_DIM)
+        check_int("tokenizer.cond_dim", self.cond_dim, 1, MAX_DIM)
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"tokenizer.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.num_visual_tokens > MAX_VISUAL_TOKENS:
+            raise ConfigError(f"tokenizer: (image_size / patch_size) ** 2 = {self.num_visual_tokens} visual tokens; "
+                              f"at most {MAX_VISUAL_TOKENS} are supported")
+        check_float("tokenizer.rope_theta_grid", self.rope_theta_grid, positive=True)
+        check_float("tokenizer.rope_theta_seq", self.rope_theta_seq, positive=True)
+        check_float("tokenizer.prologue_temperature", self.prologue_temperature, positive=True)
+        check_float("tokenizer.vq_beta", self.vq_beta)
 
 
 @dataclass
@@ -145,12 +186,17 @@ class ARConfig:
     def head_dim(self) -> int:
         return self.dim // self.heads
 
-    def validate(self) -> None:
-        _validate_stack("ar", TransformerSize(self.dim, self.layers, self.heads), self.rope_axes)
-        _validate_ratio("ar.mlp_ratio", self.mlp_ratio)
-        for name in ("dropout", "emb_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"ar.{name} must be in [0, 1), got {getattr(self, name)}")
+    def validate(self, name: str = "ar") -> None:
+        size = TransformerSize(self.dim, self.layers, self.heads)
+        _validate_stack(name, size, self.rope_axes)
+        _validate_ratio(f"{name}.mlp_ratio", self.mlp_ratio)
+        _validate_stack_params(name, size, self.mlp_ratio)
+        check_float(f"{name}.rope_theta", self.rope_theta, positive=True)
+        check_int(f"{name}.cond_dim", self.cond_dim, 1, MAX_DIM)
+        for attr in ("dropout", "emb_dropout"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name}.{attr} must be in [0, 1), got {value!r}")
 
 
 @dataclass
@@ -170,13 +216,12 @@ class ModelConfig:
         return self.tokenizer.vocab()
 
     def validate(self) -> "ModelConfig":
-        if self.format_version != CONFIG_FORMAT_VERSION:
+        if isinstance(self.format_version, bool) or self.format_version != CONFIG_FORMAT_VERSION:
             raise ConfigError(
                 f"format_version {self.format_version} is not supported (this package reads "
                 f"version {CONFIG_FORMAT_VERSION})"
             )
-        if self.num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        check_int("num_classes", self.num_classes, 1, MAX_NUM_CLASSES)
         self.tokenizer.validate()
         if self.ar is not None:
             self.ar.validate()
@@ -195,9 +240,9 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config is not valid JSON: {exc}") from None
+            data = parse_json(text, "config")  # strict: no NaN / Infinity, bounded size and depth
+        except FileFormatError as exc:
+            raise ConfigError(str(exc)) from None
         return cls.from_dict(data)
 
 
@@ -205,12 +250,39 @@ class ModelConfig:
 # strict dict -> dataclass
 
 
+def check_int(name: str, value, lo: int, hi: typing.Optional[int] = None) -> int:
+    """`value` must be an int (not a bool) in `[lo, hi]`; else a one-line ConfigError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_float(name: str, value, lo: float = 0.0, hi: typing.Optional[float] = None,
+                positive: bool = False) -> float:
+    """`value` must be a finite number (int or float, not bool) >= `lo` (> 0 if `positive`) and <= `hi`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if positive and value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+    return float(value)
+
+
 def _validate_stack(name: str, size: TransformerSize, rope_axes) -> None:
-    for attr in ("dim", "layers", "heads"):
-        if getattr(size, attr) < 1:
-            raise ConfigError(f"{name}.{attr} must be >= 1, got {getattr(size, attr)}")
+    check_int(f"{name}.dim", size.dim, 1, MAX_DIM)
+    check_int(f"{name}.layers", size.layers, 1, MAX_LAYERS)
+    check_int(f"{name}.heads", size.heads, 1, MAX_HEADS)
     if size.dim % size.heads:
         raise ConfigError(f"{name}.dim {size.dim} is not divisible by heads {size.heads}")
+    if not isinstance(rope_axes, (list, tuple)) or any(isinstance(a, bool) or not isinstance(a, int) for a in rope_axes):
+        raise ConfigError(f"rope_axes must be three even sizes, got {rope_axes!r}")
     if len(rope_axes) != 3 or any(a < 0 or a % 2 for a in rope_axes):
         raise ConfigError(f"rope_axes must be three even sizes, got {list(rope_axes)}")
     if sum(rope_axes) != size.head_dim:
@@ -221,12 +293,23 @@ def _validate_stack(name: str, size: TransformerSize, rope_axes) -> None:
 
 
 def _validate_ratio(name: str, ratio: str) -> None:
+    if not isinstance(ratio, str) or len(ratio) > 64:
+        raise ConfigError(f"{name}: {ratio!r} is not a ratio like '8/3'")
     try:
         value = Fraction(ratio)
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"{name}: {ratio!r} is not a ratio like '8/3'") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be > 0, got {ratio!r}")
+    if not 0 < value <= MAX_MLP_RATIO:
+        raise ConfigError(f"{name} must be in (0, {MAX_MLP_RATIO}], got {ratio!r}")
+
+
+def _validate_stack_params(name: str, size: TransformerSize, ratio: str) -> None:
+    """Refuse a stack whose estimated parameter count (attention 4 d^2 + GeGLU 3 d h per layer)
+    exceeds MAX_STACK_PARAMS, before anything is allocated."""
+    estimate = size.layers * (4 * size.dim**2 + 3 * size.dim * ffn_hidden(size.dim, ratio))
+    if estimate > MAX_STACK_PARAMS:
+        raise ConfigError(f"{name}: about {estimate / 1e9:.1f}e9 parameters (dim {size.dim}, layers {size.layers}); "
+                          f"at most {MAX_STACK_PARAMS / 1e9:.0f}e9 per stack are supported")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ _LAZY = {
     "Generator": "generator", "Generation": "generator",
     "Bundle": "bundle", "BundleError": "bundle",
     "InputError": "loop", "TokenLoop": "loop",
-    "ImageError": "images",
+    "ImageError": "images", "OutputError": "files", "FileFormatError": "files",
     "SamplingConfig": "settings", "ConfigError": "settings", "PrologueError": "errors",
 }
 

@@ -1,24 +1,48 @@
 """A bundle on disk: `manifest.json` + graph files, checked before anything runs.
 
 The manifest vouches for every file (sha256 and size); a file it does not list, a missing file,
-a changed byte, an unknown format version or a graph whose inputs/outputs differ from the
-manifest's contract is a `BundleError` that says what is wrong and how to fix it.
+a changed byte, an unknown format version, a symlink or special file in the folder, a manifest
+field of the wrong type or out of range, or a graph contract that is not the runtime's contract
+for the manifest's sizes is a one-line `BundleError` that says what is wrong and how to fix it.
+
+Hostile input (docs/runtime.md): the manifest is strict JSON read with `parse_json` (no NaN /
+Infinity, at most 16 MiB, 32 levels deep) and validated field by field, with these bounds
+(`LIMITS`): max_batch <= 4096, ar layers / heads <= 1024, head_dim <= 4096, sequence lengths
+<= 65536, codebooks <= 2^20 entries, image size <= 4096 with 1..4 channels, num_classes <= 10^6,
+at most 1024 files of at most 1 TiB each, file names a single path component (bundles are flat).
+
+A loaded bundle is immutable for its users: `read_verified(name)` reads a file once (never
+through a symlink), checks its size and sha256 against the manifest and returns those bytes, so
+a backend builds its session or engine from exactly the bytes that were checked; a file swapped
+after `Bundle(...)` is refused when it is read, never run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
+import re
+import stat
 import typing
 from pathlib import Path
 
-from .contract import GRAPHS
+from .contract import (AR_STEP, DECODER, DEFAULT_MAX_BATCH, ENGINE_GRAPHS, GRAPHS, PROLOGUE_GENERATOR, ar_step_axes,
+                       ar_step_io, batch_axes, decoder_io, prologue_generator_io, static_axes)
 from .errors import PrologueError
-from .settings import SamplingConfig, VocabLayout
+from .files import FileFormatError, MAX_JSON_BYTES, parse_json
+from .settings import ConfigError, SamplingConfig, VocabLayout
 
 MANIFEST = "manifest.json"
 FORMAT = "prologue-export-bundle"
 FORMAT_VERSION = 2  # 2: ar_step takes its KV cache per layer (k_cache_0 ..)
+
+LIMITS = {"max_batch": 4096, "layers": 1024, "heads": 1024, "head_dim": 4096, "seq_len": 65536,
+          "codebook": 1 << 20, "image_size": 4096, "channels": 4, "num_classes": 10**6,
+          "files": 1024, "file_bytes": 1 << 40, "name_chars": 255, "tensors": 4096, "rank": 8, "dim": 2**31 - 1}
+DTYPES = ("int64", "int32", "float32", "float16", "bfloat16", "uint8", "int8", "bool")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "an integer",
+               float: "a number", type(None): "null"}
 
 
 class BundleError(PrologueError, RuntimeError):
@@ -33,52 +57,187 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class Bundle:
-    """Parsed, verified manifest of a bundle folder."""
+def _show(value) -> str:
+    """A short one-line description of a JSON value for an error message."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{_JSON_KINDS.get(type(value), type(value).__name__)} {text[:30]}..."
 
-    def __init__(self, path, check_hashes: bool = True):
+
+def _open_nofollow(path: Path) -> int:
+    """A read-only descriptor of the regular file at `path`; a symlink (O_NOFOLLOW), a FIFO or a
+    device is refused (O_NONBLOCK: opening a FIFO must not hang)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise BundleError(f"{path} is a symlink; a bundle must not contain symlinks (copy the real file)") from None
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{path} is not a regular file; a bundle holds only regular files")
+    return fd
+
+
+class _Fields:
+    """Typed access to the parsed manifest: every failure is one line naming the field."""
+
+    def __init__(self, where: Path):
+        self.where = where
+
+    def fail(self, field: str, problem: str) -> typing.NoReturn:
+        raise BundleError(f"{self.where}: manifest field {field} {problem}; re-export the bundle")
+
+    def get(self, obj: dict, key: str, field: str, kind: type, required: bool = True):
+        if key not in obj:
+            if required:
+                self.fail(field, "is missing")
+            return None
+        value = obj[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(field, f"must be {_JSON_KINDS[kind]}, got {_show(value)}")
+        return value
+
+    def int_(self, obj: dict, key: str, field: str, lo: int, hi: int, required: bool = True):
+        value = self.get(obj, key, field, int, required)
+        if value is not None and not lo <= value <= hi:
+            self.fail(field, f"must be an integer in [{lo}, {hi}], got {value}")
+        return value
+
+    def str_(self, obj: dict, key: str, field: str, required: bool = True, max_chars: int = 255):
+        value = self.get(obj, key, field, str, required)
+        if value is not None and (len(value) > max_chars or not value.isprintable()):
+            self.fail(field, f"must be a printable string of at most {max_chars} characters, got {_show(value)}")
+        return value
+
+
+class Bundle:
+    """Parsed, validated manifest of a bundle folder; `read_verified` hands out checked bytes."""
+
+    def __init__(self, path, check_hashes: bool = True, digest: typing.Optional[str] = None):
+        """check_hashes: verify every file's size and sha256 now (a damaged bundle is refused here;
+        each file is verified again whenever a backend reads it); digest: the expected sha256 of
+        manifest.json (`Bundle(...).digest`), which pins the whole bundle: the manifest is the root
+        of trust, and it vouches for every other file."""
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
             raise BundleError(f"bundle folder {self.path} does not exist")
-        if not manifest_path.is_file():
+        present = self._scan()
+        if MANIFEST not in present:
             raise BundleError(f"{self.path} has no {MANIFEST}: not a prologue-export bundle "
                               "(write one with `prologue export --checkpoint CKPT --out DIR`)")
+        data = self._read_manifest(manifest_path)
+        self.digest = hashlib.sha256(data).hexdigest()
+        if digest is not None and digest != self.digest:
+            raise BundleError(f"{manifest_path} has sha256 {self.digest}, not the expected {digest}: this is not "
+                              "the bundle you pinned")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+            self.manifest = parse_json(data, str(manifest_path))
+        except FileFormatError as exc:
+            raise BundleError(f"{exc}; re-export the bundle") from None
+        f = _Fields(manifest_path)
+        self._validate_header(f)
+        self._validate_sizes(f)
+        self._validate_files(f)
+        self._validate_graphs(f)
+        self._validate_engines(f)
+        if check_hashes:
+            self.verify_files(present)
+
+    # -- the folder ------------------------------------------------------------------------------
+
+    def _scan(self) -> typing.Set[str]:
+        """Names (relative, posix) of the regular files under the folder. A symlink anywhere (file
+        or folder: `rglob` and hashing would follow or skip it) or a special file is refused."""
+        found: typing.Set[str] = set()
+
+        def fail(exc: OSError):
+            raise BundleError(f"cannot list {exc.filename or self.path}: {exc.strerror or exc}")
+
+        try:
+            for top, dirs, files in os.walk(self.path, onerror=fail, followlinks=False):
+                for name in dirs + files:
+                    full = Path(top, name)
+                    rel = full.relative_to(self.path).as_posix()
+                    mode = os.lstat(full).st_mode
+                    if stat.S_ISLNK(mode):
+                        raise BundleError(f"{self.path} holds a symlink, {rel}; a bundle must not contain symlinks "
+                                          "(copy the real files in, or re-export the bundle)")
+                    if stat.S_ISREG(mode):
+                        found.add(rel)
+                    elif not stat.S_ISDIR(mode):
+                        raise BundleError(f"{self.path} holds {rel}, which is not a regular file; remove it or "
+                                          "re-export the bundle")
+                if len(found) > 4 * LIMITS["files"]:
+                    raise BundleError(f"{self.path} holds more than {4 * LIMITS['files']} files: not a bundle")
+        except OSError as exc:
+            fail(exc)
+        return found
+
+    @staticmethod
+    def _read_manifest(manifest_path: Path) -> bytes:
+        fd = _open_nofollow(manifest_path)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise BundleError(f"{manifest_path} is larger than {MAX_JSON_BYTES // 1024**2} MiB; refusing to parse it "
+                              "(re-export the bundle)")
+        return data
+
+    # -- the manifest ----------------------------------------------------------------------------
+
+    def _validate_header(self, f: _Fields) -> None:
         m = self.manifest
         if m.get("format") != FORMAT:
-            raise BundleError(f"{manifest_path}: format {m.get('format')!r} is not {FORMAT!r}")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"{manifest_path}: format version {m.get('format_version')!r} is not supported "
-                              f"(this runtime reads version {FORMAT_VERSION}); re-export the bundle or upgrade "
-                              "prologue-export")
+            raise BundleError(f"{f.where}: format {_show(m.get('format'))} is not {FORMAT!r}: not a prologue-export "
+                              "bundle manifest (re-export the bundle)")
+        version = m.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise BundleError(f"{f.where}: format version {_show(version)} is not supported (this runtime reads version "
+                              f"{FORMAT_VERSION}); re-export the bundle or upgrade prologue-export")
+        for key in ("producer", "model", "verification", "tensorrt"):
+            f.get(m, key, key, dict, required=False)
+
+    def _validate_sizes(self, f: _Fields) -> None:
+        """num_classes, vocab, image, max_batch, precision, ar and sampling_defaults: types, ranges
+        and the derived fields."""
+        m, seq = self.manifest, LIMITS["seq_len"]
+        self.num_classes = f.int_(m, "num_classes", "num_classes", 1, LIMITS["num_classes"])
+        if "null_class" in m and f.int_(m, "null_class", "null_class", 0, LIMITS["num_classes"]) != self.num_classes:
+            f.fail("null_class", f"must equal num_classes ({self.num_classes}), got {m['null_class']}")
+        vocab = f.get(m, "vocab", "vocab", dict)
+        sizes = {"visual_codebook_size": (1, LIMITS["codebook"]), "prologue_codebook_size": (0, LIMITS["codebook"]),
+                 "num_prologue_tokens": (0, seq), "num_visual_tokens": (1, seq)}
+        self.vocab = VocabLayout(**{k: f.int_(vocab, k, f"vocab.{k}", lo, hi) for k, (lo, hi) in sizes.items()})
+        if (self.vocab.prologue_codebook_size > 0) != self.vocab.has_prologue:
+            f.fail("vocab.prologue_codebook_size", "and vocab.num_prologue_tokens must both be 0 (no prologue) or both "
+                   f"positive, got {self.vocab.prologue_codebook_size} and {self.vocab.num_prologue_tokens}")
+        if self.vocab.seq_len > seq:
+            f.fail("vocab", f"gives a sequence of {self.vocab.seq_len} tokens, more than {seq}")
+        self._check_derived_vocab(f.where)
+        image = f.get(m, "image", "image", dict)
+        self.image_size = f.int_(image, "size", "image.size", 1, LIMITS["image_size"])
+        self.channels = f.int_(image, "channels", "image.channels", 1, LIMITS["channels"])
+        f.int_(image, "patch_size", "image.patch_size", 1, self.image_size, required=False)
+        f.str_(m, "precision", "precision", required=False, max_chars=16)
+        self.max_batch = f.int_(m, "max_batch", "max_batch", 1, LIMITS["max_batch"], required=False) or DEFAULT_MAX_BATCH
+        self.ar = None
+        if "ar" in m:
+            ar = f.get(m, "ar", "ar", dict)
+            self.ar = {k: f.int_(ar, k, f"ar.{k}", 1, hi) for k, hi in (
+                ("layers", LIMITS["layers"]), ("heads", LIMITS["heads"]), ("head_dim", LIMITS["head_dim"]),
+                ("max_seq_len", seq))}
+            if self.ar["max_seq_len"] != self.vocab.seq_len:
+                f.fail("ar.max_seq_len", f"must equal vocab.seq_len ({self.vocab.seq_len}), got {self.ar['max_seq_len']}")
+        defaults = f.get(m, "sampling_defaults", "sampling_defaults", dict)
         try:
-            self.vocab = VocabLayout(**{k: m["vocab"][k] for k in (
-                "visual_codebook_size", "prologue_codebook_size", "num_prologue_tokens", "num_visual_tokens")})
-            self.sampling_defaults = SamplingConfig.from_dict(m["sampling_defaults"])
-            self.num_classes = int(m["num_classes"])
-            self.image_size = int(m["image"]["size"])
-            self.channels = int(m["image"]["channels"])
-            self.graphs: typing.Dict[str, dict] = dict(m["graphs"])
-            self.files: typing.Dict[str, dict] = dict(m["files"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{manifest_path} is incomplete or malformed ({exc!r}); re-export the bundle") from None
-        self._check_derived_vocab(manifest_path)
-        root = self.path.resolve()
-        for name in self.files:
-            target = (self.path / name).resolve()
-            if Path(name).is_absolute() or ".." in Path(name).parts or root not in target.parents:
-                raise BundleError(f"{manifest_path} names a file outside the bundle folder ({name!r}); refusing it")
-        for name, graph in self.graphs.items():
-            if name not in GRAPHS:
-                raise BundleError(f"{manifest_path}: unknown graph {name!r}")
-            if graph.get("file") not in self.files:
-                raise BundleError(f"{manifest_path}: graph {name!r} file {graph.get('file')!r} is not listed in files")
-        if check_hashes:
-            self.verify_files()
+            self.sampling_defaults = SamplingConfig.from_dict(defaults)
+        except (ConfigError, TypeError, ValueError, OverflowError) as exc:
+            f.fail("sampling_defaults", f"is invalid ({' '.join(str(exc).split())[:200]})")
 
     def _check_derived_vocab(self, manifest_path: Path) -> None:
         """The manifest's derived vocabulary fields (offsets, EOS, V, T) must be what the layout
@@ -86,32 +245,185 @@ class Bundle:
         v, written = self.vocab, self.manifest["vocab"]
         derived = {"prologue_offset": v.prologue_offset, "eos_id": v.eos_id, "vocab_size": v.vocab_size,
                    "seq_len": v.seq_len, "input_bos_offset": v.vocab_size}
-        wrong = [f"{k} {written.get(k, 'missing')!r} (expected {want!r})" for k, want in derived.items()
-                 if k not in written or written[k] != want]
+        wrong = [f"{k} {_show(written.get(k, 'missing'))} (expected {want!r})" for k, want in derived.items()
+                 if k not in written or type(written[k]) is not type(want) or written[k] != want]
         if wrong:
             raise BundleError(f"{manifest_path}: vocab fields contradict the layout: {', '.join(wrong)}; re-export the bundle")
+
+    def _validate_files(self, f: _Fields) -> None:
+        files = f.get(self.manifest, "files", "files", dict)
+        if len(files) > LIMITS["files"]:
+            f.fail("files", f"lists {len(files)} files, more than {LIMITS['files']}")
+        for name, info in files.items():
+            if (not name or len(name) > LIMITS["name_chars"] or not name.isprintable() or name in (".", "..", MANIFEST)
+                    or "/" in name or "\\" in name or Path(name).is_absolute()):
+                raise BundleError(f"{f.where} names a file outside the bundle folder, in a sub-folder or otherwise not a "
+                                  f"plain file name ({_show(name)}); bundles are flat: refusing it (re-export the bundle)")
+            if not isinstance(info, dict):
+                f.fail(f"files[{name!r}]", f"must be an object, got {_show(info)}")
+            digest = f.get(info, "sha256", f"files[{name!r}].sha256", str)
+            if not SHA256.fullmatch(digest):
+                f.fail(f"files[{name!r}].sha256", f"must be 64 lowercase hex digits, got {_show(digest)}")
+            f.int_(info, "bytes", f"files[{name!r}].bytes", 0, LIMITS["file_bytes"])
+        self.files: typing.Dict[str, dict] = dict(files)
+
+    def _validate_graphs(self, f: _Fields) -> None:
+        graphs = f.get(self.manifest, "graphs", "graphs", dict)
+        for name, graph in graphs.items():
+            field = f"graphs.{name}"
+            if name not in GRAPHS:
+                f.fail(field, f"is an unknown graph (this runtime knows {', '.join(GRAPHS)})")
+            if not isinstance(graph, dict):
+                f.fail(field, f"must be an object, got {_show(graph)}")
+            file = f.str_(graph, "file", f"{field}.file")
+            if file not in self.files:
+                f.fail(f"{field}.file", f"names {file!r}, which is not listed in files")
+            for key in ("precision", "weights"):
+                f.str_(graph, key, f"{field}.{key}", required=False, max_chars=16)
+            for key in ("inputs", "outputs"):
+                self._validate_specs(f, graph, key, f"{field}.{key}")
+            axes = f.get(graph, "dynamic_axes", f"{field}.dynamic_axes", dict, required=False) or {}
+            for axis, r in axes.items():
+                if not isinstance(r, dict):
+                    f.fail(f"{field}.dynamic_axes.{axis}", f"must be an object, got {_show(r)}")
+                lo, opt, hi = (f.int_(r, k, f"{field}.dynamic_axes.{axis}.{k}", 1, LIMITS["dim"]) for k in ("min", "opt", "max"))
+                if not lo <= opt <= hi:
+                    f.fail(f"{field}.dynamic_axes.{axis}", f"must have min <= opt <= max, got {lo}, {opt}, {hi}")
+        if any(g.startswith(AR_STEP) for g in graphs) and self.ar is None:
+            f.fail("ar", "is missing (the bundle has an AR graph)")
+        self.graphs: typing.Dict[str, dict] = dict(graphs)
+        for name in self.graphs:
+            self._check_contract(f, name)
+
+    @staticmethod
+    def _validate_specs(f: _Fields, graph: dict, key: str, field: str) -> None:
+        specs = f.get(graph, key, field, list)
+        if len(specs) > LIMITS["tensors"]:
+            f.fail(field, f"lists {len(specs)} tensors, more than {LIMITS['tensors']}")
+        names = set()
+        for i, spec in enumerate(specs):
+            where = f"{field}[{i}]"
+            if not isinstance(spec, dict):
+                f.fail(where, f"must be an object, got {_show(spec)}")
+            name = f.str_(spec, "name", f"{where}.name")
+            if name in names:
+                f.fail(f"{where}.name", f"repeats {name!r}")
+            names.add(name)
+            dtype = f.str_(spec, "dtype", f"{where}.dtype", max_chars=16)
+            if dtype not in DTYPES:
+                f.fail(f"{where}.dtype", f"must be one of {', '.join(DTYPES)}, got {_show(dtype)}")
+            shape = f.get(spec, "shape", f"{where}.shape", list)
+            if len(shape) > LIMITS["rank"]:
+                f.fail(f"{where}.shape", f"has rank {len(shape)}, more than {LIMITS['rank']}")
+            for j, d in enumerate(shape):
+                static = isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= LIMITS["dim"]
+                if not static and not (isinstance(d, str) and 0 < len(d) <= 64 and d.isidentifier()):
+                    f.fail(f"{where}.shape[{j}]", f"must be a size in [0, 2^31) or an axis name, got {_show(d)}")
+
+    def expected_contract(self, graph: str):
+        """(inputs, outputs, dynamic axes) that this runtime feeds and reads for `graph`, from the
+        manifest's sizes (vocab, image, ar, max_batch) and `runtime/contract.py`."""
+        v, c, size = self.vocab, self.channels, self.image_size
+        if graph == DECODER:
+            return static_axes(*decoder_io(c, size, v.num_visual_tokens), batch_axes(self.max_batch))
+        if graph == PROLOGUE_GENERATOR:
+            return static_axes(*prologue_generator_io(c, size, v.num_prologue_tokens, v.num_visual_tokens),
+                               batch_axes(self.max_batch))
+        a = self.ar
+        return static_axes(*ar_step_io(a["layers"], a["heads"], a["head_dim"], a["max_seq_len"], v.vocab_size),
+                           ar_step_axes(self.max_batch, v.seq_len))
+
+    def _check_contract(self, f: _Fields, name: str) -> None:
+        """The manifest's contract of a graph must be the runtime's: the same tensor names and
+        dtypes, ranks, and static sizes (a dimension the manifest leaves dynamic where the runtime
+        feeds a fixed size is accepted; the graph itself is checked against the manifest when it is
+        loaded, `check_signature`); dynamic axes within the runtime's ranges."""
+        graph, (inputs, outputs, axes) = self.graphs[name], self.expected_contract(name)
+        for key, expected in (("inputs", inputs), ("outputs", outputs)):
+            declared = {s["name"]: s for s in graph[key]}
+            want = {s.name for s in expected}
+            if set(declared) != want:
+                missing, extra = sorted(want - set(declared))[:3], sorted(set(declared) - want)[:3]
+                f.fail(f"graphs.{name}.{key}", f"are not this runtime's (missing {missing}, unexpected {extra})")
+            for spec in expected:
+                got, field = declared[spec.name], f"graphs.{name}.{key}.{spec.name}"
+                if got["dtype"] != spec.dtype:
+                    f.fail(f"{field}.dtype", f"is {got['dtype']}, the runtime's contract says {spec.dtype}")
+                if len(got["shape"]) != len(spec.shape) or any(
+                        isinstance(g, int) and (isinstance(w, str) or g != w) for g, w in zip(got["shape"], spec.shape)):
+                    f.fail(f"{field}.shape", f"is {got['shape']}, the runtime's contract says {spec.shape}")
+        declared_axes = graph.get("dynamic_axes", {})
+        for axis, r in declared_axes.items():
+            if axis not in axes or r["min"] < axes[axis].min or r["max"] > axes[axis].max:
+                allowed = f"[{axes[axis].min}, {axes[axis].max}]" if axis in axes else "none"
+                f.fail(f"graphs.{name}.dynamic_axes.{axis}", f"is outside the runtime's range ({allowed})")
+        if set(declared_axes) != set(axes):
+            f.fail(f"graphs.{name}.dynamic_axes", f"names {sorted(declared_axes)}, the runtime's contract {sorted(axes)}")
+
+    def _validate_engines(self, f: _Fields) -> None:
+        engines = f.get(self.manifest, "engines", "engines", dict, required=False) or {}
+        for graph, meta in engines.items():
+            field = f"engines.{graph}"
+            if graph not in ENGINE_GRAPHS:
+                f.fail(field, f"is not a graph with an engine ({', '.join(ENGINE_GRAPHS)})")
+            if not isinstance(meta, dict):
+                f.fail(field, f"must be an object, got {_show(meta)}")
+            file = f.str_(meta, "file", f"{field}.file")
+            if file not in self.files:
+                f.fail(f"{field}.file", f"names {file!r}, which is not listed in files")
+            f.int_(meta, "max_batch", f"{field}.max_batch", 1, LIMITS["max_batch"], required=False)
+            f.int_(meta, "top_k_max", f"{field}.top_k_max", 1, LIMITS["dim"], required=False)
+            for key in ("precision", "tensorrt_version", "compute_capability", "device"):
+                f.str_(meta, key, f"{field}.{key}", required=False)
+            f.get(meta, "profile", f"{field}.profile", dict, required=False)
 
     @property
     def null_class(self) -> int:
         return self.num_classes
 
-    def verify_files(self) -> None:
-        present = {p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()}
+    # -- the files -------------------------------------------------------------------------------
+
+    def verify_files(self, present: typing.Optional[typing.Set[str]] = None) -> None:
+        """Every file listed, nothing else (`present`: the folder's files, scanned again if not
+        given), each of the size and sha256 the manifest says."""
+        present = set(self._scan() if present is None else present)
         present.discard(MANIFEST)
         unlisted = sorted(present - set(self.files))
         if unlisted:
             raise BundleError(f"{self.path} holds files its manifest does not vouch for: {', '.join(unlisted[:5])}; "
                               "remove them or re-export the bundle")
-        for name, info in sorted(self.files.items()):
-            file = self.path / name
-            if not file.is_file():
-                raise BundleError(f"{self.path} is missing {name}, which its manifest lists; re-export the bundle")
-            if file.stat().st_size != info.get("bytes"):
-                raise BundleError(f"{file} has {file.stat().st_size} bytes, the manifest says {info.get('bytes')}: "
-                                  "the file was modified or truncated; re-export the bundle")
-            if sha256_file(file) != info.get("sha256"):
-                raise BundleError(f"{file} does not match the sha256 in the manifest: the file was modified; "
-                                  "re-export the bundle")
+        for name in sorted(self.files):
+            self._read_checked(name, keep=False)
+
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of the listed file `name`, read once (never through a symlink) and checked
+        against the manifest's size and sha256: use these bytes, never read the file again."""
+        return self._read_checked(name, keep=True)
+
+    def _read_checked(self, name: str, keep: bool) -> typing.Optional[bytes]:
+        info = self.files.get(name)
+        if info is None:
+            raise BundleError(f"{self.path}: {name!r} is not listed in the manifest's files; re-export the bundle")
+        file = self.path / name
+        if not os.path.lexists(file):
+            raise BundleError(f"{self.path} is missing {name}, which its manifest lists; re-export the bundle")
+        with os.fdopen(_open_nofollow(file), "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size != info["bytes"]:
+                raise BundleError(f"{file} has {size} bytes, the manifest says {info['bytes']}: the file was modified or "
+                                  "truncated; re-export the bundle")
+            h, data, total = hashlib.sha256(), (fh.read(size + 1) if keep else None), 0
+            if keep:
+                h.update(data)
+                total = len(data)
+            else:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+                    total += len(chunk)
+        if total != info["bytes"] or h.hexdigest() != info["sha256"]:
+            raise BundleError(f"{file} does not match the sha256 in the manifest: the file was modified; "
+                              "re-export the bundle")
+        return data
 
     def graph_file(self, name: str) -> Path:
         if name not in self.graphs:
@@ -119,7 +431,9 @@ class Bundle:
         return self.path / self.graphs[name]["file"]
 
     def ar_cache_shape(self, rows: int) -> typing.Tuple[int, ...]:
-        a = self.manifest["ar"]
+        a = self.ar
+        if a is None:
+            raise BundleError(f"the bundle {self.path} has no AR model (no `ar` in its manifest)")
         return (a["layers"], rows, a["heads"], a["max_seq_len"], a["head_dim"])
 
 
@@ -132,7 +446,7 @@ def check_signature(name: str, contract: dict, inputs, outputs) -> None:
         got = {n: (d, s) for n, d, s in actual}
         want = [d["name"] for d in declared]
         if sorted(got) != sorted(want):
-            raise BundleError(f"graph {name!r}: {kind}s are {sorted(got)}, the manifest says {sorted(want)}; "
+            raise BundleError(f"graph {name!r}: {kind}s are {sorted(got)[:8]}, the manifest says {sorted(want)[:8]}; "
                               "re-export the bundle")
         for spec in declared:
             dtype, shape = got[spec["name"]]

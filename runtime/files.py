@@ -2,11 +2,19 @@
 
 - `read_json` / `parse_json`: strict JSON (no NaN / Infinity), bounded in bytes and nesting depth,
   with the top-level type checked; a one-line `FileFormatError` naming the file otherwise.
+- `check_output_path` / `atomic_output` / `write_bytes_atomic` / `write_text_atomic` /
+  `write_json_atomic`: outputs are written to an exclusively created temporary file in the
+  target's folder, fsynced and renamed into place; symlinks, devices, FIFOs, sockets and folders at
+  the target are refused, and every failure is a one-line `OutputError` naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
+import tempfile
 import typing
 from pathlib import Path
 
@@ -71,3 +79,163 @@ def read_json(path, what: typing.Optional[str] = None, expect: type = dict, max_
     except OSError as exc:
         raise FileFormatError(f"cannot read {what}: {exc.strerror or exc}") from None
     return parse_json(data, what, expect, max_depth)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class OutputError(PrologueError, OSError):
+    """An output path we refuse to write to, or a write that failed (disk full, no permission, a file
+    in the way); the message names the path. An `OSError` too, so `except OSError` still catches it."""
+
+
+def shown(path) -> str:
+    """`path` for a one-line message: control characters (a newline in a hostile name) escaped."""
+    text = str(path)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(getattr(exc, "strerror", None) or exc).split()) or type(exc).__name__
+
+
+def _kind(mode: int) -> typing.Optional[str]:
+    """What a non-regular file is, for a message; None for a regular file."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _ensure_folder(folder: Path, what: str, path: Path, create: bool) -> None:
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.exists():
+            raise OutputError(f"cannot write {what} {shown(path)}: its folder {shown(folder)} does not exist")
+    except OutputError:
+        raise
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"cannot write {what} {shown(path)}: a file, not a folder, is in its path") from None
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder of {what} {shown(path)}: {_reason(exc)}") from None
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {what} {shown(path)}: a file, not a folder, is in its path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {what} {shown(path)}: its folder is not writable")
+
+
+def check_output_path(path, what: str = "output", folder: bool = False, create_parent: bool = True) -> Path:
+    """Refuse an output target we must not replace, before anything is written.
+
+    Refused: an existing symbolic link (never followed), a device, FIFO, socket or other non-regular
+    file, an existing folder (`folder=False`) or an existing non-folder (`folder=True`, for outputs
+    that are folders), a file in the middle of the path, and a missing (`create_parent=False`) or
+    unwritable parent folder. Returns `path` as a Path; raises `OutputError`."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise OutputError(f"{what} {shown(path)} is not a file name")
+    _ensure_folder(path.parent, what, path, create_parent)
+    _check_target(path, what, folder)
+    return path
+
+
+def _check_target(path: Path, what: str, folder: bool) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {shown(path)}: {_reason(exc)}") from None
+    kind = _kind(mode)
+    if folder and stat.S_ISDIR(mode):
+        return
+    if kind is None and not folder:
+        return
+    kind = kind or "a file, not a folder"
+    raise OutputError(f"{what} {shown(path)} exists and is {kind}; refusing to replace it")
+
+
+def fsync_dir(folder) -> None:
+    """Make a rename inside `folder` durable, where the platform allows it (best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions `open(path, "w")` would leave: those of the file replaced, else 0o666 - umask."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path, what: str = "output", mode: str = "wb", create_parent: bool = True):
+    """Write `path` all or nothing: yields the file object of a temporary file created exclusively
+    (`mkstemp`: O_CREAT | O_EXCL, never through a link, unpredictable name) in the target's folder;
+    on success it is flushed, fsynced and renamed onto `path` (then the folder is fsynced), on any
+    failure it is removed and the previous `path` is left as it was. Write errors (disk full, ...)
+    become a one-line `OutputError` naming `path`."""
+    path = check_output_path(path, what, create_parent=create_parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.tmp-", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {shown(path)}: {_reason(exc)}") from None
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode(path))
+        _check_target(path, what, folder=False)  # again: something may have appeared meanwhile
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {what} {shown(path)}: {_reason(exc)}") from None
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path, data: bytes, what: str = "output") -> Path:
+    """`data` to `path` with `atomic_output`."""
+    with atomic_output(path, what, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path, text: str, what: str = "output") -> Path:
+    """UTF-8 `text` to `path` with `atomic_output`."""
+    with atomic_output(path, what, "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_json_atomic(path, obj, what: str = "output", indent: typing.Optional[int] = 2,
+                      allow_nan: bool = False) -> Path:
+    """`obj` as JSON to `path` with `atomic_output`; strict (NaN / Infinity refused, as `read_json`
+    would refuse them) unless `allow_nan`."""
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=allow_nan)
+    except ValueError as exc:
+        raise OutputError(f"cannot write {what} {shown(path)}: {exc}") from None
+    return write_text_atomic(path, text, what)

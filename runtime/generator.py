@@ -12,6 +12,7 @@ is thread safe) and every call keeps its own KV cache and noise stream.
 
 from __future__ import annotations
 
+import functools
 import typing
 
 import numpy as np
@@ -19,7 +20,8 @@ import numpy as np
 from .bundle import Bundle, BundleError
 from .contract import AR_STEP, AR_WEIGHTS, DECODER, DEFAULT_MAX_BATCH, PROLOGUE_GENERATOR, ar_graph_name
 from .images import ImageError, as_hwc, as_nchw, check_images
-from .loop import InputError, TokenLoop, split_tokens
+from .loop import (MAX_IMAGES_PER_CALL, InputError, Noise, TokenLoop, as_array, check_class_ids, check_count,
+                   check_progress, check_prologue_ids, check_seed, short_repr, split_tokens)
 from .settings import ConfigError, SamplingConfig, check_top_k
 
 BACKENDS = ("auto", "onnxruntime", "cpu", "cuda", "tensorrt")
@@ -103,11 +105,12 @@ class Generator:
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", providers=None, threads: typing.Optional[int] = None,
-                    ar_weights: str = "fp32") -> "Generator":
+                    ar_weights: str = "fp32", digest: typing.Optional[str] = None) -> "Generator":
         """threads: intra-op threads of the ONNX Runtime sessions (default: one for a graph under
         8 MB, all logical CPUs for larger ones);
-        ar_weights: `fp32`, or a weight-only quantized AR graph the bundle carries (`int8`, `int4`)."""
-        bundle = Bundle(path)
+        ar_weights: `fp32`, or a weight-only quantized AR graph the bundle carries (`int8`, `int4`);
+        digest: the sha256 of the bundle's manifest.json to pin it (`Bundle(path).digest`)."""
+        bundle = Bundle(path, digest=digest)
         return cls(bundle, make_backend(bundle, backend, providers, threads, ar_weights))
 
     def close(self) -> None:
@@ -146,12 +149,16 @@ class Generator:
     # -- generation ---------------------------------------------------------------------------
 
     def start(self, class_ids, seed=None, uniform=None, prologue_ids=None, sampling=None, **overrides) -> Generation:
-        if AR_STEP not in self.bundle.graphs:
-            raise BundleError(f"{self.bundle.path} has no ar_step graph (exported from a tokenizer-only checkpoint)")
+        """One stepwise generation of the whole batch (at most MAX_IMAGES_PER_CALL images) in one KV cache."""
+        self._require_ar()
         settings = self.settings(sampling, **overrides)
         loop = TokenLoop(self._ar_state, self.bundle.vocab, self.bundle.num_classes, class_ids, settings, seed=seed,
                          uniform=uniform, prologue_ids=prologue_ids)
         return Generation(self, loop)
+
+    def _require_ar(self) -> None:
+        if AR_STEP not in self.bundle.graphs:
+            raise BundleError(f"{self.bundle.path} has no ar_step graph (exported from a tokenizer-only checkpoint)")
 
     def _ar_state(self, rows: int, batch: int):
         """Each generation's KV cache, from the backend: on the GPU where it can, else on the host."""
@@ -161,38 +168,77 @@ class Generator:
                              "--max-batch 1); generate one image per call or re-export with prologue export --max-batch N")
         return self.backend.ar_state(rows, batch, self.bundle.ar_cache_shape(rows))
 
+    def sample_tokens(self, class_ids, seed=None, uniform=None, prologue_ids=None, sampling=None, progress=None,
+                      **overrides) -> np.ndarray:
+        """AR sequences `[B, T]` of up to MAX_IMAGES_PER_CALL images, run in chunks of `max_batch`
+        images: memory holds one chunk's KV cache and one `[chunk, V]` noise block, whatever B.
+        Each chunk draws its own rows of the whole batch's noise stream (`Noise`), so the tokens
+        are those of one `TokenLoop` over all B (same seed, same tokens as the torch reference).
+        Everything is checked before the first chunk runs; `progress(done, total)` counts the
+        steps of all chunks."""
+        self._require_ar()
+        settings = self.settings(sampling, **overrides)
+        vocab, num_classes = self.bundle.vocab, self.bundle.num_classes
+        classes = check_class_ids(class_ids, num_classes)
+        B, T = len(classes), vocab.seq_len
+        noise = Noise(B, T, vocab.vocab_size, seed=seed, uniform=uniform)  # seed / uniform checked once
+        fixed = None if prologue_ids is None else check_prologue_ids(prologue_ids, B, vocab)
+        check_progress(progress)
+        size = max(1, self.max_batch)
+        chunks = -(-B // size)
+        tokens = np.zeros((B, T), dtype=np.int64)
+        for index, first in enumerate(range(0, B, size)):
+            rows = slice(first, first + size)
+            report = None if progress is None else functools.partial(_chunk_progress, progress, index * T, chunks * T)
+            with TokenLoop(self._ar_state, vocab, num_classes, classes[rows], settings, seed=seed,
+                           uniform=None if noise.uniform is None else noise.uniform[rows],
+                           prologue_ids=None if fixed is None else fixed[rows], noise_rows=(first, B)) as loop:
+                tokens[rows] = loop.run(report)
+        return tokens
+
     def generate(self, class_ids, seed=None, uniform=None, sampling=None, progress=None, **overrides) -> np.ndarray:
-        """Class-conditional images, uint8 `[B, H, W, C]` (`class_ids` may hold the null class).
-        The generation's state is freed before this returns, whether it succeeds or raises."""
-        with self.start(class_ids, seed=seed, uniform=uniform, sampling=sampling, **overrides) as gen:
-            return gen.run(progress).images()
+        """Class-conditional images, uint8 `[B, H, W, C]` (`class_ids` may hold the null class; at
+        most MAX_IMAGES_PER_CALL), generated `max_batch` at a time (`sample_tokens`). Each chunk's
+        state is freed before the next starts and before this returns, whether it succeeds or raises."""
+        tokens = self.sample_tokens(class_ids, seed=seed, uniform=uniform, sampling=sampling, progress=progress,
+                                    **overrides)
+        return self.decode(split_tokens(tokens, self.bundle.vocab)[1])
 
     def variations(self, image, n: int, seed=None, class_id: typing.Optional[int] = None, sampling=None,
                    progress=None, **overrides) -> np.ndarray:
-        """`n` images sharing the prologue of `image` (uint8 `[H, W, C]`), visual tokens resampled.
+        """`n` images (1 .. MAX_IMAGES_PER_CALL) sharing the prologue of `image` (uint8 `[H, W, C]`),
+        visual tokens resampled.
 
         Without `class_id` the null class is used and CFG is off unless `cfg` is given."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InputError(f"n must be an integer >= 1, got {n!r}")
+        n = check_count(n)
         if not self.bundle.vocab.has_prologue:
             raise BundleError("this bundle's model has no prologue (a '2d' baseline): variations need one")
-        prologue_ids, _ = self.encode(check_images(image, self.bundle.image_size, self.bundle.channels)[:1])
         if class_id is None:
             class_id = self.bundle.null_class
             overrides.setdefault("cfg", 0.0)
-        classes = np.full(int(n), class_id)
-        fixed = np.repeat(prologue_ids, int(n), axis=0)
-        with self.start(classes, seed=seed, prologue_ids=fixed, sampling=sampling, **overrides) as gen:
-            return gen.run(progress).images()
+        nc = self.bundle.num_classes
+        if isinstance(class_id, (bool, np.bool_)) or not isinstance(class_id, (int, np.integer)) or not 0 <= class_id <= nc:
+            raise InputError(f"class_id must be an integer in [0, {nc}] ({nc} = the null class), got {short_repr(class_id)}")
+        self.settings(sampling, **overrides)  # checked before the encoder runs
+        if seed is not None:
+            check_seed(seed)
+        check_progress(progress)
+        prologue_ids, _ = self.encode(check_images(as_array(image, "image"), self.bundle.image_size,
+                                                   self.bundle.channels)[:1])
+        tokens = self.sample_tokens(np.full(n, int(class_id)), seed=seed, prologue_ids=np.repeat(prologue_ids, n, axis=0),
+                                    sampling=sampling, progress=progress, **overrides)
+        return self.decode(split_tokens(tokens, self.bundle.vocab)[1])
 
     # -- tokenizer graphs ---------------------------------------------------------------------
 
     def decode(self, visual_ids) -> np.ndarray:
         """visual ids `[B, X]` -> uint8 `[B, H, W, C]`."""
         v = self.bundle.vocab
-        ids = np.asarray(visual_ids)
+        ids = as_array(visual_ids, "visual_ids")
         if ids.ndim != 2 or ids.shape[1] != v.num_visual_tokens or ids.dtype.kind not in "iu":
             raise InputError(f"visual_ids must be integer [B, {v.num_visual_tokens}], got {list(ids.shape)} {ids.dtype}")
+        if not 1 <= len(ids) <= MAX_IMAGES_PER_CALL:
+            raise InputError(f"visual_ids must hold 1 to {MAX_IMAGES_PER_CALL} rows (images per call), got {len(ids)}")
         if ids.size and (ids.min() < 0 or ids.max() >= v.visual_codebook_size):
             raise InputError(f"visual ids must lie in [0, {v.visual_codebook_size})")
         out = [self.backend.run(DECODER, {"visual_ids": chunk.astype(np.int64)}, ["image"])[0]
@@ -201,7 +247,9 @@ class Generator:
 
     def encode(self, images) -> typing.Tuple[np.ndarray, np.ndarray]:
         """uint8 `[B, H, W, C]` -> (raw prologue ids `[B, Z]`, visual ids `[B, X]`)."""
-        images = check_images(images, self.bundle.image_size, self.bundle.channels)
+        images = check_images(as_array(images, "images"), self.bundle.image_size, self.bundle.channels)
+        if len(images) > MAX_IMAGES_PER_CALL:
+            raise InputError(f"{len(images)} images: at most {MAX_IMAGES_PER_CALL} per call; split the request")
         parts = [self.backend.run(PROLOGUE_GENERATOR, {"image": as_nchw(chunk)}) for chunk in self._chunks(images)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -213,6 +261,10 @@ class Generator:
         step = self.max_batch
         for i in range(0, len(array), step):
             yield array[i:i + step]
+
+
+def _chunk_progress(progress, base: int, total: int, done: int, _steps: int) -> None:
+    progress(base + done, total)
 
 
 def parse_images(paths: typing.Sequence[str], bundle: Bundle) -> np.ndarray:

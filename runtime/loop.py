@@ -25,41 +25,124 @@ class InputError(PrologueError, ValueError):
     """Bad arguments to a generation call; the message says what was expected."""
 
 
+MAX_IMAGES_PER_CALL = 1024  # images (rows) per generate / variations / decode / encode call; see docs/runtime.md
+MAX_SEED = 2**64 - 1  # seeds are 64-bit: PCG64 takes more, but a seed must fit every report and the CLI
+
+
+def as_array(value, what: str) -> np.ndarray:
+    """`np.asarray(value)`, with any failure (ragged lists, objects that refuse) as a one-line InputError."""
+    try:
+        return np.asarray(value)
+    except Exception as exc:  # ragged lists (ValueError), hostile __array__ / __len__ (anything)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{what} must be a rectangular array of numbers ({reason})") from None
+
+
+def check_count(n, what: str = "n") -> int:
+    """An image count: a Python or numpy integer (not a bool) in [1, MAX_IMAGES_PER_CALL]."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_IMAGES_PER_CALL:
+        raise InputError(f"{what} must be an integer >= 1 and <= {MAX_IMAGES_PER_CALL} (images per call), got {short_repr(n)}")
+    return int(n)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be a non-negative integer below 2**64, got {short_repr(seed)}")
+    return int(seed)
+
+
+def check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a callable (done, total) or None, got {type(progress).__name__}")
+
+
+def short_repr(value) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class Noise:
-    def __init__(self, batch: int, seq_len: int, vocab_size: int, seed=None, uniform=None):
+    """This generation's uniform noise, one `[B, V]` float32 block per AR position.
+
+    With `seed`: the stream of `numpy.random.Generator(PCG64(seed))`, one `rng.random((total, V),
+    float32)` per position, of which this generation takes rows `first .. first + B` (`rows =
+    (first, total)`; default `(0, B)`, the whole batch). `Generator.random(float32)` turns each
+    32-bit output of the bit generator into one number, in C order, and PCG64 keeps the unused half
+    of a 64-bit output in its state; so the `(total, V)` draw of position `t` is the uint32 stream
+    from `t * total * V` on, and a chunk's rows are reached by `PCG64.advance` (64-bit outputs; it
+    drops the kept half) plus one discarded 32-bit draw where the offset is odd. A chunked
+    generation therefore sees exactly the numbers of the one-batch stream (tests/test_hostile_runtime.py).
+    Forced positions (fixed prologue) are skipped, not drawn.
+
+    With `uniform`: this generation's rows `[B, T, V]`, each finite and in (0, 1) after float32
+    conversion (0 would give a -inf Gumbel, 1 a +inf one). The seeded stream can hold an exact 0
+    (probability 2**-24 a number): that token is then never chosen, as in the torch reference.
+    """
+
+    def __init__(self, batch: int, seq_len: int, vocab_size: int, seed=None, uniform=None, rows=None):
         if (seed is None) == (uniform is None):
             raise InputError("give exactly one of `seed` (an int) or `uniform` (an array [B, T, V])")
         self.shape = (batch, vocab_size)
+        self.first, self.total = rows if rows is not None else (0, batch)
+        if not 0 <= self.first <= self.total - batch:
+            raise InputError(f"noise rows {self.first} .. {self.first + batch} lie outside a batch of {self.total}")
         self.uniform = None
         self.rng = None
         if uniform is not None:
-            u = np.asarray(uniform)
-            if u.shape != (batch, seq_len, vocab_size):
-                raise InputError(f"uniform must have shape {[batch, seq_len, vocab_size]} (B, T, V), got {list(u.shape)}")
-            if u.dtype.kind != "f":
-                raise InputError(f"uniform must be float noise in [0, 1), got dtype {u.dtype}")
-            if u.size and (u.min() < 0 or u.max() >= 1):
-                raise InputError("uniform noise must lie in [0, 1)")
-            self.uniform = u.astype(np.float32, copy=False)
+            self.uniform = check_uniform(uniform, (batch, seq_len, vocab_size))
         else:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-                raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-            self.rng = np.random.Generator(np.random.PCG64(int(seed)))
+            self.seed = check_seed(seed)
+            self._restart()
+
+    def _restart(self) -> None:
+        self.bits = np.random.PCG64(self.seed)
+        self.rng = np.random.Generator(self.bits)
+        self.drawn = 0  # 32-bit outputs consumed so far
+
+    def _seek(self, offset: int) -> None:
+        """Move the stream to its `offset`-th 32-bit output (forward; backward restarts)."""
+        if offset < self.drawn:
+            self._restart()
+        if offset == self.drawn:
+            return
+        self.bits.advance(offset // 2 - (self.drawn + 1) // 2)  # whole 64-bit outputs; drops a kept half
+        if offset % 2:
+            self.rng.random(1, dtype=np.float32)  # the low half of the next output
+        self.drawn = offset
 
     def at(self, step: int) -> np.ndarray:
         if self.uniform is not None:
             return np.ascontiguousarray(self.uniform[:, step])
-        return self.rng.random(self.shape, dtype=np.float32)
+        batch, V = self.shape
+        self._seek((step * self.total + self.first) * V)
+        out = self.rng.random(self.shape, dtype=np.float32)
+        self.drawn += batch * V
+        return out
+
+
+def check_uniform(uniform, shape: tuple) -> np.ndarray:
+    u = as_array(uniform, "uniform")
+    if u.shape != shape:
+        raise InputError(f"uniform must have shape {list(shape)} (B, T, V), got {list(u.shape)}")
+    if u.dtype.kind != "f":
+        raise InputError(f"uniform must be float noise in (0, 1), got dtype {u.dtype}")
+    u = u.astype(np.float32, copy=False)
+    if not np.all((u > 0) & (u < 1)):  # NaN fails both
+        raise InputError("uniform noise must be finite and lie in (0, 1) after conversion to float32 "
+                         "(0 and 1 give infinite Gumbel noise)")
+    return u
 
 
 def check_class_ids(class_ids, num_classes: int) -> np.ndarray:
-    ids = np.asarray(class_ids)
+    ids = as_array(class_ids, "class_ids")
     if ids.ndim == 0:
         ids = ids.reshape(1)
     if ids.size == 0:
         raise InputError("class_ids is empty: give at least one class")
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise InputError(f"class_ids must be a 1-D integer array [B], got shape {list(ids.shape)} dtype {ids.dtype}")
+    if len(ids) > MAX_IMAGES_PER_CALL:
+        raise InputError(f"{len(ids)} class ids: at most {MAX_IMAGES_PER_CALL} images per call; split the request")
     if ids.min() < 0 or ids.max() > num_classes:
         raise InputError(f"class ids must lie in [0, {num_classes}] ({num_classes} = the null class), "
                          f"got range [{ids.min()}, {ids.max()}]")
@@ -69,7 +152,7 @@ def check_class_ids(class_ids, num_classes: int) -> np.ndarray:
 def check_prologue_ids(prologue_ids, batch: int, vocab: VocabLayout) -> np.ndarray:
     if not vocab.has_prologue:
         raise InputError("this model has no prologue (a '2d' baseline): prologue_ids cannot be fixed")
-    p = np.asarray(prologue_ids)
+    p = as_array(prologue_ids, "prologue_ids")
     Z, Kp = vocab.num_prologue_tokens, vocab.prologue_codebook_size
     if p.shape != (batch, Z) or p.dtype.kind not in "iu":
         raise InputError(f"prologue_ids must be integer [B, Z] = [{batch}, {Z}], got {list(p.shape)} {p.dtype}")
@@ -118,7 +201,9 @@ class TokenLoop:
     >>> loop.tokens  # [B, T] in the AR layout: [prologue + offset ; EOS ; visual]
 
     `state(rows, batch)` makes this generation's KV-cache state; `settings` are validated
-    where they enter (`Generator.settings`, `SamplingConfig.updated`), not here.
+    where they enter (`Generator.settings`, `SamplingConfig.updated`), not here. `noise_rows =
+    (first, total)`: this loop's rows are rows `first ..` of a seeded batch of `total` (a chunk
+    of a larger request, `Generator.sample_tokens`), and draw that batch's noise (see `Noise`).
 
     The state (device memory on a GPU backend) is freed by `close()` (idempotent), which the loop
     calls itself when the last token is sampled and when `run()` raises; a loop stopped early
@@ -127,12 +212,12 @@ class TokenLoop:
     """
 
     def __init__(self, state: typing.Callable[[int, int], typing.Any], vocab: VocabLayout, num_classes: int,
-                 class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None):
+                 class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None, noise_rows=None):
         self.vocab, self.settings = vocab, settings
         self.classes = check_class_ids(class_ids, num_classes)
         B = len(self.classes)
         T, V, Z = vocab.seq_len, vocab.vocab_size, vocab.num_prologue_tokens
-        self.noise = Noise(B, T, V, seed=seed, uniform=uniform)
+        self.noise = Noise(B, T, V, seed=seed, uniform=uniform, rows=noise_rows)
         self.use_cfg = cfg_enabled(settings)
         rows = np.concatenate([self.classes, np.full(B, num_classes)]) if self.use_cfg else self.classes
         self.state = None
@@ -142,8 +227,6 @@ class TokenLoop:
         self.feed = (rows + V)[:, None]  # [R, n] BOS of every row
         if prologue_ids is not None:
             fixed = check_prologue_ids(prologue_ids, B, vocab) + vocab.prologue_offset
-            for step in range(Z):  # forced positions still consume their noise
-                self.noise.at(step)
             self.tokens[:, :Z] = fixed
             self.steps_done = Z
             prefix = np.concatenate([fixed, fixed]) if self.use_cfg else fixed
@@ -194,6 +277,7 @@ class TokenLoop:
 
     def run(self, progress: typing.Optional[typing.Callable[[int, int], None]] = None) -> np.ndarray:
         """Step until done (which closes the state); on an error the state is closed too."""
+        check_progress(progress)
         try:
             while not self.done:
                 self.step()

@@ -69,6 +69,9 @@ def resolve_providers(providers: typing.Union[str, typing.Sequence[str], None]) 
 
 
 SMALL_GRAPH_BYTES = 8 * 1024**2
+# the one in-memory "external data file" handed to ONNX Runtime for a graph without external weights: with
+# any table given, ONNX Runtime takes external data only from it, never from the working directory
+NO_EXTERNAL_DATA = "<prologue-export: no external data>"
 
 
 def default_threads(graph_bytes: int) -> int:
@@ -96,6 +99,7 @@ class OrtBackend:
             raise InputError(f"threads must be an integer >= 1 (or None for the default), got {intra_op_threads!r}")
         self.intra_op_threads = intra_op_threads  # None: chosen per graph (`default_threads`)
         self._sessions: typing.Dict[str, typing.Any] = {}
+        self._external: typing.Dict[str, list] = {}  # graph -> its in-memory external weights, kept with the session
         self._lock = threading.Lock()
 
     @property
@@ -112,20 +116,47 @@ class OrtBackend:
     def session(self, graph: str):
         with self._lock:
             if graph not in self._sessions:
-                ort = _ort()
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = self.threads_for(graph)
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                path = self.bundle.graph_file(graph)
-                try:
-                    sess = ort.InferenceSession(str(path), options, providers=self.providers)
-                except Exception as exc:  # ORT raises its own exception types
-                    raise BundleError(f"ONNX Runtime cannot load {path}: {exc}") from None
+                sess = self._create_session(graph)
                 check_signature(graph, self.bundle.graphs[graph],
                                 [(i.name, ORT_TYPES.get(i.type, i.type), i.shape) for i in sess.get_inputs()],
                                 [(o.name, ORT_TYPES.get(o.type, o.type), o.shape) for o in sess.get_outputs()])
                 self._sessions[graph] = sess
             return self._sessions[graph]
+
+    def _create_session(self, graph: str):
+        """A session built from the graph's bytes as they were checked against the manifest
+        (`Bundle.read_verified`): a file swapped after the bundle was loaded is refused, never run,
+        and the graph is read once. The bytes are dropped once ONNX Runtime has parsed them.
+
+        External weights (`<file>.data`, graphs over 2 GB) are read and checked the same way and
+        handed to ONNX Runtime in memory (`add_external_initializers_from_files_in_memory`, kept
+        alive with the session: ONNX Runtime may point into them); a graph never gets weights from
+        the process's working directory. An ONNX Runtime without that API (older than this
+        project's tested versions) loads such a graph from its path after checking both files: the
+        weights are then read again by ONNX Runtime, after the check (a documented limitation)."""
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads_for(graph)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        file = self.bundle.graphs[graph]["file"]
+        model = self.bundle.read_verified(file)
+        external = [n for n in (file + ".data",) if n in self.bundle.files]
+        in_memory = hasattr(options, "add_external_initializers_from_files_in_memory")
+        if in_memory:
+            names = external or [NO_EXTERNAL_DATA]
+            buffers = ([np.frombuffer(self.bundle.read_verified(n), dtype=np.uint8) for n in external]
+                       or [np.zeros(1, dtype=np.uint8)])
+            options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+            self._external[graph] = buffers if external else []
+        elif external:
+            for name in external:
+                self.bundle.read_verified(name)
+            model = str(self.bundle.graph_file(graph))
+        try:
+            return ort.InferenceSession(model, options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types
+            message = " ".join(str(exc).split())[:300]
+            raise BundleError(f"ONNX Runtime cannot load {self.bundle.path / file}: {message}") from None
 
     def run(self, graph: str, feeds: typing.Dict[str, np.ndarray], outputs: typing.Optional[typing.List[str]] = None):
         return self.session(graph).run(outputs, feeds)

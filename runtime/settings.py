@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import PrologueError
 
 CFG_SCHEDULES = ("constant", "linear", "cosine")
+# Bounds of the sampling settings (`SamplingConfig.validate`): the ar_step graph computes in float32,
+# where 1e-46 is 0 and 1e300 is inf; these keep `mixed / temperature` finite for any sane logits.
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
+MAX_CFG_VALUE = 1e4  # CFG scales, schedule starts and powers: finite, in [0, MAX_CFG_VALUE]
+MAX_TOP_K = 2**31 - 1  # an int64 graph input; check_top_k bounds it by the vocabulary where the bundle is known
 
 
 class ConfigError(PrologueError, ValueError):
@@ -116,23 +125,31 @@ class SamplingConfig:
         return self.prologue_cfg_schedule is not None or self.visual_cfg_schedule is not None
 
     def validate(self) -> "SamplingConfig":
+        """Every value in the type and range it is used in: the ar_step graph takes the CFG scale,
+        temperature and top-p as float32 and top-k as int64 (see the bounds above the class)."""
         for name in ("cfg_schedule", "prologue_cfg_schedule", "visual_cfg_schedule"):
             value = getattr(self, name)
-            if value is not None and value not in CFG_SCHEDULES:
-                raise ConfigError(f"sampling.{name}: {value!r} is not one of {', '.join(CFG_SCHEDULES)}")
+            if value is not None and (not isinstance(value, str) or value not in CFG_SCHEDULES):
+                raise ConfigError(f"sampling.{name}: {_short(value)} is not one of {', '.join(CFG_SCHEDULES)}")
         for name in ("cfg", "prologue_cfg_scale", "visual_cfg_scale", "prologue_cfg_start", "visual_cfg_start",
                      "cfg_power", "prologue_cfg_power", "visual_cfg_power"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"sampling.{name} must be a finite number >= 0, got {value}")
+            if value is not None and not (_is_number(value) and 0 <= value <= MAX_CFG_VALUE):
+                raise ConfigError(f"sampling.{name} must be a finite number >= 0 and <= {MAX_CFG_VALUE:g}, "
+                                  f"got {_short(value)}")
         for name in ("temperature", "prologue_temperature"):
             value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"sampling.{name} must be a finite number > 0, got {value}")
-        if self.top_k < 0:
-            raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:  # NaN fails too
-            raise ConfigError(f"sampling.top_p must be in [0, 1] (0 or 1 = off), got {self.top_p}")
+            if value is not None and not (_is_number(value) and MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
+                raise ConfigError(f"sampling.{name} must be a finite number > 0, in [{MIN_TEMPERATURE:g}, "
+                                  f"{MAX_TEMPERATURE:g}] (the graph divides by it in float32), got {_short(value)}")
+        top_k = self.top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= MAX_TOP_K:
+            raise ConfigError(f"sampling.top_k must be an integer >= 0 (0 = off) and <= {MAX_TOP_K}, got {_short(top_k)}")
+        if not (_is_number(self.top_p) and 0.0 <= self.top_p <= 1.0):  # NaN fails too
+            raise ConfigError(f"sampling.top_p must be in [0, 1] (0 or 1 = off), got {_short(self.top_p)}")
+        if bool(top_p_active(self.top_p)) != bool(top_p_active(float(np.float32(self.top_p)))):
+            raise ConfigError(f"sampling.top_p {self.top_p!r} is {float(np.float32(self.top_p))!r} in float32, which "
+                              "turns top-p off; use 0 (off) or a value in [1e-6, 0.9999999]")
         return self
 
     @classmethod
@@ -166,11 +183,26 @@ class SamplingConfig:
         return _build(type(self), {**vars(self), **changes}, "sampling").validate()
 
 
+def _is_number(value) -> bool:
+    """A real, finite number that is not a bool (True is an int in Python, not a setting)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _official_to_ours(options: dict) -> dict:
     ours = {}
     for key, value in options.items():
         if key not in SamplingConfig.OFFICIAL_NAMES:
-            raise ConfigError(f"sampling option {key!r} is not an official sampling option; known: "
+            raise ConfigError(f"sampling option {_short(key)} is not an official sampling option; known: "
                               f"{', '.join(SamplingConfig.OFFICIAL_NAMES)}")
         ours[SamplingConfig.OFFICIAL_NAMES[key]] = value
     if "top_k" in ours and isinstance(ours["top_k"], float) and ours["top_k"].is_integer():
@@ -268,7 +300,7 @@ def _build(cls, data, path: str):
         raise ConfigError(f"{path}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
     kwargs = {}
@@ -297,18 +329,21 @@ def _convert(tp, value, path: str):
         return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+            raise ConfigError(f"{path}: expected true/false, got {_short(value)}")
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
+    if tp is int:  # numpy integers too; never a bool (True is an int in Python)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
+        return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{path}: expected a number, got {_short(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range
+            raise ConfigError(f"{path}: {_short(value)} is too large") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - config schema bug

@@ -134,7 +134,7 @@ class TensorRTBackend:
         runtime = trt.Runtime(self.logger)
         self.engines = {}
         for graph, meta in engines.items():
-            engine = runtime.deserialize_cuda_engine((bundle.path / meta["file"]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(bundle.read_verified(meta["file"]))  # the checked bytes
             if engine is None:
                 raise BundleError(f"TensorRT could not load {meta['file']}; rebuild it: prologue build-engines {bundle.path}")
             self._check_io(graph, engine)

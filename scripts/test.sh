@@ -25,5 +25,7 @@ if "$RT_VENV/bin/python" -c "import torch" 2>/dev/null; then
   exit 1
 fi
 cd "$ROOT/build"
+# the runtime's tests, its hostile-input matrix and the GPU backends against fakes, without torch
 PROLOGUE_TEST_BUNDLE_DIR="$FIXTURE" "$RT_VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  --import-mode=importlib --rootdir "$ROOT" "$ROOT/tests/test_runtime.py"
+  --import-mode=importlib --rootdir "$ROOT" "$ROOT/tests/test_runtime.py" "$ROOT/tests/test_gpu_backends.py" \
+  "$ROOT/tests/test_hostile_runtime.py" "$ROOT/tests/test_hostile_bundle.py" "$ROOT/tests/test_hostile_outputs.py"

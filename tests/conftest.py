@@ -23,6 +23,19 @@ def reference_dir():
     return REFERENCE
 
 
+@pytest.fixture(scope="session")
+def runtime_fixture_root(tmp_path_factory):
+    """The runtime tests' bundles and torch reference (tests/runtime_fixture.py), built once per
+    session: `$PROLOGUE_TEST_BUNDLE_DIR` where given (the torch-free run), else built with torch."""
+    given = os.environ.get("PROLOGUE_TEST_BUNDLE_DIR")
+    if given:
+        return Path(given)
+    pytest.importorskip("torch", reason="no torch and no PROLOGUE_TEST_BUNDLE_DIR")
+    from tests.runtime_fixture import build
+
+    return build(tmp_path_factory.mktemp("runtime-fixture"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     try:  # the runtime-only environment has no torch

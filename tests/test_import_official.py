@@ -109,6 +109,11 @@ def test_tokenizer_only_import_and_cli_errors(reference_dir, tmp_path, capsys):
     rc = main(["import-official", "--tokenizer", str(tmp_path / "nowhere"), "--preset", "tiny",
                "--out", str(tmp_path / "x")])
     assert rc == 2
+    assert "nowhere does not exist" in capsys.readouterr().err  # checked before anything is read
+    (tmp_path / "empty").mkdir()
+    rc = main(["import-official", "--tokenizer", str(tmp_path / "empty"), "--preset", "tiny",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2
     assert "model_2.safetensors not found" in capsys.readouterr().err
 
 

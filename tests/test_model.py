@@ -149,7 +149,7 @@ def test_fixed_prologue_is_kept_and_consumes_noise():
         (dict(class_ids=[1], uniform=np.zeros((1, 3, 3), np.float32), seed=None), r"uniform must have shape \[1, 73, 321\]"),
         (dict(class_ids=[1], prologue_ids=[[64] * 8]), r"raw prologue codes in \[0, 64\)"),
         (dict(class_ids=[1], prologue_ids=[[1] * 7]), r"prologue_ids must be integer \[B, Z\] = \[1, 8\]"),
-        (dict(class_ids=[1], settings={"topK": -1}), "top_k must be >= 0"),
+        (dict(class_ids=[1], settings={"topK": -1}), "top_k must be an integer >= 0"),
     ],
 )
 def test_sampler_rejects_bad_input(kwargs, message):

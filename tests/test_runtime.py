@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,16 +27,12 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    given = os.environ.get("PROLOGUE_TEST_BUNDLE_DIR")
-    if given:
-        root = Path(given)
-    else:
-        pytest.importorskip("torch", reason="no torch and no PROLOGUE_TEST_BUNDLE_DIR")
-        from tests.runtime_fixture import CASES as BUILT_CASES, build
+def prepared(runtime_fixture_root):
+    root = runtime_fixture_root
+    if not os.environ.get("PROLOGUE_TEST_BUNDLE_DIR"):
+        from tests.runtime_fixture import CASES as BUILT_CASES
 
         assert BUILT_CASES == CASES
-        root = build(tmp_path_factory.mktemp("runtime"))
     return root, np.load(root / "reference.npz")
 
 

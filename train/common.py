@@ -23,15 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_tensors, save_checkpoint
+from ..checkpoint import CheckpointError, read_tensors, recover_interrupted, save_checkpoint
 from ..model import unwrap
 from ..runtime.errors import PrologueError
+from ..runtime.files import FileFormatError, read_json
 
 STATE_FILE = "train_state.json"
 CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.json"
+MAX_STEP = 10**12
+DAMAGED_HINT = "delete the run folder (or start a new --out) or restore the checkpoint from a backup"
 
 
 class TrainError(PrologueError, RuntimeError):
@@ -212,7 +216,23 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
+    _check_optimizer_state(optimizer, state)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: typing.Dict[int, dict]) -> None:
+    """torch accepts a partial or misshaped optimizer state; a damaged file must not pass."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {frozenset(entry) for entry in state.values()}
+    if len(names) > 1:
+        raise CheckpointError("optimizer state entries differ in their fields (a tensor is missing)")
+    if state and set(state) != set(range(len(params))):
+        raise CheckpointError(f"optimizer state covers {len(state)} of {len(params)} parameters")
+    for idx, entry in state.items():
+        for name, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[idx].shape:
+                raise CheckpointError(f"optimizer state {idx}.{name} has shape {list(value.shape)}, "
+                                      f"the parameter {list(params[idx].shape)}")
 
 
 def rng_to_files() -> typing.Tuple[dict, dict]:
@@ -273,10 +293,38 @@ def save_training_checkpoint(
 
 
 def load_training_state(ckpt_dir: Path) -> dict:
+    """`train_state.json` of a checkpoint, its shape checked; a one-line TrainError otherwise."""
     state_file = ckpt_dir / STATE_FILE
     if not state_file.is_file():
-        raise TrainError(f"{ckpt_dir} has no {STATE_FILE}: not a resumable training checkpoint")
-    return json.loads(state_file.read_text())
+        raise TrainError(f"{ckpt_dir} has no {STATE_FILE}: not a resumable training checkpoint; {DAMAGED_HINT}")
+    try:
+        meta = read_json(state_file, str(state_file))
+    except FileFormatError as exc:
+        raise TrainError(f"cannot resume: {exc}; {DAMAGED_HINT}") from None
+    problem = _state_problem(meta)
+    if problem:
+        raise TrainError(f"cannot resume: {state_file} is damaged ({problem}); {DAMAGED_HINT}")
+    return meta
+
+
+def _state_problem(meta: dict) -> typing.Optional[str]:
+    """What is wrong with the shape of a parsed `train_state.json`, or None."""
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        return f"'step' must be an integer in [0, {MAX_STEP}], got {step!r}"
+    for key in ("config", "optimizers", "extra", "rng"):
+        if not isinstance(meta.get(key), dict):
+            return f"'{key}' must be an object, got {type(meta.get(key)).__name__}"
+    for name, opt in meta["optimizers"].items():
+        if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+                and isinstance(opt.get("scalars"), dict)):
+            return f"'optimizers.{name}' must hold 'param_groups' (a list) and 'scalars' (an object)"
+    rng = meta["rng"]
+    if not (isinstance(rng.get("python"), list) and len(rng["python"]) == 3 and isinstance(rng["python"][1], list)):
+        return "'rng.python' must be [version, state, gauss]"
+    if not (isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5 and isinstance(rng["numpy"][1], list)):
+        return "'rng.numpy' must be [name, keys, pos, has_gauss, gauss]"
+    return None
 
 
 def restore_training_state(
@@ -286,31 +334,84 @@ def restore_training_state(
     optimizers: typing.Dict[str, torch.optim.Optimizer],
     emas: typing.Dict[str, EMA],
 ) -> None:
-    for name, module in modules.items():
-        unwrap(module).load_state_dict(read_tensors(ckpt_dir / f"train_{name}.safetensors"), strict=True)
-    for name, opt in optimizers.items():
-        optimizer_from_files(opt, load_file(ckpt_dir / f"train_optim_{name}.safetensors"), meta["optimizers"][name])
-    for name, ema in emas.items():
-        shadow = read_tensors(ckpt_dir / f"train_ema_{name}.safetensors")
-        if shadow.keys() != ema.shadow.keys():
-            raise CheckpointError(f"EMA '{name}' in {ckpt_dir} does not match the model")
-        ema.shadow = shadow
-    rng_from_files(load_file(ckpt_dir / "train_rng.safetensors"), meta["rng"])
+    """Load weights, optimizers, EMAs and RNG; a damaged or mismatched file is a one-line TrainError."""
+    try:
+        for name, module in modules.items():
+            unwrap(module).load_state_dict(read_tensors(ckpt_dir / f"train_{name}.safetensors"), strict=True)
+        for name, opt in optimizers.items():
+            if name not in meta["optimizers"]:
+                raise CheckpointError(f"{STATE_FILE} has no state for optimizer '{name}'")
+            optimizer_from_files(opt, read_tensors(ckpt_dir / f"train_optim_{name}.safetensors"),
+                                 meta["optimizers"][name])
+        for name, ema in emas.items():
+            shadow = read_tensors(ckpt_dir / f"train_ema_{name}.safetensors")
+            if shadow.keys() != ema.shadow.keys() or any(shadow[k].shape != v.shape for k, v in ema.shadow.items()):
+                raise CheckpointError(f"EMA '{name}' in {ckpt_dir} does not match the model")
+            ema.shadow = shadow
+        rng_from_files(read_tensors(ckpt_dir / "train_rng.safetensors"), meta["rng"])
+    except (CheckpointError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError) as exc:
+        detail = " ".join(str(exc).split())[:400] or type(exc).__name__
+        raise TrainError(f"cannot resume from {ckpt_dir}: damaged training checkpoint ({detail}); "
+                         f"{DAMAGED_HINT}") from None
 
 
 def start_or_resume(out: Path, resume: bool, main: bool, cfg_dict: dict, modules, optimizers, emas, phase: str) -> int:
-    """Restore the run's state when resuming (returns its step), else record the config (step 0)."""
+    """Restore the run's state when resuming (returns its step), else record the config (step 0).
+
+    `--resume` in a folder without a checkpoint (a run killed before its first one) starts
+    from scratch, as does a plain start there (`prepare_out_dir`); either way the old metrics
+    log is emptied. On resume the log is cut back to the checkpoint's step (`trim_metrics`)."""
+    ckpt_dir = out / CHECKPOINT_DIR
+    if resume and not ckpt_dir.exists():
+        if main:
+            print(f"[{phase}] --resume: no checkpoint in {out} yet (the run stopped before its first one): "
+                  "starting from scratch", file=sys.stderr, flush=True)
+        resume = False
     if not resume:
         if main:
-            (out / "train_config.json").write_text(json.dumps(cfg_dict, indent=2))
+            _write_atomic(out / CONFIG_FILE, json.dumps(cfg_dict, indent=2))
+            if (out / METRICS_FILE).exists():
+                _write_atomic(out / METRICS_FILE, "")
         return 0
-    ckpt_dir = out / CHECKPOINT_DIR
     meta = load_training_state(ckpt_dir)
     check_resume_config(meta["config"], cfg_dict, ckpt_dir)
     restore_training_state(ckpt_dir, meta, modules, optimizers, emas)
     if main:
+        trim_metrics(out / METRICS_FILE, meta["step"])
         print(f"[{phase}] resuming {out} at step {meta['step']}", file=sys.stderr, flush=True)
     return meta["step"]
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the log lines of steps <= `step` (what a resumed run would otherwise log twice) and
+    drop torn or foreign lines; rewritten through a temporary file and `os.replace`. Returns
+    the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            logged = record.get("step") if isinstance(record, dict) else None
+            if isinstance(logged, int) and not isinstance(logged, bool) and logged <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        _write_atomic(path, "".join(kept))
+    return dropped
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def check_resume_config(saved: dict, current: dict, where: Path) -> None:
@@ -414,18 +515,28 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
 def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
     """Create the run folder; refuse to reuse one that holds a run unless --resume.
 
-    Only the main process checks and creates it (the others would race with its first files);
-    callers synchronise with `wait_for_everyone()` afterwards."""
+    A folder left by a run killed before its first checkpoint (only `partial_run_files`) is
+    not a run to protect: a plain start there starts over, and so does `--resume`
+    (`start_or_resume`). Only the main process checks and creates it (the others would race
+    with its first files); callers synchronise with `wait_for_everyone()` afterwards."""
     if not is_main:
         return
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} exists and is not a folder")
     ckpt = out / CHECKPOINT_DIR
+    if out.is_dir():
+        recover_interrupted(ckpt)  # a save killed between its two renames: put the checkpoint back
     if resume:
-        if not (ckpt / STATE_FILE).is_file():
-            raise TrainError(f"--resume: no checkpoint in {out} (expected {ckpt}/{STATE_FILE})")
+        if not out.is_dir():
+            raise TrainError(f"--resume: no checkpoint in {out} (the folder does not exist); "
+                             "run without --resume to start a new run there")
+        if ckpt.exists() and not (ckpt / STATE_FILE).is_file():
+            raise TrainError(f"--resume: {ckpt} has no {STATE_FILE}: the checkpoint is damaged; {DAMAGED_HINT}")
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()) and not partial_run_files(out):
+        if ckpt.exists():
+            raise TrainError(f"--out {out} already holds files of a run with a checkpoint; pass --resume to continue it, "
+                             "or choose a new folder")
         raise TrainError(f"--out {out} already holds files; pass --resume to continue that run or choose a new folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -436,13 +547,33 @@ def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
         raise TrainError(f"cannot write to --out {out}: {exc.strerror}; choose a writable folder") from None
 
 
+_PARTIAL_FILES = {CONFIG_FILE, METRICS_FILE, ".write-test"}
+_PARTIAL_IMAGES = ("recon_step", "samples_step")
+
+
+def partial_run_files(out: Path) -> bool:
+    """True if `out` holds only what a run killed before its first checkpoint leaves: its
+    config, metrics log, image grids and temporary files (no checkpoint)."""
+    for entry in out.iterdir():
+        name = entry.name
+        if name in _PARTIAL_FILES or name.startswith((f".{CHECKPOINT_DIR}.tmp-", f".{METRICS_FILE}.tmp-",
+                                                      f".{CONFIG_FILE}.tmp-")):
+            continue
+        if name == "images" and entry.is_dir() and all(
+                p.is_file() and p.name.startswith(_PARTIAL_IMAGES) and p.name.endswith(".png")
+                for p in entry.iterdir()):
+            continue
+        return False
+    return True
+
+
 class Reporter:
     """Per-step bookkeeping of a run: test kill hook, progress bar, JSON-lines log, cadences."""
 
     def __init__(self, out: Path, run, start: int, main: bool, desc: str, items_per_step: int, unit: str):
         self.run, self.main = run, main
         self.items, self.unit = items_per_step, unit
-        self.log = MetricsLog(out / "metrics.jsonl", main)
+        self.log = MetricsLog(out / METRICS_FILE, main)
         self.bar = progress(run.steps, start, main, desc)
         self.timer = Timer()
 

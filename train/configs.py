@@ -23,12 +23,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ARConfig, ConfigError, TokenizerConfig, ar_preset, build_dataclass, tokenizer_preset
+from ..config import (MAX_NUM_CLASSES, ARConfig, ConfigError, TokenizerConfig, ar_preset, build_dataclass,
+                      check_float, check_int, tokenizer_preset)
+from ..runtime.files import FileFormatError, parse_json, read_json
+
+# Upper bounds of the run settings (a typo such as steps=1e30 must fail at once, not overflow later).
+MAX_STEPS = 10**12
+MAX_BATCH = 2**20
+MAX_WORKERS = 256
+MAX_GAN_CHANNELS = 4096
+MAX_GAN_LAYERS = 16
+MAX_SAMPLE_CFG = 100.0
 
 
 @dataclass
@@ -104,14 +113,22 @@ class TokenizerTrainConfig:
         if not self.tokenizer.has_prologue and self.joint_ar is not None:
             raise ConfigError("the '2d' variant trains no joint AR: set joint_ar to null")
         if self.joint_ar is not None:
-            self.joint_ar.validate()
+            self.joint_ar.validate("joint_ar")
         if self.tokenizer.variant == "post" and not self.init_from:
             raise ConfigError("variant 'post' trains on a frozen 2d tokenizer: set init_from=PATH (a 2d tokenizer checkpoint)")
         _validate_run(self.run)
-        if self.gan.loss not in ("vanilla", "hinge"):
-            raise ConfigError(f"gan.loss must be 'vanilla' or 'hinge', got {self.gan.loss!r}")
-        if not 0 <= self.visual_input_dropout <= 1:
-            raise ConfigError(f"visual_input_dropout must be in [0, 1], got {self.visual_input_dropout}")
+        check_int("num_classes", self.num_classes, 1, MAX_NUM_CLASSES)
+        for name in ("optim_tokenizer", "optim_ar", "optim_disc"):
+            _validate_optim(name, getattr(self, name))
+        _validate_gan(self.gan)
+        for name in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight", "vq_weight", "ce_weight_prologue",
+                     "ce_weight_visual", "ema_halflife", "ar_ema_halflife"):
+            check_float(name, getattr(self, name))
+        check_float("visual_input_dropout", self.visual_input_dropout, 0.0, 1.0)
+        check_int("gan_start", self.gan_start, 0, MAX_STEPS)
+        for name in ("perceptual_weights", "init_from"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a path (a string) or null, got {getattr(self, name)!r}")
         return self
 
 
@@ -131,17 +148,49 @@ class ARTrainConfig:
     def validate(self) -> "ARTrainConfig":
         self.ar.validate()
         _validate_run(self.run)
-        if not 0 <= self.label_drop <= 1:
-            raise ConfigError(f"label_drop must be in [0, 1], got {self.label_drop}")
+        _validate_optim("optim", self.optim)
+        check_float("label_drop", self.label_drop, 0.0, 1.0)
+        check_float("ema_halflife", self.ema_halflife)
+        check_int("sample_classes", self.sample_classes, 1, MAX_NUM_CLASSES)
+        # the sample grids' CFG scale: the runtime's sampling rule (finite, >= 0), bounded
+        check_float("sample_cfg", self.sample_cfg, 0.0, MAX_SAMPLE_CFG)
         return self
 
 
 def _validate_run(run: RunConfig) -> None:
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "image_every", "checkpoint_every"):
-        if getattr(run, name) < 1:
-            raise ConfigError(f"run.{name} must be >= 1, got {getattr(run, name)}")
+    for name in ("steps", "log_every", "image_every", "checkpoint_every"):
+        check_int(f"run.{name}", getattr(run, name), 1, MAX_STEPS)
+    check_int("run.batch_size", run.batch_size, 1, MAX_BATCH)
+    check_int("run.grad_accum", run.grad_accum, 1, MAX_BATCH)
+    check_int("run.seed", run.seed, 0, 2**63 - 1)
+    check_int("run.num_workers", run.num_workers, 0, MAX_WORKERS)
+    if not isinstance(run.compile, bool):
+        raise ConfigError(f"run.compile must be true or false, got {run.compile!r}")
     if run.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError(f"run.mixed_precision must be auto, no, bf16 or fp16, got {run.mixed_precision!r}")
+
+
+def _validate_optim(name: str, opt: OptimConfig) -> None:
+    check_float(f"{name}.lr", opt.lr, 0.0, 1.0)
+    check_float(f"{name}.lr_min", opt.lr_min, 0.0, 1.0)
+    check_int(f"{name}.warmup_steps", opt.warmup_steps, 0, MAX_STEPS)
+    check_int(f"{name}.flat_steps", opt.flat_steps, 0, MAX_STEPS)
+    if not isinstance(opt.betas, (list, tuple)) or len(opt.betas) != 2:
+        raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {opt.betas!r}")
+    for i, beta in enumerate(opt.betas):
+        if check_float(f"{name}.betas[{i}]", beta, 0.0, 1.0) >= 1.0:
+            raise ConfigError(f"{name}.betas[{i}] must be in [0, 1), got {beta}")
+    check_float(f"{name}.weight_decay", opt.weight_decay)
+    check_float(f"{name}.grad_clip", opt.grad_clip)
+
+
+def _validate_gan(gan: GANConfig) -> None:
+    if gan.loss not in ("vanilla", "hinge"):
+        raise ConfigError(f"gan.loss must be 'vanilla' or 'hinge', got {gan.loss!r}")
+    check_int("gan.base_channels", gan.base_channels, 1, MAX_GAN_CHANNELS)
+    check_int("gan.num_layers", gan.num_layers, 1, MAX_GAN_LAYERS)
+    check_float("gan.lecam_weight", gan.lecam_weight)
+    check_float("gan.r1_weight", gan.r1_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,12 +306,12 @@ def load_train_config(cls: typing.Type[T], preset_fn, spec: str, overrides: typi
     """A preset name or a JSON file, then `dotted.key=value` overrides, strictly validated."""
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {spec} not found") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {spec} is not valid JSON: {exc}") from None
+        if not path.exists():
+            raise ConfigError(f"config file {spec} not found")
+        try:  # strict JSON (no NaN / Infinity), bounded size and depth
+            data = read_json(path, f"config file {spec}")
+        except FileFormatError as exc:
+            raise ConfigError(str(exc)) from None
     else:
         data = dataclasses.asdict(preset_fn(spec))
     data = apply_overrides(data, overrides)
@@ -276,8 +325,8 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. run.steps=200)")
         key, raw = item.split("=", 1)
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
+            value = parse_json(raw, f"override {key}", expect=None)  # strict: NaN stays the string 'NaN'
+        except FileFormatError:
             value = raw  # bare strings: init_from=runs/2d/checkpoint
         parts = key.split(".")
         if len(parts) == 1 and parts[0] not in data and parts[0] in data.get("run", {}):

@@ -660,19 +660,24 @@ class ConvNeXtPerceptualLoss(_Float32):
 _KINDS = {"vgg": "vgg", "lpips": "vgg", "convnext": "convnext"}
 
 
+_PERCEPTUAL_EXPECTED = ("a safetensors (or .pt/.pth dict of tensors) file of floating-point tensors with torchvision key names (VGG16 "
+                        "'features.N.weight/bias' + optional LPIPS 'lin{0..4}.model.1.weight', or convnext_small's "
+                        "state dict)")
+
+
 def load_perceptual(path: str | os.PathLike | None, kind: str | None = None
                     ) -> PerceptualLoss | ConvNeXtPerceptualLoss | None:
     """Load a perceptual loss from a local weights file, or ``None`` when ``path`` is None.
 
-    ``.safetensors`` is read with safetensors; ``.pt`` / ``.pth`` with
-    ``torch.load(weights_only=True, map_location="cpu")`` (a dict of tensors; nothing else is
-    unpickled). ``kind``: ``"vgg"`` (alias ``"lpips"``) -> :class:`PerceptualLoss` from
-    torchvision VGG16 ``features.N.{weight,bias}`` plus optional LPIPS
-    ``lin{0..4}.model.1.weight``; ``"convnext"`` -> :class:`ConvNeXtPerceptualLoss` from a
-    torchvision ConvNeXt state dict; ``None`` -> chosen by the keys. Nothing is downloaded
-    (see the module docstring for converting the published weights).
+    ``.safetensors`` is read with safetensors; ``.pt`` / ``.pth`` (the published formats) with
+    ``torch.load(weights_only=True, map_location="cpu")``, which unpickles nothing but tensors and
+    plain containers; a pickle under any other name is refused unread.
+    Every tensor the network uses must be floating point and finite. ``kind``: ``"vgg"``
+    (alias ``"lpips"``) -> :class:`PerceptualLoss` from torchvision VGG16 ``features.N.{weight,bias}``
+    plus optional LPIPS ``lin{0..4}.model.1.weight``; ``"convnext"`` -> :class:`ConvNeXtPerceptualLoss`
+    from a torchvision ConvNeXt state dict; ``None`` -> chosen by the keys. Nothing is downloaded.
     Raises :class:`PerceptualWeightsMissing` (no file) or :class:`PerceptualWeightsError`
-    (format, unknown layout, missing / misshaped keys), both ``PrologueError``s naming the file.
+    (format, dtype, unknown layout, missing / misshaped keys), one-line ``PrologueError``s naming the file.
     """
     if path is None:
         return None
@@ -681,29 +686,9 @@ def load_perceptual(path: str | os.PathLike | None, kind: str | None = None
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PerceptualWeightsMissing(
-            f"perceptual-loss weights not found at {path!r}: expected a local VGG16/LPIPS or ConvNeXt "
-            "weights file (.safetensors, .pt or .pth) with torchvision key names (VGG16 "
-            "'features.N.weight/bias' + optional LPIPS 'lin{0..4}.model.1.weight', or convnext_small's "
-            "state dict); nothing is downloaded"
-        )
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(path, device="cpu")
-        elif ext in (".pt", ".pth"):
-            obj = torch.load(path, weights_only=True, map_location="cpu")
-            if not isinstance(obj, Mapping):
-                raise PerceptualWeightsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-            sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-        else:
-            raise PerceptualWeightsError(
-                f"{path}: unsupported perceptual weights format {ext!r} (use .safetensors, .pt or .pth)")
-    except PerceptualWeightsError:
-        raise
-    except Exception as exc:  # corrupt file, pickle refused, ...
-        raise PerceptualWeightsError(f"{path}: cannot read perceptual weights ({type(exc).__name__}: {exc})") from None
+            f"perceptual-loss weights not found at {path!r}: expected a local file, {_PERCEPTUAL_EXPECTED}; "
+            "nothing is downloaded")
+    sd = _read_perceptual_file(path)
     names = {k[len("module."):] if k.startswith("module.") else k for k in sd}
     if kind is None:
         if "features.0.0.weight" in names:
@@ -714,10 +699,57 @@ def load_perceptual(path: str | os.PathLike | None, kind: str | None = None
             shown = ", ".join(sorted(names)[:6]) or "no tensors"
             raise PerceptualWeightsError(
                 f"{path}: neither VGG16/LPIPS ('features.0.weight') nor ConvNeXt ('features.0.0.weight') "
-                f"perceptual weights (found {shown}{' ...' if len(names) > 6 else ''})")
+                f"perceptual weights (found {shown}{' ...' if len(names) > 6 else ''}); expected {_PERCEPTUAL_EXPECTED}")
     try:
         if _KINDS[kind] == "convnext":
             return ConvNeXtPerceptualLoss.from_state_dict(sd)
         return PerceptualLoss.from_state_dict(sd)
     except PerceptualWeightsError as exc:
-        raise PerceptualWeightsError(f"{path}: {exc}") from None
+        raise PerceptualWeightsError(f"{path}: {' '.join(str(exc).split())}") from None
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # e.g. a 0-d tensor where a vector belongs
+        raise PerceptualWeightsError(f"{path}: unusable perceptual weights ({type(exc).__name__}: "
+                                     f"{' '.join(str(exc).split())[:300]}); expected {_PERCEPTUAL_EXPECTED}") from None
+
+
+def _read_perceptual_file(path: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, or of a `.pt` / `.pth` (the format torchvision and LPIPS
+    publish) through `torch.load(weights_only=True)`, which unpickles nothing but tensors and plain
+    containers; a pickle under any other name is refused unread. Checked to be finite floating point."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pt", ".pth"):
+        try:
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # a pickle of anything but tensors, a corrupt file
+            raise PerceptualWeightsError(f"{path}: torch.load(weights_only=True) refused it ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:200]}); expected {_PERCEPTUAL_EXPECTED}") from None
+        if not isinstance(obj, Mapping):
+            raise PerceptualWeightsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+        sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    elif head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" or ext in (".pkl", ".pickle", ".bin", ".ckpt"):
+        raise PerceptualWeightsError(
+            f"{path}: a pickle / torch.save file under a name that is not .pt/.pth; it is never unpickled here: "
+            f"convert it to safetensors (see train/losses.py) - expected {_PERCEPTUAL_EXPECTED}")
+    elif ext != ".safetensors":
+        raise PerceptualWeightsError(f"{path}: unsupported perceptual weights format {ext!r}; "
+                                     f"expected {_PERCEPTUAL_EXPECTED}")
+    else:
+        try:
+            from safetensors.torch import load_file
+
+            sd = load_file(path, device="cpu")
+        except Exception as exc:  # corrupt or truncated file: safetensors raises several error types
+            raise PerceptualWeightsError(f"{path}: cannot read perceptual weights ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:300]}); expected {_PERCEPTUAL_EXPECTED}") from None
+    for name, tensor in sd.items():
+        used = (name[len("module."):] if name.startswith("module.") else name).startswith(("features.", "lin",
+                                                                                            "classifier."))
+        if not used:
+            continue
+        if not tensor.is_floating_point():
+            raise PerceptualWeightsError(f"{path}: tensor {name!r} is {str(tensor.dtype).replace('torch.', '')}, "
+                                         f"expected floating point ({_PERCEPTUAL_EXPECTED})")
+        if not bool(torch.isfinite(tensor).all()):
+            raise PerceptualWeightsError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    return sd

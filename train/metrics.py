@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import typing
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import PrologueError
+from ..runtime.files import atomic_output, write_json_atomic
 
 INCEPTION_ENV = "PROLOGUE_INCEPTION"
 FID_HELPER_FILE = "default_1.pt"
@@ -194,10 +194,8 @@ class ReferenceStats:
                 if str(z["key"]) == key:
                     return z["mu"], z["sigma"]
         mu, sigma = gaussian_stats(compute())
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, key=np.array(key))
-        os.replace(tmp, path)
+        with atomic_output(path, "reference statistics", "wb") as fh:  # exclusive temp file + rename
+            np.savez(fh, mu=mu, sigma=sigma, key=np.array(key))
         return mu, sigma
 
 
@@ -361,11 +359,7 @@ def sample_images(model, classes, sampling: dict, seed: int, batch_size: int = 8
 
 def write_report(report: dict, path) -> None:
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(path, report, "metrics report", indent=2, allow_nan=True)  # NaN as before
 
 
 # --------------------------------------------------------------------------- evaluations

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import typing
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..model import PrologueModel
 from ..config import ModelConfig
 from .data import open_dataset, ten_crop, to_model_input, train_transform
 from ..runtime.bundle import sha256_file
+from ..runtime.files import atomic_output, write_json_atomic
 from .common import TrainError, progress
 
 INDEX_FILE = "index.json"
@@ -61,21 +61,12 @@ def _collate(items):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, "pretokenized index", indent=1)
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_output(path, "pretokenized shard", "wb") as fh:  # exclusive temp file, fsync, rename
         np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
