@@ -208,14 +208,14 @@ def cap_topk(model, limit: int = TOPK_MAX_K):
     import onnx
     from onnx import numpy_helper
 
-    from .trt_support import _constant_value
+    from .trt_support import constant_value
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph, cap, changed = model.graph, None, False
     for node in graph.node:
         if node.op_type != "TopK":
             continue
-        k = _constant_value([graph], node.input[1])
+        k = constant_value([graph], node.input[1])
         if k is None:
             continue  # the compatibility check reports a computed K
         k = int(k.reshape(-1)[0])
@@ -302,7 +302,7 @@ def trtexec_commands(bundle_path, precision: str = "fp16", timing_cache=None,
     """`trtexec` command lines that build the bundle's engines from the files of its `tensorrt`
     section (`prepare_tensorrt` writes them), one per graph, with the same profile, strong typing,
     workspace and timing cache as `build_engines`."""
-    bundle = Bundle(bundle_path)
+    bundle = Bundle(bundle_path, check_hashes=False)  # only names and profiles are read; nothing is run
     section = bundle.manifest.get("tensorrt", {}).get(precision)
     if not section:
         raise ExportError(f"{bundle.path} has no TensorRT {precision} files yet: run prologue build-engines "
@@ -376,17 +376,17 @@ def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Option
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     trt = _tensorrt()  # before writing anything
-    section = prepare_tensorrt(bundle_path, precision, max_batch, opt_batch, graphs, log=log)
-    bundle = Bundle(bundle_path)
+    section = prepare_tensorrt(bundle_path, precision, max_batch, opt_batch, graphs, log=log)  # verifies the bundle
+    folder = Path(bundle_path)
     info = device_info()
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
     logger = trt.Logger(trt.Logger.WARNING)
-    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=bundle.path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=folder.parent))
     engines = {}
     try:
         for graph, entry in section["graphs"].items():
             log(f"[engines] building {graph} ({precision}, batch up to {section['max_batch']}) ...")
-            engine, cache = _build_one(trt, logger, bundle.path / entry["onnx"], entry["profile"], cache_path,
+            engine, cache = _build_one(trt, logger, folder / entry["onnx"], entry["profile"], cache_path,
                                        workspace_gb, graph)
             name = engine_file_name(graph, precision)
             (staging / name).write_bytes(engine)
@@ -401,7 +401,7 @@ def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Option
                 "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 **({"top_k_max": entry["top_k_max"]} if "top_k_max" in entry else {}),
             }
-        install_engines(bundle.path, staging, engines)
+        install_engines(folder, staging, engines)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return engines

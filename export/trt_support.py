@@ -220,7 +220,8 @@ def _constants(graph, outer: typing.Set[str]) -> typing.Set[str]:
     return outer | {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
 
 
-def _constant_value(graph_stack, name: str):
+def constant_value(graph_stack, name: str):
+    """The value of `name` when an initializer or a Constant node of the graphs (innermost first) holds it."""
     from onnx import numpy_helper
 
     for graph in graph_stack:
@@ -267,7 +268,7 @@ def _topk_problems(node, where, graph_stack) -> typing.List[str]:
     problems = []
     if any(a.name == "sorted" and a.i == 0 for a in node.attribute):
         problems.append(f"{where}: TensorRT needs sorted=1")
-    k = _constant_value(graph_stack, node.input[1])
+    k = constant_value(graph_stack, node.input[1])
     if k is not None and int(k.reshape(-1)[0]) > TOPK_MAX_K:
         problems.append(f"{where}: K = {int(k.reshape(-1)[0])}; TensorRT's TopK needs K < {TOPK_MAX_K + 1}")
     return problems

@@ -267,17 +267,21 @@ class Bundle:
             f.int_(info, "bytes", f"files[{name!r}].bytes", 0, LIMITS["file_bytes"])
         self.files: typing.Dict[str, dict] = dict(files)
 
+    def _validate_entry(self, f: _Fields, field: str, name: str, entry, known, unknown: str) -> None:
+        """A `graphs` / `engines` entry: a known graph name, an object, a `file` listed in files."""
+        if name not in known:
+            f.fail(field, f"{unknown}{', '.join(known)})")
+        if not isinstance(entry, dict):
+            f.fail(field, f"must be an object, got {_show(entry)}")
+        file = f.str_(entry, "file", f"{field}.file")
+        if file not in self.files:
+            f.fail(f"{field}.file", f"names {file!r}, which is not listed in files")
+
     def _validate_graphs(self, f: _Fields) -> None:
         graphs = f.get(self.manifest, "graphs", "graphs", dict)
         for name, graph in graphs.items():
             field = f"graphs.{name}"
-            if name not in GRAPHS:
-                f.fail(field, f"is an unknown graph (this runtime knows {', '.join(GRAPHS)})")
-            if not isinstance(graph, dict):
-                f.fail(field, f"must be an object, got {_show(graph)}")
-            file = f.str_(graph, "file", f"{field}.file")
-            if file not in self.files:
-                f.fail(f"{field}.file", f"names {file!r}, which is not listed in files")
+            self._validate_entry(f, field, name, graph, GRAPHS, "is an unknown graph (this runtime knows")
             for key in ("precision", "weights"):
                 f.str_(graph, key, f"{field}.{key}", required=False, max_chars=16)
             for key in ("inputs", "outputs"):
@@ -364,13 +368,7 @@ class Bundle:
         engines = f.get(self.manifest, "engines", "engines", dict, required=False) or {}
         for graph, meta in engines.items():
             field = f"engines.{graph}"
-            if graph not in ENGINE_GRAPHS:
-                f.fail(field, f"is not a graph with an engine ({', '.join(ENGINE_GRAPHS)})")
-            if not isinstance(meta, dict):
-                f.fail(field, f"must be an object, got {_show(meta)}")
-            file = f.str_(meta, "file", f"{field}.file")
-            if file not in self.files:
-                f.fail(f"{field}.file", f"names {file!r}, which is not listed in files")
+            self._validate_entry(f, field, graph, meta, ENGINE_GRAPHS, "is not a graph with an engine (")
             f.int_(meta, "max_batch", f"{field}.max_batch", 1, LIMITS["max_batch"], required=False)
             f.int_(meta, "top_k_max", f"{field}.top_k_max", 1, LIMITS["dim"], required=False)
             for key in ("precision", "tensorrt_version", "compute_capability", "device"):

@@ -20,7 +20,7 @@ import numpy as np
 from .bundle import Bundle, BundleError
 from .contract import AR_STEP, AR_WEIGHTS, DECODER, DEFAULT_MAX_BATCH, PROLOGUE_GENERATOR, ar_graph_name
 from .images import ImageError, as_hwc, as_nchw, check_images
-from .loop import (MAX_IMAGES_PER_CALL, InputError, Noise, TokenLoop, as_array, check_class_ids, check_count,
+from .loop import (MAX_IMAGES_PER_CALL, InputError, Noise, TokenLoop, close_if_any, as_array, check_class_ids, check_count,
                    check_progress, check_prologue_ids, check_seed, short_repr, split_tokens)
 from .settings import ConfigError, SamplingConfig, check_top_k
 
@@ -116,9 +116,7 @@ class Generator:
     def close(self) -> None:
         """Release the backend's shared resources where it has any (the TensorRT backend's stream
         and idle execution contexts); generations still running keep their own. Idempotent."""
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        close_if_any(self.backend)
 
     def __enter__(self) -> "Generator":
         return self

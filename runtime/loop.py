@@ -161,6 +161,21 @@ def check_prologue_ids(prologue_ids, batch: int, vocab: VocabLayout) -> np.ndarr
     return p.astype(np.int64)
 
 
+def close_if_any(obj) -> None:
+    """`obj.close()` where it has one (states and backends may hold nothing to free)."""
+    close = getattr(obj, "close", None)
+    if close is not None:
+        close()
+
+
+def close_after_error(obj) -> None:
+    """Close `obj` while another error is on its way out: a failure to close must not hide it."""
+    try:
+        close_if_any(obj)
+    except Exception:
+        pass
+
+
 class HostKVState:
     """A KV cache in host memory, written in place from each step's new K/V slice.
 
@@ -244,9 +259,7 @@ class TokenLoop:
     def close(self) -> None:
         """Free this generation's state (its KV cache; device memory on a GPU backend). Idempotent."""
         state, self.state = self.state, None
-        close = getattr(state, "close", None)
-        if close is not None:
-            close()
+        close_if_any(state)
 
     def __enter__(self) -> "TokenLoop":
         return self
@@ -284,10 +297,7 @@ class TokenLoop:
                 if progress is not None:
                     progress(self.steps_done, self.vocab.seq_len)
         except BaseException:
-            try:
-                self.close()
-            except Exception:  # the step's error is the one to report
-                pass
+            close_after_error(self)
             raise
         return self.tokens
 

@@ -33,7 +33,7 @@ import numpy as np
 from .bundle import Bundle, BundleError
 from .contract import AR_STEP, DEFAULT_MAX_BATCH, ENGINE_GRAPHS, cache_input_names
 from .cuda import DeviceBuffer, check, copy_new_kv, cudart, device_info, release_all
-from .loop import InputError
+from .loop import InputError, close_after_error
 
 
 def engine_file_name(graph: str, precision: str) -> str:
@@ -278,10 +278,7 @@ class DeviceARState:
         try:
             self._allocate()
         except BaseException:
-            try:
-                self.close()
-            except Exception:  # the allocation's error is the one to report
-                pass
+            close_after_error(self)  # the allocation's error is the one to report
             raise
 
     def _allocate(self) -> None:
