@@ -3,25 +3,58 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from .checks import input_path, output_dir
+from .checks import CLIError, input_path, output_dir
 
 
-def _cmd_import_official(args) -> int:
-    input_path(args.tokenizer, "--tokenizer", "dir")
-    if args.ar:
-        input_path(args.ar, "--ar", "dir")
+HUB_ONLY = ("revision", "cache_dir", "offline", "tokenizer_only")
+
+
+def _check_import_args(args) -> None:
+    """One way per source: --hub with --preset, or local folders with --tokenizer [--ar]."""
+    if args.hub is not None:
+        if args.ar:
+            raise CLIError("--hub fetches the folders itself; drop --ar (or drop --hub to import local folders)")
+        if not args.preset:
+            raise CLIError("--hub needs --preset NAME (the released pair, e.g. prologue-b-b)")
+    else:
+        given = [f"--{name.replace('_', '-')}" for name in HUB_ONLY if getattr(args, name)]
+        if given:
+            raise CLIError(f"{', '.join(given)} only apply with --hub")
+        input_path(args.tokenizer, "--tokenizer", "dir")
+        if args.ar:
+            input_path(args.ar, "--ar", "dir")
     if args.official_config:
         input_path(args.official_config, "--official-config", "file")
     output_dir(args.out)
+
+
+def _import(args):
+    if args.hub is not None:
+        from ..hub import DEFAULT_REPO, import_from_hub, resolve_release
+
+        release = resolve_release(args.preset, onestage=args.onestage, tokenizer_only=args.tokenizer_only)
+        log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+        # --preset names the pair to fetch; its sizes are used unless --official-config gives them
+        preset = None if args.official_config else args.preset
+        return import_from_hub(args.out, release, official_config=args.official_config, preset=preset,
+                               repo=args.hub or DEFAULT_REPO, revision=args.revision, cache_dir=args.cache_dir,
+                               offline=args.offline, log=log)
     from ..official import import_official
 
-    model = import_official(
-        args.tokenizer, args.out, ar_dir=args.ar, official_config=args.official_config, preset=args.preset,
-        onestage=args.onestage,
-    )
+    return import_official(args.tokenizer, args.out, ar_dir=args.ar, official_config=args.official_config,
+                           preset=args.preset, onestage=args.onestage)
+
+
+def _cmd_import_official(args) -> int:
+    _check_import_args(args)
+    model = _import(args)
+    from ..checkpoint import load_source
+
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.components().items()}
-    report = {"checkpoint": str(args.out), "parameters": counts, "config": model.config.to_dict()}
+    report = {"checkpoint": str(args.out), "parameters": counts, "config": model.config.to_dict(),
+              "source": load_source(args.out)}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -85,21 +118,36 @@ def _cmd_presets(args) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "import-official",
-        help="convert the authors' released checkpoint folders into a prologue-export checkpoint",
-        description="Convert released accelerate folders (hub repo Zyriix/prologue) into a checkpoint "
-        "folder (config.json + safetensors). Reads the tokenizer's EMA encoder (model_2) and EMA "
-        "decoder (model_3) and the AR's non-EMA weights (model.safetensors), as the authors' "
-        "evaluation does. Sizes not visible in tensor shapes come from --official-config or --preset.",
+        help="convert the authors' released checkpoints (from the Hub, or local folders) into a prologue-export checkpoint",
+        description="Convert the release (hub repo Zyriix/prologue) into a checkpoint folder (config.json + "
+        "safetensors). Reads the tokenizer's EMA encoder (model_2) and EMA decoder (model_3) and the AR's "
+        "non-EMA weights (model.safetensors), as the authors' evaluation does; never a pickle. "
+        "Either --hub [REPO] --preset NAME (downloads only those files through huggingface_hub, "
+        "extra `hub`), or local folders with --tokenizer DIR [--ar DIR]. Sizes not visible in tensor "
+        "shapes come from --official-config or --preset. config.json records where the weights came "
+        "from (repo, commit, files, sha256).",
     )
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="released tokenizer folder, e.g. prologue-b-tokenizer/")
-    p.add_argument("--ar", metavar="DIR", help="released AR folder, e.g. ar-prologue-b-b/ (omit for a tokenizer-only checkpoint)")
+    # const "": hub.DEFAULT_REPO (not imported here: it would load torch for `prologue --help`)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hub", nargs="?", const="", metavar="REPO",
+                   help="fetch the release from the Hugging Face Hub (REPO defaults to Zyriix/prologue); "
+                   "needs --preset; uses huggingface_hub's cache, token (HF_TOKEN / `hf auth login`) and progress bars")
+    p.add_argument("--revision", metavar="REV", help="with --hub: a branch, tag or commit hash to pin (default main)")
+    p.add_argument("--cache-dir", metavar="DIR", help="with --hub: the Hugging Face cache folder (default HF_HUB_CACHE)")
+    p.add_argument("--offline", action="store_true",
+                   help="with --hub: read the cache only, never the network (as HF_HUB_OFFLINE=1)")
+    p.add_argument("--tokenizer-only", action="store_true",
+                   help="with --hub: only the preset's tokenizer folder (no AR)")
+    source.add_argument("--tokenizer", metavar="DIR", help="released tokenizer folder, e.g. prologue-b-tokenizer/ (without --hub)")
+    p.add_argument("--ar", metavar="DIR", help="released AR folder, e.g. ar-prologue-b-b/ (without --hub; omit for a tokenizer-only checkpoint)")
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint folder to write (replaced atomically if it is a checkpoint)")
     p.add_argument("--official-config", metavar="FILE", help="the resolved official config as JSON (like fixture_a/config.json)")
-    p.add_argument("--preset", metavar="NAME", help="a model preset, e.g. prologue-b-b, prologue-l-xl, prologue-post-b, 2d-base, or TOKENIZER+AR")
+    p.add_argument("--preset", metavar="NAME", help="a model preset, e.g. prologue-b-b, prologue-l-xl, prologue-post-b, 2d-base, "
+                   "or TOKENIZER+AR (with --hub: the released pair to fetch, whose sizes are used unless --official-config is given)")
     p.add_argument("--onestage", action="store_true",
                    help="the prologue-onestage-joint folder: non-EMA tokenizer (model, model_1) and its AR (model_5), "
-                   "as the paper's OneStage row; no --ar")
-    p.add_argument("--json", action="store_true", help="print a JSON report")
+                   "as the paper's OneStage row; no --ar (with --hub: --preset prologue-b-b)")
+    p.add_argument("--json", action="store_true", help="print a JSON report (progress goes to stderr)")
     p.set_defaults(func=_cmd_import_official)
 
     p = sub.add_parser("presets", help="list the model presets with their parameter counts")

@@ -23,9 +23,10 @@ from torch import nn
 from .config import ConfigError, ModelConfig
 from .model import PrologueModel, unwrap
 from .runtime.errors import PrologueError
-from .runtime.files import OutputError, check_output_path, fsync_dir, shown
+from .runtime.files import FileFormatError, OutputError, check_output_path, fsync_dir, read_json, shown
 
 CONFIG_FILE = "config.json"
+SOURCE_KEY = "source"  # provenance beside the model config in config.json (not part of ModelConfig)
 COMPONENT_FILES = {"tokenizer": "tokenizer.safetensors", "ar": "ar.safetensors"}
 
 
@@ -75,6 +76,7 @@ def save_checkpoint(
     path,
     extra_files: typing.Optional[typing.Dict[str, typing.Any]] = None,
     extra_json: typing.Optional[typing.Dict[str, typing.Any]] = None,
+    source: typing.Optional[typing.Dict[str, typing.Any]] = None,
     _test_hook=None,
 ) -> Path:
     """Write `model` to the folder `path` atomically (replacing an existing checkpoint there).
@@ -82,6 +84,8 @@ def save_checkpoint(
     extra_files: more `{name: state_dict}` tensor files saved beside (training state, EMA);
     extra_json: more `{filename: object}` JSON files. Leftover temporary folders of an
     earlier, interrupted save are removed.
+    source: where the weights came from (`import-official`: repo, revision, files, sha256), kept
+    in config.json under the key `source`; `load_source` reads it back.
     """
     model = unwrap(model)
     path = Path(path)
@@ -108,7 +112,10 @@ def save_checkpoint(
             written.append(filename)
             if _test_hook is not None:
                 _test_hook(tmp, written)
-        texts = {CONFIG_FILE: model.config.to_json()}
+        config = model.config.to_dict()
+        if source is not None:
+            config[SOURCE_KEY] = source
+        texts = {CONFIG_FILE: json.dumps(config, indent=2)}
         texts.update({name: json.dumps(obj) for name, obj in (extra_json or {}).items()})
         for filename, text in texts.items():
             with open(tmp / filename, "w") as fh:
@@ -212,9 +219,30 @@ def load_config(path) -> ModelConfig:
         raise CheckpointError(f"{path} has no {CONFIG_FILE}: not a prologue-export checkpoint "
                               "(convert the authors' folders with `prologue import-official`)")
     try:
-        return ModelConfig.from_json(cfg_file.read_text())
+        data = _read_config_json(cfg_file)
+        data.pop(SOURCE_KEY, None)
+        return ModelConfig.from_dict(data)
     except ConfigError as exc:
         raise CheckpointError(f"{cfg_file}: {exc}") from None
+
+
+def _read_config_json(cfg_file: Path) -> dict:
+    try:
+        return read_json(cfg_file, "config")  # strict: no NaN / Infinity, bounded size and depth
+    except FileFormatError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_source(path) -> typing.Optional[dict]:
+    """The provenance a checkpoint's config.json records (None for trained checkpoints)."""
+    cfg_file = Path(path) / CONFIG_FILE
+    try:
+        source = _read_config_json(cfg_file).get(SOURCE_KEY)
+    except (ConfigError, OSError) as exc:
+        raise CheckpointError(f"{cfg_file}: {exc}") from None
+    if source is not None and not isinstance(source, dict):
+        raise CheckpointError(f"{cfg_file}: {SOURCE_KEY!r} must be an object")
+    return source
 
 
 def load_checkpoint(path, device: typing.Union[str, torch.device] = "cpu") -> PrologueModel:

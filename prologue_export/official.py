@@ -273,34 +273,57 @@ def _slot(folder: Path, name: str, meaning: str) -> Path:
     return file
 
 
+def inference_slots(with_ar: bool, onestage: bool = False) -> typing.List[typing.Tuple[str, str, str, str]]:
+    """(folder, file, component, what it holds) of every file an import reads, in reading order.
+
+    folder: "tokenizer" or "ar" (the `ar-*` folder); OneStage reads its AR from its tokenizer folder.
+    The one owner of which released file is read (`hub.py` builds its downloads from it).
+    """
+    if onestage:
+        slots = [("tokenizer", ONESTAGE_SLOTS[0], "tokenizer", "OneStage encoder (non-EMA)"),
+                 ("tokenizer", ONESTAGE_SLOTS[1], "tokenizer", "OneStage decoder (non-EMA)")]
+        ar = ("tokenizer", ONESTAGE_SLOTS[2], "ar", "OneStage class-conditional AR (non-EMA)")
+    else:
+        slots = [("tokenizer", ENCODER_SLOT, "tokenizer", "EMA encoder"), ("tokenizer", DECODER_SLOT, "tokenizer", "EMA decoder")]
+        ar = ("ar", AR_SLOT, "ar", "non-EMA AR model (what the paper's numbers used)")
+    return slots + [ar] if with_ar else slots
+
+
+def slot_files(tokenizer_dir, ar_dir=None, onestage: bool = False) -> typing.List[typing.Tuple[Path, str, str]]:
+    """(file, component, what it holds) of the files an import of these folders reads; missing ones raise."""
+    if onestage and ar_dir is not None:
+        raise OfficialImportError("--onestage reads the AR from the tokenizer folder (model_5); do not pass --ar")
+    folders = {"tokenizer": Path(tokenizer_dir), "ar": Path(ar_dir) if ar_dir is not None else None}
+    return [(_slot(folders[folder], name, holds), component, holds)
+            for folder, name, component, holds in inference_slots(onestage or ar_dir is not None, onestage)]
+
+
 def read_official(tokenizer_dir, ar_dir=None, onestage: bool = False) -> typing.Tuple[dict, typing.Optional[dict]]:
     """Mapped tokenizer (EMA encoder + EMA decoder) and AR (non-EMA) tensors.
 
     onestage: the OneStage folder's slots instead (non-EMA encoder/decoder, AR in `model_5`).
     """
-    tokenizer_dir = Path(tokenizer_dir)
     tok: typing.Dict[str, torch.Tensor] = {}
-    if onestage:
-        slots = ((ONESTAGE_SLOTS[0], "OneStage encoder (non-EMA)"), (ONESTAGE_SLOTS[1], "OneStage decoder (non-EMA)"))
-    else:
-        slots = ((ENCODER_SLOT, "EMA encoder"), (DECODER_SLOT, "EMA decoder"))
-    for name, meaning in slots:
-        file = _slot(tokenizer_dir, name, meaning)
-        part = map_state(read_tensors(file), "tokenizer", str(file))
+    ar = None
+    for file, component, _holds in slot_files(tokenizer_dir, ar_dir, onestage):
+        part = map_state(read_tensors(file), component, str(file))
+        if component == "ar":
+            ar = part
+            continue
         overlap = set(part) & set(tok)
         if overlap:
             raise OfficialImportError(f"{file} repeats tensors of another slot: {sorted(overlap)[:4]}")
         tok.update(part)
-    ar = None
-    if onestage:
-        if ar_dir is not None:
-            raise OfficialImportError("--onestage reads the AR from the tokenizer folder (model_5); do not pass --ar")
-        file = _slot(tokenizer_dir, ONESTAGE_SLOTS[2], "OneStage class-conditional AR (non-EMA)")
-        ar = map_state(read_tensors(file), "ar", str(file))
-    elif ar_dir is not None:
-        file = _slot(Path(ar_dir), AR_SLOT, "non-EMA AR model (what the paper's numbers used)")
-        ar = map_state(read_tensors(file), "ar", str(file))
     return tok, ar
+
+
+def folder_source(tokenizer_dir, ar_dir=None, onestage: bool = False) -> dict:
+    """Provenance of a local-folder import, recorded in the checkpoint's config.json."""
+    from .runtime.bundle import sha256_file
+
+    files = [{"path": str(Path(file).resolve()), "holds": holds, "bytes": file.stat().st_size, "sha256": sha256_file(file)}
+             for file, _component, holds in slot_files(tokenizer_dir, ar_dir, onestage)]
+    return {"kind": "folders", "files": files}
 
 
 def import_official(
@@ -310,8 +333,13 @@ def import_official(
     official_config: typing.Optional[typing.Union[str, Path, dict]] = None,
     preset: typing.Optional[str] = None,
     onestage: bool = False,
+    source: typing.Optional[dict] = None,
 ) -> PrologueModel:
-    """Convert released folders into our checkpoint at `out`; returns the loaded model."""
+    """Convert released folders into our checkpoint at `out`; returns the loaded model.
+
+    source: provenance to record in config.json (`hub.py` passes repo, commit, sha256); by
+    default the folders' files with their sha256.
+    """
     tok_state, ar_state = read_official(tokenizer_dir, ar_dir, onestage=onestage)
     with_ar = ar_state is not None
     configs = []
@@ -349,7 +377,9 @@ def import_official(
     except CheckpointError as exc:
         raise OfficialImportError(f"the released files do not fit the configured model: {exc}") from None
     model.eval()
-    save_checkpoint(model, out)
+    if source is None:
+        source = folder_source(tokenizer_dir, ar_dir, onestage)
+    save_checkpoint(model, out, source=source)
     return model
 
 

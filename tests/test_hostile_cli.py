@@ -77,6 +77,7 @@ GFID = ["eval", "gfid", *FB, "--data", "synthetic:8", "--stats-dir", "{t}/st"]
 DEMO = ["demo", "--data", "synthetic:8", "--out", "{t}/demo", "--no-compile"]
 XP = ["experiment", "small", "--data", "synthetic:8", "--out", "{t}/xp", "--no-compile"]
 IMP = ["import-official", "--tokenizer", "{t}/adir", "--preset", "tiny", "--out", "{t}/imp"]
+HUB = ["import-official", "--hub", "--preset", "prologue-b-b", "--out", "{t}/imp"]
 
 CASES = {
     # family "json": JSON arguments that do not parse or are not an object
@@ -125,6 +126,7 @@ CASES = {
         (*PROBE, "--out", "{t}/adir"), (*PROBE, "--out", "{t}/afile/r.json"),
         ("eval", "rfid", "--checkpoint", "{t}/fakeckpt", "--stats-dir", "{t}/afile"),
         ("import-official", "--tokenizer", "{t}/adir", "--preset", "tiny", "--out", "{t}/afile"),
+        (*HUB[:-1], "{t}/afile"), (*HUB[:-1], "{t}/afile/x"),
         (*BE, "--timing-cache", "{t}/adir"),
     ],
     # family "in": inputs that are missing or not what they must be
@@ -153,6 +155,10 @@ CASES = {
         ("eval", "gfid", "--checkpoint", "{t}/fakeckpt", *FB), (*RFID, "--inception", "{t}/nope.pt"),
         ("import-official", "--tokenizer", "{t}/nope", "--preset", "tiny", "--out", "{t}/imp"),
         (*IMP, "--ar", "{t}/nope"), (*IMP, "--official-config", "{t}/nope.json"),
+        (*HUB[:2], "a/../b", *HUB[2:]), (*HUB[:2], "-x", *HUB[2:]), (*HUB[:2], "a/b/c", *HUB[2:]),
+        ("import-official", "--hub", "--preset", "tiny", "--out", "{t}/imp"), (*HUB, "--onestage", "--tokenizer-only"),
+        (*HUB, "--offline", "--cache-dir", "{t}/adir"), (*HUB, "--offline", "--cache-dir", "{t}/afile"),
+        (*HUB, "--revision", "v1", "--ar", "{t}/adir"), (*IMP, "--offline"),
         (*XP, "--post-from", "{t}/nope"), (*XP, "--inception", "{t}/nope.pt"), (*XP, "--rows", "bad:x"),
         (*XP, "--rows", ""), ("eval", "probe", "--checkpoint", "{t}/fakeckpt", "--data", "synthetic:0"),
         ("train", "tokenizer", "--config", "tiny", "--data", "synthetic:-3", "--out", "{t}/run"),
