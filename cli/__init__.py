@@ -12,7 +12,7 @@ import sys
 
 from ..runtime.errors import PrologueError
 from . import eval as eval_commands
-from . import export, model, recipes, runtime, train
+from . import export, model, recipes, runtime, serve, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prologue", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (model, train, export, runtime, recipes, eval_commands):
+    for group in (model, train, export, runtime, serve, recipes, eval_commands):
         group.add_parsers(sub)
     return parser
 

@@ -150,7 +150,7 @@ class Generator:
         """One stepwise generation of the whole batch (at most MAX_IMAGES_PER_CALL images) in one KV cache."""
         self._require_ar()
         settings = self.settings(sampling, **overrides)
-        loop = TokenLoop(self._ar_state, self.bundle.vocab, self.bundle.num_classes, class_ids, settings, seed=seed,
+        loop = TokenLoop(self.ar_state, self.bundle.vocab, self.bundle.num_classes, class_ids, settings, seed=seed,
                          uniform=uniform, prologue_ids=prologue_ids)
         return Generation(self, loop)
 
@@ -158,7 +158,7 @@ class Generator:
         if AR_STEP not in self.bundle.graphs:
             raise BundleError(f"{self.bundle.path} has no ar_step graph (exported from a tokenizer-only checkpoint)")
 
-    def _ar_state(self, rows: int, batch: int):
+    def ar_state(self, rows: int, batch: int):
         """Each generation's KV cache, from the backend: on the GPU where it can, else on the host."""
         static = "batch" not in self.bundle.graphs[AR_STEP].get("dynamic_axes", {})  # exported with --max-batch 1
         if static and batch > self.max_batch:
@@ -188,7 +188,7 @@ class Generator:
         for index, first in enumerate(range(0, B, size)):
             rows = slice(first, first + size)
             report = None if progress is None else functools.partial(_chunk_progress, progress, index * T, chunks * T)
-            with TokenLoop(self._ar_state, vocab, num_classes, classes[rows], settings, seed=seed,
+            with TokenLoop(self.ar_state, vocab, num_classes, classes[rows], settings, seed=seed,
                            uniform=None if noise.uniform is None else noise.uniform[rows],
                            prologue_ids=None if fixed is None else fixed[rows], noise_rows=(first, B)) as loop:
                 tokens[rows] = loop.run(report)

@@ -227,12 +227,15 @@ class TokenLoop:
     """
 
     def __init__(self, state: typing.Callable[[int, int], typing.Any], vocab: VocabLayout, num_classes: int,
-                 class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None, noise_rows=None):
+                 class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None, noise_rows=None,
+                 noise=None):
         self.vocab, self.settings = vocab, settings
         self.classes = check_class_ids(class_ids, num_classes)
         B = len(self.classes)
         T, V, Z = vocab.seq_len, vocab.vocab_size, vocab.num_prologue_tokens
-        self.noise = Noise(B, T, V, seed=seed, uniform=uniform, rows=noise_rows)
+        # noise: a ready source instead of seed/uniform/noise_rows, anything whose `at(step)` gives this
+        # loop's [B, V] uniforms (`prologue serve` concatenates several requests' streams)
+        self.noise = noise if noise is not None else Noise(B, T, V, seed=seed, uniform=uniform, rows=noise_rows)
         self.use_cfg = cfg_enabled(settings)
         rows = np.concatenate([self.classes, np.full(B, num_classes)]) if self.use_cfg else self.classes
         self.state = None

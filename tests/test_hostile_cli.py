@@ -78,6 +78,7 @@ DEMO = ["demo", "--data", "synthetic:8", "--out", "{t}/demo", "--no-compile"]
 XP = ["experiment", "small", "--data", "synthetic:8", "--out", "{t}/xp", "--no-compile"]
 IMP = ["import-official", "--tokenizer", "{t}/adir", "--preset", "tiny", "--out", "{t}/imp"]
 HUB = ["import-official", "--hub", "--preset", "prologue-b-b", "--out", "{t}/imp"]
+SRV = ["serve", *FB]
 
 CASES = {
     # family "json": JSON arguments that do not parse or are not an object
@@ -101,6 +102,8 @@ CASES = {
         (*PROBE, "--train-n", "0"), (*PROBE, "--test-n", "0"), (*PROBE, "--epochs", "0"), (*PROBE, "--k", "-1"),
         (*RFID, "--n", "0"), (*RFID, "--ref-n", "-5"), (*RFID, "--batch-size", "0"), (*GFID, "--seed", "-1"),
         (*DEMO, "--pretokenize-limit", "-1"),
+        (*SRV, "--port", "0"), (*SRV, "--port", "70000"), (*SRV, "--max-queue", "0"), (*SRV, "--max-images", "0"),
+        (*SRV, "--max-images", "5000"),
     ],
     # family "float": NaN, infinities and values out of range
     "float": [
@@ -110,6 +113,7 @@ CASES = {
         (*DEMO, "--scale", "-1"), (*DEMO, "--scale", "0"), (*DEMO, "--scale", "nan"), (*DEMO, "--scale", "inf"),
         (*XP, "--scale", "0"), (*XP, "--scale", "nan"), (*BE, "--workspace-gb", "0"), (*BE, "--workspace-gb", "nan"),
         (*GFID, "--cfg", "nan"), (*GFID, "--top-p", "-0.5"),
+        (*SRV, "--batch-window-ms", "nan"), (*SRV, "--batch-window-ms", "-1"), (*SRV, "--batch-window-ms", "1e9"),
     ],
     # family "out": outputs that cannot be written
     "out": [
@@ -131,6 +135,8 @@ CASES = {
     ],
     # family "in": inputs that are missing or not what they must be
     "in": [
+        ("serve", "--bundle", "{t}/nope"), ("serve", "--bundle", "{t}/badjson"), ("serve", "--bundle", "{t}/afile"),
+        (*SRV, "--class-names", "{t}/nope"), (*SRV, "--class-names", "{t}/adir"), SRV,
         ("generate", "--bundle", "{t}/nope", "--class", "1", "--out", "{t}/o.png"),
         ("generate", "--bundle", "{t}/afile", "--class", "1", "--out", "{t}/o.png"),
         ("generate", "--bundle", "{t}/adir", "--class", "1", "--out", "{t}/o.png"),

@@ -302,7 +302,7 @@ def test_noise_rows_are_rows_of_the_one_batch_stream(V):
 def _unchunked(gen, classes, **kwargs):
     """The reference: one TokenLoop over the whole batch (ONNX Runtime graphs take any batch)."""
     settings = gen.settings(kwargs.pop("sampling", None), **kwargs.pop("overrides", {}))
-    with TokenLoop(gen._ar_state, gen.bundle.vocab, gen.bundle.num_classes, classes, settings, **kwargs) as loop:
+    with TokenLoop(gen.ar_state, gen.bundle.vocab, gen.bundle.num_classes, classes, settings, **kwargs) as loop:
         return loop.run()
 
 
@@ -318,8 +318,8 @@ def test_chunked_tokens_equal_one_batch(gen, case, monkeypatch):
                               sampling=SPLIT)}[case]
     expected = _unchunked(gen, classes, **dict(kwargs))
     batches = []
-    make_state = gen._ar_state
-    monkeypatch.setattr(gen, "_ar_state", lambda rows, batch: batches.append(batch) or make_state(rows, batch))
+    make_state = gen.ar_state
+    monkeypatch.setattr(gen, "ar_state", lambda rows, batch: batches.append(batch) or make_state(rows, batch))
     got = gen.sample_tokens(classes, sampling=kwargs.get("sampling"), seed=kwargs.get("seed"),
                             uniform=kwargs.get("uniform"), prologue_ids=kwargs.get("prologue_ids"),
                             **kwargs.get("overrides", {}))
@@ -341,7 +341,7 @@ def test_generate_and_variations_chunk(gen):
 
 
 def test_over_limit_refused_before_any_work(gen, monkeypatch):
-    monkeypatch.setattr(gen, "_ar_state", lambda rows, batch: pytest.fail("a state was made"))
+    monkeypatch.setattr(gen, "ar_state", lambda rows, batch: pytest.fail("a state was made"))
     message = refused(lambda: gen.generate([0] * (MAX_IMAGES_PER_CALL + 1), seed=0))
     assert str(MAX_IMAGES_PER_CALL) in message
     refused(lambda: gen.generate([0] * 5, seed=0, temperature=1e-46))

@@ -1,0 +1,198 @@
+"""The one page `prologue serve` shows at `/`: plain HTML with its CSS and JS inline, no build step,
+nothing fetched from anywhere but this server's API (the Content-Security-Policy enforces it)."""
+
+from __future__ import annotations
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Prologue</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
+  header { background: #1d2330; color: #fff; padding: 10px 20px; display: flex; align-items: baseline; gap: 16px; }
+  header h1 { font-size: 20px; margin: 0; }
+  header span { color: #b8c0d0; font-size: 13px; }
+  main { padding: 12px 20px 30px; }
+  #controls { display: flex; flex-wrap: wrap; gap: 10px 16px; align-items: end; background: #fff; padding: 12px;
+              border: 1px solid #dde1e8; border-radius: 6px; }
+  #controls label { display: flex; flex-direction: column; font-size: 12px; color: #4b5468; }
+  #controls input, #controls select { font-size: 14px; padding: 3px 5px; width: 7em; }
+  #controls select { width: 12em; }
+  button { font-size: 14px; padding: 6px 18px; background: #2f6fde; color: #fff; border: 0; border-radius: 4px;
+           cursor: pointer; }
+  button:disabled { background: #8aa6d8; cursor: wait; }
+  h2 { font-size: 16px; margin: 18px 0 4px; }
+  .hint { margin: 0 0 8px; color: #4b5468; font-size: 13px; }
+  .grid { display: flex; flex-wrap: wrap; gap: 6px; min-height: 20px; }
+  .grid img { width: 96px; height: 96px; image-rendering: pixelated; border: 2px solid transparent;
+              border-radius: 3px; background: #fff; cursor: pointer; }
+  .grid img:hover { border-color: #2f6fde; }
+  .grid img.source { border-color: #e0892f; }
+  #status { min-height: 1.4em; margin: 10px 0 0; font-size: 13px; }
+  #status.error { color: #b3261e; }
+  #log { font: 12px/1.5 ui-monospace, monospace; color: #4b5468; padding-left: 18px; }
+</style>
+</head>
+<body>
+<header><h1>Prologue</h1><span id="bundle">loading...</span></header>
+<main>
+<section id="controls">
+  <label>Class <select id="class"></select></label>
+  <label>Images <input id="n" type="number" min="1" value="8"></label>
+  <label>Seed <input id="seed" type="number" min="0" placeholder="random"></label>
+  <label>CFG <input id="cfg" type="number" min="0" step="0.1"></label>
+  <label>Temperature <input id="temperature" type="number" min="0.0001" step="0.05"></label>
+  <label>Prologue temp. <input id="prologue_temperature" type="number" min="0.0001" step="0.05"
+                               placeholder="= temperature"></label>
+  <label>Top-k <input id="top_k" type="number" min="0" step="1"></label>
+  <label>Top-p <input id="top_p" type="number" min="0" max="1" step="0.01"></label>
+  <label>Variations <input id="nvar" type="number" min="1" value="8"></label>
+  <button id="generate" type="button">Generate</button>
+</section>
+<p id="status" role="status"></p>
+<h2>Samples</h2>
+<p class="hint">Click an image to keep its prologue and resample the rest.</p>
+<div id="samples" class="grid"></div>
+<h2 id="variations-title" hidden>Variations</h2>
+<div id="variations" class="grid"></div>
+<h2>Requests</h2>
+<ol id="log" reversed></ol>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let info = null;
+
+function setStatus(text, error) {
+  $("status").textContent = text;
+  $("status").className = error ? "error" : "";
+}
+
+function number(id, integer) {
+  const text = $(id).value.trim();
+  if (text === "") return null;
+  const value = Number(text);
+  if (!Number.isFinite(value)) throw new Error(id + " must be a number");
+  return integer ? Math.trunc(value) : value;
+}
+
+function knobs() {
+  const body = {};
+  for (const id of ["cfg", "temperature", "prologue_temperature", "top_p"]) {
+    const v = number(id, false);
+    if (v !== null) body[id] = v;
+  }
+  const k = number("top_k", true);
+  if (k !== null) body.top_k = k;
+  const seed = number("seed", true);
+  if (seed !== null) body.seed = seed;
+  return body;
+}
+
+async function call(path, body) {
+  const t0 = performance.now();
+  const response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                                      body: JSON.stringify(body)});
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = {error: response.statusText}; }
+  const ms = performance.now() - t0;
+  if (!response.ok) throw new Error(path + ": " + response.status + " " + (data.error || ""));
+  const t = data.timing || {};
+  const line = path + ": " + (data.images || []).length + " images in " + ms.toFixed(0) + " ms (server " +
+    (t.total_ms || 0).toFixed(0) + " ms, queued " + (t.queued_ms || 0).toFixed(0) + " ms, loop of " +
+    (t.batch_images || 0) + " images), seed " + data.seed;
+  const item = document.createElement("li");
+  item.textContent = line;
+  $("log").prepend(item);
+  setStatus(line, false);
+  return data;
+}
+
+function show(target, data) {
+  target.replaceChildren();
+  data.images.forEach((b64, index) => {
+    const img = document.createElement("img");
+    img.src = "data:image/png;base64," + b64;
+    img.alt = "class " + data.class_ids[index] + ", seed " + data.seed + ", image " + index;
+    img.dataset.result = data.id;
+    img.dataset.index = index;
+    img.dataset.classId = data.class_ids[index];
+    img.addEventListener("click", () => vary(img));
+    target.appendChild(img);
+  });
+}
+
+async function busy(work) {
+  $("generate").disabled = true;
+  try { await work(); } catch (e) { setStatus(e.message, true); } finally { $("generate").disabled = false; }
+}
+
+function generate() {
+  return busy(async () => {
+    const body = knobs();
+    body.class_ids = [Number($("class").value)];
+    body.n = number("n", true) || 1;
+    setStatus("generating...", false);
+    const data = await call("/v1/generate", body);
+    show($("samples"), data);
+  });
+}
+
+function vary(img) {
+  return busy(async () => {
+    document.querySelectorAll(".grid img.source").forEach((el) => el.classList.remove("source"));
+    img.classList.add("source");
+    const body = knobs();
+    body.result_id = img.dataset.result;
+    body.index = Number(img.dataset.index);
+    body.class_id = Number(img.dataset.classId);
+    body.n = number("nvar", true) || 1;
+    setStatus("resampling the visual tokens...", false);
+    const data = await call("/v1/variations", body);
+    $("variations-title").hidden = false;
+    show($("variations"), data);
+  });
+}
+
+async function start() {
+  try {
+    const response = await fetch("/v1/info");
+    info = await response.json();
+  } catch (e) {
+    setStatus("cannot reach the server: " + e.message, true);
+    return;
+  }
+  $("bundle").textContent = info.bundle.name + " | " + info.bundle.image_size + "x" + info.bundle.image_size +
+    " | " + info.backend + " | batching " + (info.batching.enabled ? "on" : "off");
+  const select = $("class");
+  const names = info.classes.names ||
+    Array.from({length: Math.min(info.classes.num_classes, 2000)}, (_, k) => "class " + k);
+  names.forEach((name, k) => select.add(new Option(k + ": " + name, k)));
+  select.add(new Option("unconditional (null class)", info.classes.null_class));
+  const d = info.defaults;
+  $("cfg").value = d.cfg;
+  $("temperature").value = d.temperature;
+  if (d.prologue_temperature !== null) $("prologue_temperature").value = d.prologue_temperature;
+  $("top_k").value = d.top_k;
+  $("top_p").value = d.top_p;
+  $("n").max = info.limits.max_images;
+  $("nvar").max = info.limits.max_images;
+  $("generate").addEventListener("click", generate);
+  document.body.dataset.ready = "1";
+  setStatus("ready", false);
+}
+
+start();
+</script>
+</body>
+</html>
+"""
