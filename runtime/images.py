@@ -63,10 +63,10 @@ def _to_uint8(im, path: Path) -> np.ndarray:
     return np.asarray(im)
 
 
-def _decode(fh, path: Path, size: int, channels: int) -> np.ndarray:
+def _decode(fh, path, size: int, channels: int, formats=None) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(fh) as im:  # lazy: only the header is read here
+    with Image.open(fh, formats=formats) as im:  # lazy: only the header is read here
         width, height = im.size
         if width * height > MAX_PIXELS:
             raise ImageError(f"{shown(path)} is {width}x{height}: too large to decode safely "
@@ -85,27 +85,34 @@ def load_image(path, size: int, channels: int) -> np.ndarray:
 
     The declared size is checked (against `MAX_PIXELS` and the bundle's size) before anything is
     decoded; 16-bit and float images are converted as described above, never clipped."""
+    path = Path(path)
+    with _open_regular(path) as fh:
+        return decode_image(fh, path, size, channels)
+
+
+def decode_image(fh, what, size: int, channels: int, formats=None) -> np.ndarray:
+    """`load_image` of an open binary file (`what` names it in errors); `formats`: the Pillow
+    formats accepted (None: any Pillow reads; `prologue serve` takes PNG only)."""
     from PIL import Image
 
-    path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _open_regular(path) as fh:
-                array = _decode(fh, path, size, channels)
+            array = _decode(fh, what, size, channels, formats)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{shown(path)} looks like a decompression bomb (too many pixels); refusing to decode it") from None
+        raise ImageError(f"{shown(what)} looks like a decompression bomb (too many pixels); refusing to decode it") from None
     except MemoryError:
-        raise ImageError(f"{shown(path)}: not enough memory to decode it") from None
+        raise ImageError(f"{shown(what)}: not enough memory to decode it") from None
     except Exception as exc:  # Pillow raises several types for unreadable, truncated or corrupt files
-        raise ImageError(f"{shown(path)} is not a readable image ({type(exc).__name__}: {_reason(exc)})") from None
+        only = f"; only {'/'.join(formats)} is accepted" if formats else ""
+        raise ImageError(f"{shown(what)} is not a readable image ({type(exc).__name__}: {_reason(exc)}){only}") from None
     array = np.asarray(array, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.shape != (size, size, channels):
-        raise ImageError(f"{shown(path)} decoded to {list(array.shape)}, expected [{size}, {size}, {channels}]")
+        raise ImageError(f"{shown(what)} decoded to {list(array.shape)}, expected [{size}, {size}, {channels}]")
     return array
 
 

@@ -134,6 +134,8 @@ def check_uniform(uniform, shape: tuple) -> np.ndarray:
 
 
 def check_class_ids(class_ids, num_classes: int) -> np.ndarray:
+    if isinstance(class_ids, (list, tuple)) and any(isinstance(c, (bool, np.bool_)) for c in class_ids):
+        raise InputError("class_ids must be integers, not true/false")  # numpy would make [1, True] [1, 1]
     ids = as_array(class_ids, "class_ids")
     if ids.ndim == 0:
         ids = ids.reshape(1)

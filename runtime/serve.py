@@ -42,6 +42,12 @@ SERVE_EXTRA = "pip install 'prologue-export[serve]'"
 OVERRIDES = ("cfg", "temperature", "prologue_temperature", "top_k", "top_p")
 COMMON_KEYS = ("seed", "sampling", "format", "nrow", "tokens") + OVERRIDES
 FORMATS = ("images", "grid", "both")
+RANDOM_SEED_LIMIT = 2**53  # JavaScript numbers are exact integers below this
+PARSERS = 2  # request bodies parsed at once, off the event loop (each may take up to max_body_bytes x ~60 in Python objects)
+BODY_TIMEOUT_S = 30.0
+GRACEFUL_S = 60  # on SIGTERM/SIGINT, requests still running after this are dropped
+CONNECTIONS_OVER_QUEUE = 32  # open connections allowed beyond --max-queue (then uvicorn answers 503)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a body that takes longer to arrive is answered 408
 MAX_LISTED_CLASSES = 2000  # /v1/info lists class names up to this many classes
 
 
@@ -72,9 +78,12 @@ class ServeOptions:
     max_images: int = 64  # images per request (at most the runtime's MAX_IMAGES_PER_CALL)
     max_body_bytes: int = 8 * 1024**2
     max_results: int = 256  # results kept for /v1/variations {"result_id"} (least recently used dropped)
+    body_timeout_s: float = BODY_TIMEOUT_S  # a request body that takes longer to arrive: 408
     class_names: typing.Optional[typing.List[str]] = None
 
     def validate(self) -> "ServeOptions":
+        if not (0 < self.body_timeout_s <= 3600):
+            raise InputError(f"body timeout must be in (0, 3600] s, got {self.body_timeout_s!r}")
         if not (0 <= self.batch_window_ms <= 10_000):
             raise InputError(f"batch window must be in [0, 10000] ms, got {self.batch_window_ms!r}")
         for name, hi in (("max_queue", 100_000), ("max_images", MAX_IMAGES_PER_CALL), ("max_results", 1_000_000),
@@ -102,32 +111,20 @@ def b64_png(image: np.ndarray) -> str:
 
 
 def decode_b64_image(text, size: int, channels: int, what: str) -> np.ndarray:
-    """A base64 PNG/JPEG/... (optionally a `data:` URL) -> uint8 `[H, W, C]` of the bundle's geometry,
-    with the runtime's image rules (`images.load_image`: size checked before decoding)."""
-    import warnings
-
-    from PIL import Image
-
-    from .images import _decode
+    """A base64 PNG (optionally a `data:` URL; line breaks allowed) -> uint8 `[H, W, C]` of the
+    bundle's geometry, with the runtime's image rules (size checked before decoding). PNG only:
+    Pillow's other readers (EPS runs Ghostscript on temporary files) never see a client's bytes."""
+    from .images import decode_image
 
     if not isinstance(text, str):
         raise RequestError(f"{what} must be a base64 string (a PNG), got {type(text).__name__}")
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        data = base64.b64decode(text, validate=True)
+        data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{what} is not valid base64") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            array = _decode(io.BytesIO(data), what, size, channels)
-    except ImageError:
-        raise
-    except Exception as exc:  # Pillow raises several types for unreadable, truncated or corrupt data
-        raise ImageError(f"{what} is not a readable image ({type(exc).__name__})") from None
-    array = np.asarray(array, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    return decode_image(io.BytesIO(data), what, size, channels, formats=("PNG",))
 
 
 # ------------------------------------------------------------------------------- the service
@@ -169,11 +166,15 @@ class Service:
 
     def seed_of(self, body: dict) -> int:
         seed = body.get("seed")
-        return secrets.randbelow(2**63) if seed is None else check_seed(seed)
+        # a random seed stays below 2**53: the page's JavaScript shows (and sends back) it exactly
+        return secrets.randbelow(RANDOM_SEED_LIMIT) if seed is None else check_seed(seed)
 
     def count(self, value, what: str) -> int:
+        limit = self.options.max_images
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > limit:
+            raise RequestError(f"{what} {value} is more than this server's limit of {limit} images a request")
         n = check_count(value, what)
-        if n > self.options.max_images:
+        if n > limit:
             raise RequestError(f"{what} {n} is more than this server's limit of {self.options.max_images} images a request")
         return n
 
@@ -194,8 +195,11 @@ class Service:
         if "class_ids" not in body:
             raise RequestError("class_ids is required: a list of class ids (the null class gives unconditional samples)")
         raw = body["class_ids"]
+        if isinstance(raw, list) and len(raw) > self.options.max_images:  # before numpy sees a long list
+            raise RequestError(f"{len(raw)} class ids is more than this server's limit of "
+                               f"{self.options.max_images} images a request")
         classes = check_class_ids(raw if isinstance(raw, list) else [raw], self.generator.bundle.num_classes)
-        n = check_count(body.get("n", 1), "n")
+        n = self.count(body.get("n", 1), "n")
         self.count(len(classes) * n, "class_ids x n =")
         classes = np.repeat(classes, n)
         _, _, settings = self.settings_of(body)
@@ -217,6 +221,8 @@ class Service:
         defaults = {}
         if class_id is None:
             class_id, defaults = bundle.null_class, {"cfg": 0.0}  # as Generator.variations: unconditional, no CFG
+        if isinstance(class_id, bool) or not isinstance(class_id, int):
+            raise RequestError(f"class_id must be an integer class id, got {short_repr(class_id)}")
         class_id = int(check_class_ids([class_id], bundle.num_classes)[0])
         _, _, settings = self.settings_of(body, defaults)
         seed = self.seed_of(body)
@@ -229,7 +235,7 @@ class Service:
                      "output": self.output_of(body)}
 
     def reconstruct_job(self, body: dict) -> typing.Tuple[Job, dict]:
-        self.check_keys(body, ("images", "format", "nrow", "tokens"))
+        self.check_keys(body, ("images", "format", "nrow"))
         images = body.get("images")
         if not isinstance(images, list) or not images:
             raise RequestError("images must be a non-empty list of base64 PNGs of the bundle's size")
@@ -241,12 +247,13 @@ class Service:
 
     # -- results ------------------------------------------------------------------------------
 
-    def keep(self, tokens: typing.Optional[np.ndarray], classes) -> str:
-        result_id = secrets.token_hex(8)
+    def keep(self, tokens: typing.Optional[np.ndarray], classes) -> typing.Optional[str]:
+        """An id for `/v1/variations` (None when there is no prologue to keep: a '2d' bundle)."""
         vocab = self.generator.bundle.vocab
-        prologue = None
-        if tokens is not None and vocab.has_prologue:
-            prologue = tokens[:, :vocab.num_prologue_tokens] - vocab.prologue_offset
+        if tokens is None or not vocab.has_prologue:
+            return None
+        result_id = secrets.token_hex(8)
+        prologue = tokens[:, :vocab.num_prologue_tokens] - vocab.prologue_offset
         with self.lock:
             self.results[result_id] = {"prologue_ids": prologue, "class_ids": classes}
             while len(self.results) > self.options.max_results:
@@ -276,7 +283,8 @@ class Service:
         if fmt in ("images", "both"):
             out["images"] = [b64_png(im) for im in images]
         if fmt in ("grid", "both"):
-            out["grid"] = b64_png(grid(images, grid_columns(len(images), nrow)))
+            columns = grid_columns(len(images), None if nrow is None else min(nrow, len(images)))
+            out["grid"] = b64_png(grid(images, columns))
         if with_tokens and result.tokens is not None:
             out["tokens"] = result.tokens.tolist()
         out["timing"] = {"queued_ms": round(result.queued_s * 1e3, 3), "run_ms": round(result.run_s * 1e3, 3),
@@ -315,20 +323,63 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-async def read_json_body(request, limit: int) -> dict:
-    """The request's body as a strict JSON object of at most `limit` bytes (413 beyond, 400 if malformed)."""
+async def read_body(request, limit: int, timeout: float = BODY_TIMEOUT_S) -> bytes:
+    """The request's body, at most `limit` bytes (413 beyond) arriving within `timeout` s (408 after)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise RequestError(f"the request body is larger than {limit} bytes", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"the request body is larger than {limit} bytes", 413)
-        chunks.append(chunk)
-    if not size:
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"the request body is larger than {limit} bytes", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        body = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} s", 408) from None
+    if not body:
         raise RequestError("the request body is empty: send a JSON object", 400)
-    return parse_json(b"".join(chunks), "the request body", expect=dict)
+    return body
+
+
+class SameOrigin:
+    """ASGI middleware: refuse requests whose Host is not an allowed name (when a list is given:
+    DNS rebinding) and requests a browser sends from another site (an `Origin` whose host:port is
+    not the request's Host), so a web page elsewhere cannot drive a local server. 403, JSON."""
+
+    def __init__(self, app, allowed_hosts=None):
+        self.app, self.allowed = app, None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            problem = self.problem(dict(scope["headers"]))
+            if problem:
+                return await send_json(send, 403, {"error": problem})
+        await self.app(scope, receive, send)
+
+    def problem(self, headers: dict) -> typing.Optional[str]:
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if self.allowed is not None and name.strip("[]") not in self.allowed:
+            return f"host {short_repr(host)} is not served here (this server answers {', '.join(sorted(self.allowed))})"
+        origin = headers.get(b"origin")
+        if origin is not None and origin.decode("latin-1").lower().partition("://")[2] != host:
+            return f"cross-origin request from {short_repr(origin.decode('latin-1'))} refused"
+        return None
+
+
+async def send_json(send, status: int, payload: dict) -> None:
+    import json
+
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def wait_disconnect(request) -> None:
@@ -353,13 +404,18 @@ async def run_job(request, service: Service, job: Job):
         gone.cancel()
 
 
-def create_app(generator, options: typing.Optional[ServeOptions] = None, service: typing.Optional[Service] = None):
+def create_app(generator, options: typing.Optional[ServeOptions] = None, service: typing.Optional[Service] = None,
+               allowed_hosts: typing.Optional[typing.Sequence[str]] = None):
     """The Starlette app of a Generator. Its shutdown (uvicorn finishes the running requests first)
-    stops the worker after the queue is done."""
+    stops the worker after the queue is done. `allowed_hosts`: the Host names it answers (None:
+    any; `serve` on a loopback address passes the loopback names, against DNS rebinding)."""
     require_serve()
     import contextlib
 
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.requests import ClientDisconnect
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
@@ -374,16 +430,21 @@ def create_app(generator, options: typing.Optional[ServeOptions] = None, service
         message = one_line(exc) if status != 500 else f"internal error ({type(exc).__name__}); see the server's log"
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
+    parsing = asyncio.Semaphore(PARSERS)
+
     def endpoint(make_job):
         async def handle(request):
             t0 = time.perf_counter()
             try:
-                body = await read_json_body(request, service.options.max_body_bytes)
-                job, meta = make_job(body)
+                body = await read_body(request, service.options.max_body_bytes, service.options.body_timeout_s)
+                async with parsing:  # off the event loop, a bounded number at once: others keep being served
+                    job, meta = await asyncio.to_thread(lambda: make_job(parse_json(body, "the request body", expect=dict)))
                 result = await run_job(request, service, job)
                 if result is None:
                     return Response(status_code=499)  # nobody is listening; what uvicorn does with it does not matter
                 out = await asyncio.to_thread(service.response, meta, result, time.perf_counter() - t0)
+            except ClientDisconnect:
+                return Response(status_code=499)  # the client left while sending its body
             except Exception as exc:
                 if error_status(exc) == 500:
                     import traceback
@@ -413,7 +474,12 @@ def create_app(generator, options: typing.Optional[ServeOptions] = None, service
               Route("/v1/generate", endpoint(service.generate_job), methods=["POST"]),
               Route("/v1/variations", endpoint(service.variations_job), methods=["POST"]),
               Route("/v1/reconstruct", endpoint(service.reconstruct_job), methods=["POST"])]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request, exc):  # unknown route, wrong method: JSON like every other answer
+        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
+                    middleware=[Middleware(SameOrigin, allowed_hosts=allowed_hosts)])
     app.state.service = service
     return app
 
@@ -424,6 +490,12 @@ def serve(generator, host: str = "127.0.0.1", port: int = 8000, options: typing.
     require_serve()
     import uvicorn
 
-    app = create_app(generator, options)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False)
+    loopback = host in LOOPBACK_HOSTS
+    options = (options or ServeOptions()).validate()
+    app = create_app(generator, options, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
+    # a bounded number of connections (each may hold a body of up to max_body_bytes) and a bounded
+    # shutdown: requests still running after GRACEFUL_S are dropped
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False,
+                            limit_concurrency=options.max_queue + CONNECTIONS_OVER_QUEUE,
+                            timeout_graceful_shutdown=GRACEFUL_S)
     uvicorn.Server(config).run()

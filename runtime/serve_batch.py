@@ -133,7 +133,7 @@ class Batcher:
         with self.cond:
             if self.closing:
                 raise ServerClosed("the server is shutting down")
-            if len(self.pending) >= self.max_queue:
+            if self._waiting() >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later",
                                 self.retry_after())
             job.enqueued = time.perf_counter()
@@ -153,9 +153,13 @@ class Batcher:
                 self.pending.remove(job)
         job.future.cancel()  # a no-op once running or done
 
+    def _waiting(self) -> int:
+        """Requests none of whose rows has reached a loop yet (a running request does not count)."""
+        return sum(1 for j in self.pending if j.next_row == 0 and j.started is None)
+
     def queued(self) -> int:
         with self.cond:
-            return len(self.pending)
+            return self._waiting()
 
     def close(self, timeout: typing.Optional[float] = None) -> None:
         with self.cond:
@@ -184,8 +188,10 @@ class Batcher:
                     self._run_call(head)
                 else:
                     self._run_loop(head)
-            except BaseException as exc:  # a bug: answer the request rather than leave every client hanging
-                self._fail([head], exc)
+            except BaseException as exc:  # a bug: answer the requests rather than leave their clients hanging
+                with self.cond:
+                    partly = [j for j in self.pending if j.next_row > 0]
+                self._fail([head, *partly], exc)
             finally:
                 with self.cond:
                     self.busy = False
@@ -278,13 +284,13 @@ class Batcher:
             return
         jobs = [job for job, _, _ in segments]
         now = time.perf_counter()
-        for job in jobs:
-            if job.started is None:
-                job.started = now
-            if job.tokens is None:
-                job.tokens = np.zeros((job.rows, self.generator.bundle.vocab.seq_len), dtype=np.int64)
-            job.shared_rows = max(job.shared_rows, sum(count for _, _, count in segments))
-        try:
+        try:  # every job holding rows of this loop is answered, whatever fails
+            for job in jobs:
+                if job.started is None:
+                    job.started = now
+                if job.tokens is None:
+                    job.tokens = np.zeros((job.rows, self.generator.bundle.vocab.seq_len), dtype=np.int64)
+                job.shared_rows = max(job.shared_rows, sum(count for _, _, count in segments))
             tokens = self._sample(segments)
         except BaseException as exc:
             self._fail(jobs, exc)

@@ -82,7 +82,8 @@ function number(id, integer) {
   if (text === "") return null;
   const value = Number(text);
   if (!Number.isFinite(value)) throw new Error(id + " must be a number");
-  return integer ? Math.trunc(value) : value;
+  if (integer && !Number.isSafeInteger(value)) throw new Error(id + " must be a whole number below 2^53 (exact in a web page)");
+  return value;
 }
 
 function knobs() {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import io
 import socket
 import subprocess
 import sys
@@ -190,6 +191,13 @@ BAD = [
     ("/v1/variations", b'{"image": "aGVsbG8=", "n": 2}', 422, "not a readable image"),
     ("/v1/reconstruct", b'{"images": []}', 422, "non-empty list"),
     ("/v1/reconstruct", b'{"images": [3]}', 422, "base64 string"),
+    # found by an attack review: numpy would read [1, true] as [1, 1]; the server's own limit first;
+    # a long list refused before numpy sees it; a class_id string; tokens that reconstruct ignores
+    ("/v1/generate", b'{"class_ids": [1, true]}', 422, "not true/false"),
+    ("/v1/generate", b'{"class_ids": [1], "n": 5000}', 422, "limit of 16 images"),
+    ("/v1/generate", b'{"class_ids": [' + b"1," * 40 + b'1]}', 422, "41 class ids is more than"),
+    ("/v1/variations", b'{"result_id": "x", "class_id": "1"}', 422, "class_id must be an integer"),
+    ("/v1/reconstruct", b'{"images": ["x"], "tokens": true}', 422, "unknown field(s) 'tokens'"),
 ]
 
 
@@ -210,8 +218,90 @@ def test_size_limits_and_methods(gen, server):
     body = {"image": base64.b64encode(png_bytes(wrong_size)).decode(), "n": 1}
     small = post(url, "/v1/variations", body)
     assert small.status_code == 422 and "this bundle takes 32x32" in small.json()["error"]
-    assert httpx.get(url + "/v1/generate", timeout=TIMEOUT).status_code == 405
-    assert httpx.get(url + "/nothing", timeout=TIMEOUT).status_code == 404
+    wrong_method = httpx.get(url + "/v1/generate", timeout=TIMEOUT)
+    assert wrong_method.status_code == 405 and "Method Not Allowed: GET /v1/generate" in wrong_method.json()["error"]
+    missing = httpx.get(url + "/nothing", timeout=TIMEOUT)
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found: GET /nothing"}
+
+
+def test_only_png_is_decoded_and_grids_are_bounded(gen, server):
+    """Uploads are PNG only (Pillow's other readers, EPS with Ghostscript among them, never see a
+    client's bytes); base64 with line breaks is fine; nrow beyond the image count does not widen a
+    grid; a random seed is exact in JavaScript (< 2**53)."""
+    from PIL import Image
+
+    url, _ = server
+    image = gen.generate([3], seed=0)[0]
+    for fmt in ("GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(image[..., 0]).save(buf, format=fmt)
+        response = post(url, "/v1/variations", {"image": base64.b64encode(buf.getvalue()).decode(), "n": 1, "seed": 0})
+        assert response.status_code == 422 and "only PNG is accepted" in response.json()["error"], fmt
+    wrapped = base64.encodebytes(png_bytes(image)).decode()  # 76-character lines, as the base64 tool writes
+    assert "\n" in wrapped
+    assert post(url, "/v1/reconstruct", {"images": [wrapped]}).status_code == 200
+    data = post(url, "/v1/generate", {"class_ids": [1], "format": "grid", "nrow": 1024}).json()
+    with Image.open(io.BytesIO(png(data["grid"]))) as grid_png:
+        assert grid_png.size[0] < 2 * image.shape[1] + 3  # one column, not 1024
+    assert 0 <= data["seed"] < 2**53
+
+
+def test_slow_or_abandoned_bodies_do_not_hold_the_server(gen, capfd):
+    """A body that never completes is answered 408 after the body timeout; one abandoned mid-way is
+    dropped without a traceback in the log; the server keeps answering others meanwhile."""
+    options = ServeOptions(body_timeout_s=0.5)
+    with running_server(gen, options) as (url, _, _):
+        host, port = url.removeprefix("http://").split(":")
+        head = f"POST /v1/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as slow:
+            slow.sendall(head.encode() + b'{"class_ids": [1]')
+            assert httpx.get(url + "/healthz", timeout=TIMEOUT).status_code == 200
+            answer = slow.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
+        gone = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+        gone.sendall(head.encode() + b'{"class')
+        gone.close()
+        time.sleep(0.3)
+        assert post(url, "/v1/generate", {"class_ids": [2], "seed": 1}).status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_other_sites_and_hosts_are_refused():
+    """A page elsewhere cannot drive a local server (foreign Origin), nor can a rebound DNS name
+    (foreign Host when the server is on a loopback address)."""
+    import asyncio
+
+    from prologue_export.runtime.serve import LOOPBACK_HOSTS, SameOrigin
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def statuses():
+        out = []
+        for allowed in (LOOPBACK_HOSTS, None):
+            transport = httpx.ASGITransport(app=SameOrigin(inner, allowed_hosts=allowed))
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
+                for headers in ({}, {"origin": "http://127.0.0.1:8000"}, {"origin": "http://evil.example"},
+                                {"host": "evil.example"}, {"host": "localhost:8000", "origin": "http://localhost:8000"}):
+                    response = await client.post("/v1/generate", headers=headers)
+                    out.append(response.status_code)
+        return out
+
+    assert asyncio.run(statuses()) == [200, 200, 403, 403, 200, 200, 200, 403, 200, 200]
+
+
+def test_serve_bounds_connections_and_shutdown(gen, monkeypatch):
+    import uvicorn
+
+    from prologue_export.runtime import serve as serve_module
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: seen.update(kw) or kw)
+    monkeypatch.setattr(uvicorn, "Server", lambda config: type("S", (), {"run": lambda self: None})())
+    serve_module.serve(gen, options=ServeOptions(max_queue=10))
+    assert seen["limit_concurrency"] == 10 + serve_module.CONNECTIONS_OVER_QUEUE
+    assert seen["timeout_graceful_shutdown"] == serve_module.GRACEFUL_S
 
 
 class GatedGenerator:
