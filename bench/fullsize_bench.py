@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from prologue_export.runtime.contract import AR_WEIGHTS, ar_graph_name, cache_feeds
-    from prologue_export.runtime.loop import HostKVState, TokenLoop
+    from prologue_export.runtime.loop import HostKVState, Noise, TokenLoop
     from prologue_export.runtime.settings import SamplingConfig
 
     rows = []
@@ -94,7 +94,9 @@ def main(argv=None) -> int:
 
                 times = []
                 for _ in range(2):  # the first pass warms up
-                    loop = TokenLoop(state, info["vocab"], info["num_classes"], classes, settings, seed=0)
+                    vocab = info["vocab"]
+                    noise = Noise(len(classes), vocab.seq_len, vocab.vocab_size, seed=0)
+                    loop = TokenLoop(state, vocab, info["num_classes"], classes, settings, noise)
                     loop.step()  # prefill (BOS)
                     times = []
                     for _ in range(args.steps):

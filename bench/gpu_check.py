@@ -438,9 +438,9 @@ class Report:
 
     def write(self) -> None:
         data = dict(self.head, seconds=round(time.perf_counter() - self.t0, 1), sections=self.sections, rows=self.rows)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        from prologue_export.runtime.files import write_text_atomic  # this checkout's (use_checkout above)
+
+        write_text_atomic(self.path, json.dumps(data, indent=2, default=str), "gpu_check report")
 
     def table(self) -> str:
         lines = ["| section | what | value | note |", "|---|---|---|---|"]

@@ -78,7 +78,7 @@ def time_torch(ckpt: Path, classes, seed: int, compiled: bool, repeats: int):
 
     def run():
         tokens = pe.sample(model.ar, classes, SETTINGS, seed=seed)
-        _, visual = pe.split_sequence(tokens, model.config.vocab())
+        _, visual = pe.split_tokens(tokens, model.config.vocab())
         with torch.no_grad():
             model.tokenizer.decode(visual)
         return tokens.numpy()
@@ -162,7 +162,7 @@ import sys
 import prologue_export as pe
 m = pe.load_checkpoint(sys.argv[1])
 t = pe.sample(m.ar, [1], {"cfg": 2.0}, seed=0)
-m.tokenizer.decode(pe.split_sequence(t, m.config.vocab())[1])
+m.tokenizer.decode(pe.split_tokens(t, m.config.vocab())[1])
 print(PEAK)
 """.replace("PEAK", PEAK_RSS)
 

@@ -50,19 +50,19 @@ def session(bundle: Path):
     return ort.InferenceSession(str(bundle / "ar_step.onnx"), options, providers=["CPUExecutionProvider"])
 
 
-def feeds_for(manifest: dict, top_k: int, top_p: float, rng) -> dict:
-    V, a = manifest["vocab"]["vocab_size"], manifest["ar"]
-    caches = {f"{t}_cache_{i}": rng.standard_normal((16, a["heads"], a["max_seq_len"], a["head_dim"])).astype(np.float32)
-              for t in "kv" for i in range(a["layers"])}
-    return dict(input_ids=rng.integers(0, V, (16, 1)), start_pos=np.array([10]),
-                uniform=rng.random((8, V), dtype=np.float32), cfg_scale=np.array([2.0], np.float32),
-                temperature=np.array([1.0], np.float32), top_k=np.array([top_k]), top_p=np.array([top_p], np.float32),
-                **caches)
+def feeds_for(bundle, top_k: int, top_p: float, rng) -> dict:
+    """One decode step's feeds (batch 8, CFG rows 16), built as the runtime builds them."""
+    from prologue_export.runtime.contract import cache_feeds, step_feeds
+
+    V = bundle.vocab.vocab_size
+    k, v = (rng.standard_normal(bundle.ar_cache_shape(16)).astype(np.float32) for _ in "kv")
+    return {**step_feeds(input_ids=rng.integers(0, V, (16, 1)), start_pos=10, uniform=rng.random((8, V), dtype=np.float32),
+                         cfg_scale=2.0, temperature=1.0, top_k=top_k, top_p=top_p), **cache_feeds(k, v)}
 
 
-def measure(sessions: dict, manifest: dict, rounds: int) -> dict:
+def measure(sessions: dict, bundle, rounds: int) -> dict:
     rng = np.random.default_rng(0)
-    feeds = {mode: feeds_for(manifest, k, p, rng) for mode, (k, p) in MODES.items()}
+    feeds = {mode: feeds_for(bundle, k, p, rng) for mode, (k, p) in MODES.items()}
     times = {(label, mode): [] for label in sessions for mode in MODES}
     for r in range(rounds):
         order = list(sessions.items())[:: 1 if r % 2 else -1]
@@ -79,21 +79,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", metavar="BUNDLE", help="another bundle (same vocabulary) to time against")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampling_bench.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = released_vocab_bundle(Path(tmp))
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        sessions = {"this checkout": session(bundle)}
+        from prologue_export.runtime.bundle import Bundle
+
+        bundle = Bundle(released_vocab_bundle(Path(tmp)))
+        sessions = {"this checkout": session(bundle.path)}
         if args.compare:
             sessions["compare"] = session(Path(args.compare))
-        result = measure(sessions, manifest, args.rounds)
+        result = measure(sessions, bundle, args.rounds)
     print("| bundle | mode | ms per decode step |\n|---|---|---|")
     for key, ms in result.items():
         label, mode = key.split(" | ")
         print(f"| {label} | {mode} | {ms:.2f} |")
-    out = ROOT / "bench" / "results" / "sampling_bench.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "vocab_size": manifest["vocab"]["vocab_size"],
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "vocab_size": bundle.vocab.vocab_size,
                                "ms_per_step": result}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -1,7 +1,7 @@
 """prologue: import, train, export and run the Prologue autoregressive image generator.
 
-The `prologue` command, one module per group of subcommands (model, train, export, runtime,
-eval, recipes). This room may import every other; each command imports what it needs when it
+The `prologue` command, one module per group of subcommands (model, train, export, generate,
+serve, eval, recipes). This room may import every other; each command imports what it needs when it
 runs, so `prologue generate` never loads torch and `prologue presets` answers at once.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 from ..runtime.errors import PrologueError
 from . import eval as eval_commands
-from . import export, model, recipes, runtime, serve, train
+from . import export, generate, model, recipes, serve, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prologue", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (model, train, export, runtime, serve, recipes, eval_commands):
+    for group in (model, train, export, generate, serve, recipes, eval_commands):
         group.add_parsers(sub)
     return parser
 

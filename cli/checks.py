@@ -1,7 +1,8 @@
 """Checks of command-line arguments, made before a command does any work. Torch-free.
 
-- argparse `type=` functions (`positive_int`, `non_negative_float`, `finite_float`, ...): a bad
-  value is argparse's usage error (exit code 2) naming the flag;
+- argparse `type=` functions (`positive_int`, `non_negative_float`, ...): a bad value is argparse's
+  usage error (exit code 2) naming the flag (the sampling flags: `sampling_args.py`, from the
+  runtime's table of sampling options);
 - path checks (`output_file`, `output_dir`, `input_path`, `bundle_dir`): a `CLIError` naming
   the path, raised before anything is read at length or written;
 - `json_argument`: strict JSON of an argument such as `--sampling` (an object, no NaN).
@@ -16,9 +17,8 @@ import typing
 from pathlib import Path
 
 from ..runtime.errors import PrologueError
+from ..runtime.loop import MAX_IMAGES_PER_CALL, MAX_SEED
 
-MAX_SEED = 2**64 - 1  # as the runtime's seeds (runtime/loop.py)
-MAX_IMAGES = 4096  # images one `generate` or `variations` run writes into its grid
 
 
 class CLIError(PrologueError, ValueError):
@@ -64,15 +64,11 @@ def seed_int(text: str) -> int:
 
 
 def image_count(text: str) -> int:
-    """A number of images to generate: 1 .. MAX_IMAGES."""
+    """A number of images to generate: 1 .. the runtime's MAX_IMAGES_PER_CALL."""
     value = positive_int(text)
-    if value > MAX_IMAGES:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_IMAGES}, got {text!r}")
+    if value > MAX_IMAGES_PER_CALL:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_IMAGES_PER_CALL}, got {text!r}")
     return value
-
-
-def finite_float(text: str) -> float:
-    return _float(text)
 
 
 def non_negative_float(text: str) -> float:
@@ -86,13 +82,6 @@ def positive_float(text: str) -> float:
     value = _float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
     return value
 
 

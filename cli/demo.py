@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import typing
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ar_preset, tokenizer_preset
+from ..runtime.files import write_json_atomic
 from ..train.configs import ARTrainConfig, GANConfig, OptimConfig, RunConfig, TokenizerTrainConfig
 from ..train.data import open_dataset
 
@@ -83,7 +83,7 @@ def run_demo(out, data=None, scale: float = 1.0, compile_: bool = True, pretoken
     files, backend = times.run("5 runtime pictures", False, lambda: _pictures(out, data, dataset.num_classes))
     report = {"out": str(out), "pictures": files, **times.summary(), "runtime_backend": backend,
               "phase1_steps": phase1.run.steps, "phase3_steps": phase3.run.steps}
-    _write_json_atomic(out / DEMO_REPORT, report)
+    write_json_atomic(out / DEMO_REPORT, report, "demo report")
     return report
 
 
@@ -139,7 +139,7 @@ class StageTimes:
             self.log(f"[demo] {name}: already complete ({took}; {measured} s this run)")
         else:
             self.log(f"[demo] {name}: {measured} s")
-        _write_json_atomic(self.report_path, {"out": str(self.report_path.parent), **self.summary()})
+        write_json_atomic(self.report_path, {"out": str(self.report_path.parent), **self.summary()}, "demo report")
         return result
 
     def summary(self) -> dict:
@@ -196,13 +196,6 @@ def pretokenize_done(tokens_folder: Path) -> bool:
         return json.loads((Path(tokens_folder) / INDEX_FILE).read_text()).get("complete") is True
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    """Write `obj` as JSON to a temporary name and rename it, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _channels(dataset) -> int:

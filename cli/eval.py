@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import typing
 
-from .checks import (CLIError, data_argument, bundle_dir, input_path, non_negative_float, non_negative_int, output_dir, output_file,
-                     positive_float, positive_int, seed_int, unit_float)
-from .runtime import runtime_overrides
+from ..runtime.settings import SamplingConfig
+
+from .checks import CLIError, bundle_dir, data_argument, input_path, output_dir, output_file, positive_int, seed_int
+from .sampling_args import add_sampling_arguments, sampling_request
 
 
 def _cmd_eval(args) -> int:
-    _check_eval_args(args)
+    sampling = _check_eval_args(args)
     from ..train import metrics
 
     progress = None if args.json else _tqdm_progress
@@ -41,7 +43,6 @@ def _cmd_eval(args) -> int:
             report["fid"], _ = metrics.reconstruction_fid(tokenizer, test, net, ref, progress and progress("rFID"))
             line = f"rFID {report['fid']:.3f} ({args.n} reconstructions of {args.data} {args.ref_split})"
         else:
-            sampling = runtime_overrides(args)
             images = metrics.generate_images(args.n, num_classes, sampling, args.seed, checkpoint=args.checkpoint,
                                              bundle=args.bundle, batch_size=args.batch_size,
                                              progress=progress and progress("sampling"))
@@ -54,8 +55,9 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _check_eval_args(args) -> None:
-    """What can be checked before torch is loaded: the inputs exist, --out can be written."""
+def _check_eval_args(args) -> typing.Optional[dict]:
+    """What can be checked before torch is loaded: the inputs exist, --out can be written, the
+    sampling settings (gfid) are valid; returns those settings as a dict of our option names."""
     if args.metric == "gfid" and bool(args.checkpoint) == bool(args.bundle):
         raise CLIError("give exactly one of --checkpoint or --bundle")
     if args.checkpoint:
@@ -68,6 +70,11 @@ def _check_eval_args(args) -> None:
         output_file(args.out)
     if getattr(args, "stats_dir", None):
         output_dir(args.stats_dir, "--stats-dir")
+    if args.metric != "gfid":
+        return None
+    sampling = sampling_request(args)
+    SamplingConfig().updated(sampling)  # a bad setting is one line now, not after the model is loaded
+    return sampling
 
 
 def _geometry(args):
@@ -132,8 +139,6 @@ def add_parsers(sub) -> None:
         if name == "gfid":
             q.add_argument("--bundle", metavar="BUNDLE", help="sample with the torch-free runtime from this bundle")
             q.add_argument("--seed", type=seed_int, default=0, help="batch b uses seed + b (default 0)")
-            q.add_argument("--cfg", type=non_negative_float, default=None, help="CFG scale (default: the model's; 0 = off)")
-            q.add_argument("--temperature", type=positive_float, default=None)
-            q.add_argument("--top-k", dest="top_k", type=non_negative_int, default=None)
-            q.add_argument("--top-p", dest="top_p", type=unit_float, default=None)
+            add_sampling_arguments(q, "the bundle's sampling defaults with --bundle, the package's defaults "
+                                   "(docs/runtime.md) with --checkpoint")
         q.set_defaults(func=_cmd_eval)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, build_dataclass, tokenizer_preset
+from ..runtime.files import write_text_atomic
 
 ROWS = (("2d", 0), ("2d", 1), ("prologue", 0), ("prologue", 1), ("post", 0))
 TOKENIZER_OF = {"2d": "tiny-2d", "prologue": "tiny", "post": "tiny-post"}
@@ -169,7 +170,7 @@ class ExperimentRun:
         self.log(f"[experiment] {name}: {key} ...")
         row[key] = fn()
         row["seconds"][key] = round(time.perf_counter() - t0, 1)
-        self.log(f"[experiment] {name}: {key} done in {row['seconds'][key]} s: {_short(row[key])}")
+        self.log(f"[experiment] {name}: {key} done in {row['seconds'][key]} s: {_summary(row[key])}")
         self.save()
         return row[key]
 
@@ -234,7 +235,7 @@ class ExperimentRun:
         """Add the table to results.json and write it to results.md; returns the results."""
         self.results["table"] = table(self.results)
         self.save()
-        (self.out / "results.md").write_text(self.results["table"] + "\n")
+        write_text_atomic(self.out / "results.md", self.results["table"] + "\n", "results table")
         return self.results
 
 
@@ -269,7 +270,7 @@ def _export(folder: Path) -> str:
     return str(folder / "bundle")
 
 
-def _short(value) -> str:
+def _summary(value) -> str:
     if isinstance(value, dict):
         keys = ("fid", "test_accuracy")
         return ", ".join(f"{k} {value[k]:.4g}" for k in keys if k in value) or "ok"

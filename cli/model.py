@@ -32,7 +32,7 @@ def _check_import_args(args) -> None:
 
 def _import(args):
     if args.hub is not None:
-        from ..hub import DEFAULT_REPO, import_from_hub, resolve_release
+        from .hub import DEFAULT_REPO, import_from_hub, resolve_release
 
         release = resolve_release(args.preset, onestage=args.onestage, tokenizer_only=args.tokenizer_only)
         log = (lambda line: print(line, file=sys.stderr)) if args.json else print

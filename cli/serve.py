@@ -54,7 +54,7 @@ def check_listen(host: str, port: int) -> None:
 
 def _cmd_serve(args) -> int:
     from ..runtime.generator import Generator
-    from ..runtime.serve import ServeOptions, require_serve, serve
+    from ..serve.app import ServeOptions, require_serve, serve
 
     require_serve()  # before the bundle is loaded: a missing extra is one line naming the install
     bundle_dir(args.bundle)

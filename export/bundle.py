@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import shutil
 import tempfile
 import typing
@@ -22,9 +21,9 @@ from .. import __version__
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..model import PrologueModel
 from ..config import SamplingConfig
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from ..runtime.contract import AR_STEP, DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS, ar_graph_name
-from ..runtime.files import fsync_dir, shown, write_json_atomic
+from ..runtime.files import publish_folder, recover_folder, sha256_file, shown, temp_folder, write_json_atomic
 from .errors import ExportError
 from .graphs import contracts
 
@@ -212,6 +211,12 @@ def write_json(path: Path, obj) -> None:
     write_json_atomic(path, obj, "bundle manifest", indent=2)  # strict JSON: read_json refuses NaN
 
 
+def _still_a_bundle(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not (out / MANIFEST).is_file()):
+        raise ExportError(f"--out {shown(out)} changed while exporting (now a link or not a bundle); "
+                          "refusing to replace it")
+
+
 def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bool = False,
                   verify: bool = True, sampling=None, log=print, ar_weights: typing.Sequence[str] = ()) -> dict:
     """Export `checkpoint` to the bundle folder `out`; verifies it unless `verify=False`.
@@ -235,7 +240,8 @@ def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bo
     model.eval()
     sampling = SamplingConfig.coerce(sampling)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    recover_folder(out, MANIFEST)  # a replace killed between its two renames: the previous bundle back
+    tmp = temp_folder(out, "bundle")
     try:
         graph_contracts = contracts(model, max_batch)
         files_by_graph = {}
@@ -258,17 +264,7 @@ def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bo
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)
-        if out.is_symlink() or (out.exists() and not (out / MANIFEST).is_file()):
-            raise ExportError(f"--out {shown(out)} changed while exporting (now a link or not a bundle); "
-                              "refusing to replace it")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # exclusive, empty
-            os.replace(out, old)  # a folder renamed onto an empty folder replaces it
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        publish_folder(tmp, out, "bundle", check=_still_a_bundle)  # the previous bundle is put back if the swap fails
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -142,7 +142,11 @@ class ARStepModule(nn.Module):
         self.conditional = conditional  # top-k / top-p run only when on (False: always, then select)
         self.top_k_cap = max_top_k(ar.vocab)
 
-    def forward(self, input_ids, start_pos, uniform, cfg_scale, temperature, top_k, top_p, *kv_cache):
+    def forward(self, *inputs):
+        # the graph's inputs in the contract's order (runtime/contract.py STEP_INPUTS), then the caches
+        step = dict(zip(io.STEP_INPUT_NAMES, inputs))
+        kv_cache = inputs[len(io.STEP_INPUT_NAMES):]
+        input_ids, start_pos, uniform = step["input_ids"], step["start_pos"], step["uniform"]
         R, T = input_ids.shape
         B = uniform.shape[0]
         torch._check(B <= R)  # rows hold the batch once or twice: lets export see `last[:B]` as B rows
@@ -151,12 +155,13 @@ class ARStepModule(nn.Module):
         logits, k_new, v_new = self.ar.step(input_ids, start_pos, k_cache, v_cache)  # [R, T, V], [L, R, H, T, d]
         last = logits[:, -1].float()  # [R, V]
         cond, uncond = last[:B], last[R - B:]
+        cfg_scale = step["cfg_scale"]
         mixed = cfg_scale * cond + (1.0 - cfg_scale) * uncond  # [B, V]
         position = start_pos.reshape(-1)[:1] + (T - 1)  # [1] the step being sampled
         mask = self.ar.logit_mask.index_select(0, position)  # [1, V]
-        scores = mixed / temperature + mask
-        scores = _top_k(scores, top_k, self.top_k_cap, self.conditional)
-        scores = _top_p(scores, top_p, self.conditional)
+        scores = mixed / step["temperature"] + mask
+        scores = _top_k(scores, step["top_k"], self.top_k_cap, self.conditional)
+        scores = _top_p(scores, step["top_p"], self.conditional)
         gumbel = -torch.log(-torch.log(uniform))
         next_tokens = torch.argmax(scores + gumbel, dim=-1)  # [B]
         # the new K/V slice only: the host writes it into its cache at start_pos
@@ -241,19 +246,23 @@ class ARStepContract(GraphContract):
 
     def export_dynamic_shapes(self) -> typing.Dict[str, typing.Any]:
         shapes = self.dynamic_shapes()
-        first_cache = len(self.inputs) - 2 * self.model.config.ar.layers  # the caches come last, as `*kv_cache`
-        named = {s.name: shapes[s.name] for s in self.inputs[:first_cache]}
-        return {**named, "kv_cache": tuple(shapes[s.name] for s in self.inputs[first_cache:])}
+        return {"inputs": tuple(shapes[s.name] for s in self.inputs)}  # `forward(*inputs)`, in the contract's order
 
     def sample_inputs(self, generator):
+        """The step inputs in the contract's order, then zero caches: token ids with each row's BOS
+        (classes, then the null class: CFG rows), noise in (0, 1), the per-call scalars at their
+        `example` values."""
         a, v = self.model.config.ar, self.model.config.vocab()
         B, T = self.sample_batch, 3
         R = 2 * B  # with CFG
         ids = torch.randint(0, v.vocab_size, (R, T), generator=generator)
         ids[:, 0] = v.vocab_size + torch.tensor(list(range(1, B + 1)) + [self.model.config.null_class] * B)
+        uniform = torch.rand(B, v.vocab_size, generator=generator).clamp(1e-6, 1 - 1e-6)
+        made = {"input_ids": ids, "uniform": uniform}
+        step = tuple(made[s.name] if s.name in made else torch.tensor([s.example], dtype=getattr(torch, s.dtype))
+                     for s in io.STEP_INPUTS)
         caches = tuple(torch.zeros(R, a.heads, v.seq_len, a.head_dim) for _ in range(2 * a.layers))
-        return (ids, torch.tensor([0]), torch.rand(B, v.vocab_size, generator=generator).clamp(1e-6, 1 - 1e-6),
-                torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.0])) + caches
+        return step + caches
 
 
 def contracts(model: PrologueModel, max_batch: int) -> typing.List[GraphContract]:

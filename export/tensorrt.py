@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.bundle import MANIFEST, Bundle, sha256_file
-from ..runtime.contract import DEFAULT_MAX_BATCH, ENGINE_GRAPHS, OPT_BATCH
+from ..runtime.bundle import MANIFEST, Bundle
+from ..runtime.contract import ENGINE_GRAPHS, batch_ranges
 from ..runtime.cuda import device_info
+from ..runtime.files import sha256_file, write_bytes_atomic, write_json_atomic
 from ..runtime.tensorrt_backend import engine_file_name
 from .errors import ExportError
 from .trt_support import OPERATORS_MD, TOPK_MAX_K, check_model
@@ -51,22 +52,20 @@ def default_timing_cache() -> Path:
 def engine_profile(contract: dict, max_batch: int, opt_batch: typing.Optional[int] = None) -> dict:
     """min/opt/max shapes of every input of one graph: `{input: {"min": [...], "opt": [...], "max": [...]}}`.
 
-    Dynamic axes come from the manifest contract: `batch` (and `rows` = 2 x batch for CFG) get
-    min 1, opt `opt_batch` (default min(OPT_BATCH, max_batch)) and max `max_batch`; `new_tokens` gets
-    min 1, opt 1 (a decode step) and the contract's max (the whole sequence, for prefills)."""
+    Dynamic axes come from the manifest contract: the batch-like axes (`batch`, and `rows` for CFG)
+    take their ranges from `runtime/contract.py` `batch_ranges(max_batch, opt_batch)`; the others
+    (`new_tokens`: opt 1, a decode step, up to the whole sequence) keep the manifest's range."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ExportError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
-    opt_batch = min(OPT_BATCH, max_batch) if opt_batch is None else opt_batch
-    if not 1 <= opt_batch <= max_batch:
+    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
         raise ExportError(f"the serving batch (opt) must lie in [1, {max_batch}], got {opt_batch}")
-    axes = contract.get("dynamic_axes", {})
+    batch_like = batch_ranges(max_batch, opt_batch)
     ranges = {}
-    for name, r in axes.items():
-        if name == "batch":
-            ranges[name] = (1, opt_batch, max_batch)
-        elif name == "rows":
-            ranges[name] = (1, 2 * opt_batch, 2 * max_batch)
-        else:  # sequence-like axes keep the contract's range; opt is the decode shape
+    for name, r in contract.get("dynamic_axes", {}).items():
+        if name in batch_like:
+            b = batch_like[name]
+            ranges[name] = (b.min, b.opt, b.max)
+        else:
             ranges[name] = (max(1, int(r["min"])), max(1, int(r["opt"])), int(r["max"]))
     profile = {}
     for spec in contract["inputs"]:
@@ -259,13 +258,13 @@ def prepare_tensorrt(bundle_path, precision: str = "fp16", max_batch: typing.Opt
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     bundle = Bundle(bundle_path)  # verifies every file before we add to it
-    max_batch = int(bundle.manifest.get("max_batch", DEFAULT_MAX_BATCH)) if max_batch is None else max_batch
+    max_batch = bundle.max_batch if max_batch is None else max_batch
     graphs = [g for g in (graphs or ENGINE_GRAPHS) if g in bundle.graphs]
     if not graphs:
         raise ExportError(f"{bundle.path} has none of the graphs {', '.join(ENGINE_GRAPHS)}")
     import onnx
 
-    vocab_size = bundle.manifest["vocab"]["vocab_size"]
+    vocab_size = bundle.vocab.vocab_size
     staging = Path(tempfile.mkdtemp(prefix=".tensorrt-", dir=bundle.path.parent))
     entries, files = {}, []
     try:
@@ -390,10 +389,7 @@ def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Option
                                        workspace_gb, graph)
             name = engine_file_name(graph, precision)
             (staging / name).write_bytes(engine)
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp_cache = cache_path.with_name(cache_path.name + f".tmp-{os.getpid()}")
-            tmp_cache.write_bytes(cache)
-            os.replace(tmp_cache, cache_path)
+            write_bytes_atomic(cache_path, cache, "TensorRT timing cache")
             engines[graph] = {
                 "file": name, "onnx": entry["onnx"], "precision": precision, "strongly_typed": True,
                 "profile": entry["profile"], "max_batch": section["max_batch"], "tensorrt_version": trt.__version__,
@@ -423,9 +419,7 @@ def _install(bundle_path: Path, staging: Path, names: typing.Sequence[str], upda
         if base not in referenced and (name.endswith(".engine") or ".trt.onnx" in name):
             manifest["files"].pop(name)
             (bundle_path / name).unlink(missing_ok=True)
-    tmp = bundle_path / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, bundle_path / MANIFEST)
+    write_json_atomic(bundle_path / MANIFEST, manifest, "bundle manifest", indent=2)
 
 
 def install_engines(bundle_path, staging: Path, engines: dict) -> None:

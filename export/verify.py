@@ -15,11 +15,13 @@ import typing
 import numpy as np
 import torch
 
+from ..ar import write_kv
 from ..checkpoint import load_checkpoint
+from ..config import migrate_config
 from ..model import PrologueModel
 from ..runtime.bundle import Bundle, BundleError
 from ..runtime.errors import PrologueError
-from ..runtime.loop import TokenLoop
+from ..runtime.loop import Noise, TokenLoop
 from ..runtime.onnx_backend import OrtBackend
 from ..sampling import sample
 from ..runtime.contract import AR_STEP, DECODER, PROLOGUE_GENERATOR, cache_feeds, step_feeds
@@ -65,7 +67,7 @@ def check_dynamic_axes(bundle: Bundle) -> dict:
 
 def _batch(backend: OrtBackend) -> int:
     """The batch checked: 3 (not the export sample's 2), or less when the bundle serves less."""
-    return min(3, int(backend.bundle.manifest.get("max_batch", 3)))
+    return min(3, backend.bundle.max_batch)
 
 
 def _max_err(a, b) -> float:
@@ -132,18 +134,19 @@ def check_ar_step(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.
     module = contract.module()
     report = {"logits_max_err": 0.0, "kv_max_err": 0.0, "token_mismatches": 0}
     start = 0
-    for n, settings in ((T, (2.5, 1.0, 0, 0.0)), (1, (1.7, 0.8, 5, 0.9)), (1, (3.0, 1.2, 0, 0.7))):
+    steps = ((T, dict(cfg_scale=2.5, temperature=1.0, top_k=0, top_p=0.0)),
+             (1, dict(cfg_scale=1.7, temperature=0.8, top_k=5, top_p=0.9)),
+             (1, dict(cfg_scale=3.0, temperature=1.2, top_k=0, top_p=0.7)))
+    for n, sampling in steps:
         feed = ids[:, :n] if start == 0 else rng.integers(0, v.vocab_size, (2 * B, n))
-        scale, tau, top_k, top_p = settings
         uniform = rng.random((B, v.vocab_size), dtype=np.float32)
-        feeds = {**step_feeds(feed, start, uniform, scale, tau, top_k, top_p), **cache_feeds(k, vv)}
+        feeds = {**step_feeds(input_ids=feed, start_pos=start, uniform=uniform, **sampling), **cache_feeds(k, vv)}
         ref = module(*[torch.from_numpy(np.asarray(feeds[s.name])) for s in contract.inputs])
         got = backend.run(AR_STEP, feeds)
         report["logits_max_err"] = max(report["logits_max_err"], _max_err(got[3], ref[3]))
         report["kv_max_err"] = max(report["kv_max_err"], _max_err(got[1], ref[1]), _max_err(got[2], ref[2]))
         report["token_mismatches"] += int((got[0] != ref[0].numpy()).sum())  # must stay 0: no tie margin here
-        k[:, :, :, start:start + n] = ref[1].numpy()
-        vv[:, :, :, start:start + n] = ref[2].numpy()
+        write_kv(k, vv, ref[1].numpy(), ref[2].numpy(), start)
         start += n
     _require(report["logits_max_err"] <= tol["logits"],
              f"ar_step: logits differ from torch by {report['logits_max_err']:.3g} > {tol['logits']}")
@@ -172,8 +175,9 @@ def _generations(model: PrologueModel, bundle: Bundle, backend: OrtBackend, clas
             first = sample(model.ar, classes, settings, seed=seed + 100)
             prologue = (first[:, :v.num_prologue_tokens] - v.prologue_offset).cpu().numpy()
         ref = sample(model.ar, classes, settings, seed=seed, prologue_ids=prologue).cpu().numpy()
-        state = lambda rows, batch: backend.ar_state(rows, batch, bundle.ar_cache_shape(rows))  # noqa: E731
-        got = TokenLoop(state, bundle.vocab, bundle.num_classes, classes, SamplingConfig.coerce(settings), seed=seed,
+        make_state = lambda rows, batch: backend.ar_state(rows, batch, bundle.ar_cache_shape(rows))  # noqa: E731
+        noise = Noise(len(classes), v.seq_len, v.vocab_size, seed=seed)
+        got = TokenLoop(make_state, bundle.vocab, bundle.num_classes, classes, SamplingConfig.coerce(settings), noise,
                         prologue_ids=prologue).run()
         yield name, settings, ref, got
 
@@ -195,7 +199,7 @@ def quantized_agreement(model: PrologueModel, bundle: Bundle, graph: str, seed: 
     """Token agreement of a weight-only quantized AR graph with the fp32 torch sampler (reported,
     not required: quantized weights change the distribution)."""
     backend = OrtBackend(bundle, "cpu", ar_graph=graph)
-    classes = np.arange(min(4, int(bundle.manifest.get("max_batch", 4)))) % model.config.num_classes
+    classes = np.arange(min(4, bundle.max_batch)) % model.config.num_classes
     return {name: {"token_agreement": float((got == ref).mean()), "sequences_identical": int((got == ref).all(1).sum()),
                    "sequences": len(classes)}
             for name, _, ref, got in _generations(model, bundle, backend, classes, seed)}
@@ -212,10 +216,9 @@ def verify_bundle(bundle_dir, model: typing.Optional[PrologueModel] = None, chec
         bundle = Bundle(bundle_dir)
     except BundleError as exc:
         raise VerificationError(str(exc)) from None
-    if bundle.manifest["model"] != model.config.to_dict():
+    if migrate_config(bundle.manifest["model"]) != model.config.to_dict():  # a version-1 config is the same model
         raise VerificationError(f"{bundle_dir} was exported from a model with another config than the checkpoint")
-    precision = bundle.manifest.get("precision", "fp32")
-    tol = TOLERANCES[precision]
+    tol = TOLERANCES[bundle.precision]
     backend = OrtBackend(bundle, "cpu")
     rng = np.random.default_rng(1234)
     report = {"tolerances": {**tol, "near_tie": NEAR_TIE}, "provider": backend.providers[0]}

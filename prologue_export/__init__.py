@@ -17,9 +17,9 @@ _LAZY = {
     "PrologueModel": "model", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "CheckpointError": "checkpoint",
     "Tokenizer": "tokenizer", "ARModel": "ar",
-    "sample": "sampling", "split_sequence": "sampling",
+    "sample": "sampling", "split_tokens": "runtime.loop",
     "import_official": "official", "PrologueError": "runtime.errors",
-}
+}  # name -> the module that defines it
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
@@ -28,6 +28,5 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(module, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'prologue_export' has no attribute {name!r}")

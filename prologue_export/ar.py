@@ -129,10 +129,6 @@ class ARModel(nn.Module):
         L = e.shape[1]  # emb_dropout (inputs, then condition) is applied inside the Transformer
         return self.transformer(e, self.rope_cos[:L], self.rope_sin[:L], causal=True)
 
-    def logits(self, seq: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        """Public teacher-forced logits `[B, T, V]` (class_ids may be the null class)."""
-        return self.forward(seq, class_ids)
-
     def new_kv_cache(
         self, batch: int, dtype: torch.dtype = torch.float32, device=None
     ) -> typing.Tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +171,8 @@ class ARModel(nn.Module):
         return tf.head(e, cond), torch.stack(new_k), torch.stack(new_v)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
-    """Store `step`'s new keys/values `[L, B, H, T, d]` into the caches at `start` (in place)."""
-    T = k_new.shape[3]
-    k_cache[:, :, :, start:start + T] = k_new
-    v_cache[:, :, :, start:start + T] = v_new
+def write_kv(k_cache, v_cache, k_new, v_new, start: int) -> None:
+    """Store `step`'s new keys/values `[L, B, H, T, d]` into the caches `[L, B, H, S, d]` at `start`
+    (in place; torch tensors or numpy arrays): the one KV-cache write of the torch paths."""
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        cache[:, :, :, start:start + new.shape[3]] = new

@@ -2,16 +2,15 @@
 
 A checkpoint is a folder: `config.json` (the full, versioned ModelConfig), `tokenizer.safetensors`
 and, when the model has one, `ar.safetensors`. It is written into a temporary sibling folder,
-fsynced and renamed into place, so a crash never leaves a half checkpoint that loads. Loading is
+fsynced and renamed into place (`runtime.files.temp_folder` / `publish_folder`, the one folder
+publish the bundle uses too), so a crash never leaves a half checkpoint that loads. Loading is
 strict: a missing, unexpected or misshaped tensor is an error that names it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import typing
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from torch import nn
 from .config import ConfigError, ModelConfig
 from .model import PrologueModel, unwrap
 from .runtime.errors import PrologueError
-from .runtime.files import FileFormatError, OutputError, check_output_path, fsync_dir, read_json, shown
+from .runtime.files import (FileFormatError, OutputError, apply_umask, check_output_path, fsync_file,
+                            leftover_folders, publish_folder, read_json, recover_folder, shown, temp_folder)
 
 CONFIG_FILE = "config.json"
 SOURCE_KEY = "source"  # provenance beside the model config in config.json (not part of ModelConfig)
@@ -32,32 +32,6 @@ COMPONENT_FILES = {"tokenizer": "tokenizer.safetensors", "ar": "ar.safetensors"}
 
 class CheckpointError(PrologueError, RuntimeError):
     """A checkpoint folder that cannot be loaded as it is."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fsync_dir(path)
-
-
-def _leftovers(path: Path, kind: str) -> typing.List[Path]:
-    """Exact names of this checkpoint's leftover `.NAME.tmp-XXXXXXXX` / `.NAME.old-XXXXXXXX` folders.
-
-    The folder is listed and each name compared with the literal prefix (no glob pattern: `ckpt[1]`
-    or `ckpt*` in NAME must not match a sibling's files); the rest of the name must be what
-    `mkdtemp` makes (no dot), so a sibling named `NAME.old-5` (whose backups start with the same
-    prefix) is never taken for ours. Only real folders count, never links."""
-    prefix = f".{path.name}.{kind}-"
-    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789_")  # mkdtemp's letters (older saves: a pid)
-    found = []
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return []
-    for entry in entries:
-        rest = entry.name[len(prefix):]
-        if (entry.name.startswith(prefix) and rest and set(rest) <= allowed
-                and entry.is_dir(follow_symlinks=False)):
-            found.append(Path(entry.path))
-    return found
 
 
 def _check_target(path: Path) -> None:
@@ -92,43 +66,13 @@ def save_checkpoint(
     _check_target(path)
     recover_interrupted(path)
     _check_target(path)
-    for stale in _leftovers(path, "tmp"):
+    for stale in leftover_folders(path, "tmp"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a save that was killed mid-write
+    tmp = temp_folder(path, "checkpoint")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write checkpoint {shown(path)}: {exc.strerror or exc}") from None
-    written: typing.List[str] = []
-    try:
-        tensors = {name: unwrap(m).state_dict() for name, m in model.components().items()}
-        tensors = {COMPONENT_FILES[k]: v for k, v in tensors.items()}
-        for name, state in (extra_files or {}).items():
-            tensors[name if name.endswith(".safetensors") else f"{name}.safetensors"] = state
-        for filename, state in tensors.items():
-            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-            save_file(state, str(tmp / filename), metadata={"format": "pt"})
-            with open(tmp / filename, "rb") as fh:
-                os.fsync(fh.fileno())
-            written.append(filename)
-            if _test_hook is not None:
-                _test_hook(tmp, written)
-        config = model.config.to_dict()
-        if source is not None:
-            config[SOURCE_KEY] = source
-        texts = {CONFIG_FILE: json.dumps(config, indent=2)}
-        texts.update({name: json.dumps(obj) for name, obj in (extra_json or {}).items()})
-        for filename, text in texts.items():
-            with open(tmp / filename, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        for file in tmp.iterdir():  # mkdtemp and safetensors create owner-only files
-            file.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, path)
+        _write_files(tmp, model, extra_files, extra_json, source, _test_hook)
+        apply_umask(tmp)  # mkdtemp and safetensors create owner-only files
+        publish_folder(tmp, path, "checkpoint", check=_check_target)  # re-checks the target right before
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, PrologueError):
@@ -137,39 +81,35 @@ def save_checkpoint(
     return path
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename the finished folder `tmp` to `path`, the previous checkpoint (if any) first moved to an
-    exclusively created `.NAME.old-XXXXXXXX` and removed only once `path` is the new one."""
-    if not path.exists():
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return
-    _check_target(path)  # again: a link or file may have been put there meanwhile
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))  # exclusive and empty
-    try:
-        os.replace(path, old)  # a folder renamed onto an empty folder replaces it
-        os.replace(tmp, path)
-    except BaseException:
-        if not (old / CONFIG_FILE).is_file():
-            shutil.rmtree(old, ignore_errors=True)  # still the empty placeholder
-        elif not os.path.lexists(path):
-            os.replace(old, path)  # put the previous checkpoint back (else recover_interrupted will)
-        raise
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+def _write_files(tmp: Path, model: PrologueModel, extra_files, extra_json, source, _test_hook) -> None:
+    """The checkpoint's files into the temporary folder `tmp`, each fsynced (`publish_folder` then
+    makes the folder durable and renames it into place)."""
+    tensors = {name: unwrap(m).state_dict() for name, m in model.components().items()}
+    tensors = {COMPONENT_FILES[k]: v for k, v in tensors.items()}
+    for name, state in (extra_files or {}).items():
+        tensors[name if name.endswith(".safetensors") else f"{name}.safetensors"] = state
+    written: typing.List[str] = []
+    for filename, state in tensors.items():
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(state, str(tmp / filename), metadata={"format": "pt"})
+        fsync_file(tmp / filename)
+        written.append(filename)
+        if _test_hook is not None:
+            _test_hook(tmp, written)
+    config = model.config.to_dict()
+    if source is not None:
+        config[SOURCE_KEY] = source
+    texts = {CONFIG_FILE: json.dumps(config, indent=2)}
+    texts.update({name: json.dumps(obj) for name, obj in (extra_json or {}).items()})
+    for filename, text in texts.items():
+        (tmp / filename).write_text(text)
+        fsync_file(tmp / filename)
 
 
 def recover_interrupted(path) -> None:
-    """If a save was killed between its two renames, put the previous checkpoint back."""
-    path = Path(path)
-    olds = sorted(_leftovers(path, "old"), key=lambda p: p.lstat().st_mtime)
-    if not olds:
-        return
-    if not os.path.lexists(path) and (olds[-1] / CONFIG_FILE).is_file():
-        os.replace(olds[-1], path)
-        olds = olds[:-1]
-    for stale in olds:
-        shutil.rmtree(stale, ignore_errors=True)
+    """If a save was killed between its two renames, put the previous checkpoint back
+    (`runtime.files.recover_folder`: a `.NAME.old-XXXXXXXX` backup holding config.json)."""
+    recover_folder(path, CONFIG_FILE)
 
 
 def read_tensors(file: Path) -> typing.Dict[str, torch.Tensor]:

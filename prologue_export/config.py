@@ -19,16 +19,19 @@ from fractions import Fraction
 
 from .runtime.files import FileFormatError, parse_json
 from .runtime.settings import (  # re-exported: one definition for the model and the runtime
-    CFG_SCHEDULES, ConfigError, SamplingConfig, VocabLayout, _build, build_dataclass,
+    CFG_SCHEDULES, ConfigError, SamplingConfig, VocabLayout, build_dataclass,
 )
 
 __all__ = [
     "CFG_SCHEDULES", "CONFIG_FORMAT_VERSION", "TOKENIZER_VARIANTS", "ARConfig", "ConfigError", "ModelConfig",
     "SamplingConfig", "TokenizerConfig", "TransformerSize", "VocabLayout", "ar_preset", "build_dataclass",
-    "ffn_hidden", "model_preset", "tokenizer_preset",
+    "ffn_hidden", "migrate_config", "migrate_tokenizer", "model_preset", "tokenizer_preset",
 ]
 
-CONFIG_FORMAT_VERSION = 1
+# config.json format: version 2 renamed `tokenizer.prologue_temperature` (version 1) to
+# `prologue_softmax_temperature`, apart from the sampling option `prologue_temperature`;
+# `migrate_config` reads version 1 files (docs/model.md, "Config format").
+CONFIG_FORMAT_VERSION = 2
 
 TOKENIZER_VARIANTS = ("prologue", "2d", "post")
 
@@ -87,7 +90,7 @@ class TokenizerConfig:
     rope_axes: typing.List[int] = field(default_factory=lambda: [20, 20, 24])
     rope_theta_grid: float = 2000.0  # image-grid tokens (row, col)
     rope_theta_seq: float = 10000.0  # 1-D query tokens
-    prologue_temperature: float = 0.1  # straight-through softmax temperature (training only)
+    prologue_softmax_temperature: float = 0.1  # prologue quantizer's straight-through softmax T (training only)
     vq_beta: float = 0.25
 
     @property
@@ -164,7 +167,7 @@ class TokenizerConfig:
                               f"at most {MAX_VISUAL_TOKENS} are supported")
         check_float("tokenizer.rope_theta_grid", self.rope_theta_grid, positive=True)
         check_float("tokenizer.rope_theta_seq", self.rope_theta_seq, positive=True)
-        check_float("tokenizer.prologue_temperature", self.prologue_temperature, positive=True)
+        check_float("tokenizer.prologue_softmax_temperature", self.prologue_softmax_temperature, positive=True)
         check_float("tokenizer.vq_beta", self.vq_beta)
 
 
@@ -235,7 +238,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        return _build(cls, data, "config").validate()
+        return build_dataclass(cls, migrate_config(data), "config").validate()
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
@@ -244,6 +247,23 @@ class ModelConfig:
         except FileFormatError as exc:
             raise ConfigError(str(exc)) from None
         return cls.from_dict(data)
+
+
+def migrate_config(data):
+    """A version-1 config dict as version 2 (a copy: `tokenizer.prologue_temperature` becomes
+    `prologue_softmax_temperature`); any other value is returned as it is, for the strict checks."""
+    if not isinstance(data, dict) or type(data.get("format_version")) is not int or data["format_version"] != 1:
+        return data
+    return {**data, "format_version": 2, **({"tokenizer": migrate_tokenizer(data["tokenizer"])} if "tokenizer" in data else {})}
+
+
+def migrate_tokenizer(tokenizer):
+    """A tokenizer section written before config version 2 (a checkpoint's, or a training config's,
+    which has no version of its own): `prologue_temperature` read as `prologue_softmax_temperature`."""
+    old, new = "prologue_temperature", "prologue_softmax_temperature"
+    if isinstance(tokenizer, dict) and old in tokenizer and new not in tokenizer:
+        return {(new if k == old else k): v for k, v in tokenizer.items()}
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

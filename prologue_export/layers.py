@@ -208,6 +208,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, L, d]
         return self.proj(merge_heads(out))
 
+    def attend_cached(self, q, k, v, k_cache, v_cache, blocked) -> torch.Tensor:
+        """New tokens' q, k, v `[B, H, T, d]` attending to a static KV cache `[B, H, S, d]` plus
+        themselves, without copying the cache; blocked `[T, S + T]` bool: True where a new token
+        may not attend (stale cache slots, later new tokens)."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = torch.cat([q @ k_cache.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1).float() * scale  # [B, H, T, S+T]
+        # softmax over the allowed slots, masked after the exp: exp of -inf (or of anything below
+        # about -87) takes a slow path in ONNX Runtime's CPU kernels, ~4x a normal exp
+        peak = scores.masked_fill(blocked, float("-inf")).amax(dim=-1, keepdim=True)
+        weights = torch.exp((scores - peak).masked_fill(blocked, 0.0)).masked_fill(blocked, 0.0)
+        probs = (weights / weights.sum(dim=-1, keepdim=True)).to(q.dtype)
+        S = k_cache.shape[2]
+        out = probs[..., :S] @ v_cache + probs[..., S:] @ v  # [B, H, T, d]
+        return self.proj(merge_heads(out))
+
     def forward(self, h, cos, sin, causal: bool = False) -> torch.Tensor:
         q, k, v = self.qkv(h, cos, sin)
         return self.attend(q, k, v, is_causal=causal)
@@ -234,32 +249,21 @@ class Block(nn.Module):
         init_linear_(self.gate_mlp, GATE_SCALE)
 
     def forward(self, x, cond, cos, sin, causal: bool = False):
-        attn = self.attn1(self.adaln_1(x, cond), cos, sin, causal)
+        return self.residuals(x, cond, self.attn1(self.adaln_1(x, cond), cos, sin, causal))
+
+    def forward_cached(self, x, cond, cos, sin, k_cache, v_cache, blocked):
+        """`forward` for new tokens over a static KV cache (`Attention.attend_cached`): x `[B, T, D]`,
+        k_cache/v_cache `[B, H, S, d]` (slots at and after the start position are stale). Returns x
+        and this layer's new K, V `[B, H, T, d]` for the caller to store."""
+        q, k, v = self.attn1.qkv(self.adaln_1(x, cond), cos, sin)
+        return self.residuals(x, cond, self.attn1.attend_cached(q, k, v, k_cache, v_cache, blocked)), k, v
+
+    def residuals(self, x, cond, attn):
+        """The gated residual branches around the attention output `attn` `[B, L, D]`: the one
+        wiring of both forwards (dropout on each branch in training mode only)."""
         x = x + self.gate1(cond) * F.dropout(attn, self.dropout, self.training)
         ffn = self.ffn(self.adaln_mlp(x, cond))
         return x + self.gate_mlp(cond) * F.dropout(ffn, self.dropout, self.training)
-
-    def forward_cached(self, x, cond, cos, sin, k_cache, v_cache, blocked):
-        """New tokens attending to a static KV cache plus themselves, without copying the cache.
-
-        x `[B, T, D]`; k_cache/v_cache `[B, H, S, d]` (slots at and after the start position are
-        stale); blocked `[T, S + T]` bool: True where a new token may not attend (stale cache slots,
-        later new tokens). Returns x and this layer's new K, V `[B, H, T, d]` for the caller to store.
-        """
-        attn = self.attn1
-        q, k, v = attn.qkv(self.adaln_1(x, cond), cos, sin)
-        scale = 1.0 / math.sqrt(attn.head_dim)
-        scores = torch.cat([q @ k_cache.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1).float() * scale  # [B, H, T, S+T]
-        # softmax over the allowed slots, masked after the exp: exp of -inf (or of anything below
-        # about -87) takes a slow path in ONNX Runtime's CPU kernels, ~4x a normal exp
-        peak = scores.masked_fill(blocked, float("-inf")).amax(dim=-1, keepdim=True)
-        weights = torch.exp((scores - peak).masked_fill(blocked, 0.0)).masked_fill(blocked, 0.0)
-        probs = (weights / weights.sum(dim=-1, keepdim=True)).to(q.dtype)
-        S = k_cache.shape[2]
-        out = probs[..., :S] @ v_cache + probs[..., S:] @ v  # [B, H, T, d]
-        x = x + self.gate1(cond) * attn.proj(merge_heads(out))
-        x = x + self.gate_mlp(cond) * self.ffn(self.adaln_mlp(x, cond))
-        return x, k, v
 
 
 class Transformer(nn.Module):

@@ -134,7 +134,7 @@ def config_from_official(data: dict, with_ar: bool = True) -> ModelConfig:
             rope_axes=[int(a) for a in enc["rope_axes_dim"]],
             rope_theta_grid=grid_theta,
             rope_theta_seq=seq_theta,
-            prologue_temperature=float(sq.get("temperature", 0.1)) if variant != "2d" else 0.1,
+            prologue_softmax_temperature=float(sq.get("temperature", 0.1)) if variant != "2d" else 0.1,
             vq_beta=float(rc["Quantizer"].get("vq_beta", 0.25)),
         )
         ar = None
@@ -277,7 +277,7 @@ def inference_slots(with_ar: bool, onestage: bool = False) -> typing.List[typing
     """(folder, file, component, what it holds) of every file an import reads, in reading order.
 
     folder: "tokenizer" or "ar" (the `ar-*` folder); OneStage reads its AR from its tokenizer folder.
-    The one owner of which released file is read (`hub.py` builds its downloads from it).
+    The one owner of which released file is read (`cli/hub.py` builds its downloads from it).
     """
     if onestage:
         slots = [("tokenizer", ONESTAGE_SLOTS[0], "tokenizer", "OneStage encoder (non-EMA)"),
@@ -319,7 +319,7 @@ def read_official(tokenizer_dir, ar_dir=None, onestage: bool = False) -> typing.
 
 def folder_source(tokenizer_dir, ar_dir=None, onestage: bool = False) -> dict:
     """Provenance of a local-folder import, recorded in the checkpoint's config.json."""
-    from .runtime.bundle import sha256_file
+    from .runtime.files import sha256_file
 
     files = [{"path": str(Path(file).resolve()), "holds": holds, "bytes": file.stat().st_size, "sha256": sha256_file(file)}
              for file, _component, holds in slot_files(tokenizer_dir, ar_dir, onestage)]
@@ -337,7 +337,7 @@ def import_official(
 ) -> PrologueModel:
     """Convert released folders into our checkpoint at `out`; returns the loaded model.
 
-    source: provenance to record in config.json (`hub.py` passes repo, commit, sha256); by
+    source: provenance to record in config.json (`cli/hub.py` passes repo, commit, sha256); by
     default the folders' files with their sha256.
     """
     tok_state, ar_state = read_official(tokenizer_dir, ar_dir, onestage=onestage)

@@ -25,7 +25,7 @@ import torch
 
 from .ar import ARModel, write_kv
 from .config import SamplingConfig, VocabLayout
-from .runtime.loop import Noise, check_class_ids, check_prologue_ids, split_tokens
+from .runtime.loop import Noise, check_class_ids, check_prologue_ids
 from .runtime.settings import cfg_enabled, cfg_scale_at, top_k_active, top_p_active
 
 
@@ -75,7 +75,7 @@ def sample(
     prologue_ids=None,
     return_probs: bool = False,
 ):
-    """Sample AR sequences `[B, T]` (`[prologue (AR ids) ; EOS ; visual]`, as `ar.logits` takes).
+    """Sample AR sequences `[B, T]` (`[prologue (AR ids) ; EOS ; visual]`, as `ar(seq, class_ids)` takes).
 
     settings: a SamplingConfig, or a dict of its fields or of the release's option names
     (`semantic_cfg_scale`, `topK`, ...). prologue_ids: raw ids `[B, Z]` (as `encode` returns) to
@@ -125,9 +125,3 @@ def sample(
         nxt = torch.cat([chosen, chosen]) if use_cfg else chosen
         feed = nxt.view(-1, 1)
     return (tokens, probs_out) if return_probs else tokens
-
-
-def split_sequence(tokens: torch.Tensor, vocab: VocabLayout) -> typing.Tuple[torch.Tensor, torch.Tensor]:
-    """AR sequence `[B, T]` -> (raw prologue ids `[B, Z]`, visual ids `[B, X]`); the runtime's
-    `split_tokens`, which slices torch tensors as well as numpy arrays."""
-    return split_tokens(tokens, vocab)

@@ -228,7 +228,7 @@ class Tokenizer(nn.Module):
             "vq_loss": vis["vq_loss"],
         }
         if "prologue" in hidden:
-            pro = self.prologue_quantizer(hidden["prologue"], self.cfg.prologue_temperature)
+            pro = self.prologue_quantizer(hidden["prologue"], self.cfg.prologue_softmax_temperature)
             out["prologue_ids"] = pro["ids"]
             out["prologue_onehot"] = pro["onehot"]
         return out

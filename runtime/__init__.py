@@ -12,7 +12,7 @@ from __future__ import annotations
 _LAZY = {
     "Generator": "generator", "Generation": "generator",
     "Bundle": "bundle", "BundleError": "bundle",
-    "InputError": "loop", "TokenLoop": "loop",
+    "InputError": "loop", "TokenLoop": "loop", "Noise": "loop",
     "ImageError": "images", "OutputError": "files", "FileFormatError": "files",
     "SamplingConfig": "settings", "ConfigError": "settings", "PrologueError": "errors",
 }

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .contract import (AR_STEP, DECODER, DEFAULT_MAX_BATCH, ENGINE_GRAPHS, GRAPHS, PROLOGUE_GENERATOR, ar_step_axes,
                        ar_step_io, batch_axes, decoder_io, prologue_generator_io, static_axes)
-from .errors import PrologueError
+from .errors import PrologueError, short_repr
 from .files import FileFormatError, MAX_JSON_BYTES, parse_json
 from .settings import ConfigError, SamplingConfig, VocabLayout
 
@@ -49,20 +49,9 @@ class BundleError(PrologueError, RuntimeError):
     """A bundle that cannot be trusted or used as it is."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _show(value) -> str:
-    """A short one-line description of a JSON value for an error message."""
-    if value is None:
-        return "null"
-    text = repr(value)
-    return text if len(text) <= 40 else f"{_JSON_KINDS.get(type(value), type(value).__name__)} {text[:30]}..."
+    """A JSON value in an error message: `null`, or its short repr."""
+    return "null" if value is None else short_repr(value, 40)
 
 
 def _open_nofollow(path: Path) -> int:
@@ -223,7 +212,7 @@ class Bundle:
         self.image_size = f.int_(image, "size", "image.size", 1, LIMITS["image_size"])
         self.channels = f.int_(image, "channels", "image.channels", 1, LIMITS["channels"])
         f.int_(image, "patch_size", "image.patch_size", 1, self.image_size, required=False)
-        f.str_(m, "precision", "precision", required=False, max_chars=16)
+        self.precision = f.str_(m, "precision", "precision", required=False, max_chars=16) or "fp32"
         self.max_batch = f.int_(m, "max_batch", "max_batch", 1, LIMITS["max_batch"], required=False) or DEFAULT_MAX_BATCH
         self.ar = None
         if "ar" in m:
@@ -365,15 +354,19 @@ class Bundle:
             f.fail(f"graphs.{name}.dynamic_axes", f"names {sorted(declared_axes)}, the runtime's contract {sorted(axes)}")
 
     def _validate_engines(self, f: _Fields) -> None:
-        engines = f.get(self.manifest, "engines", "engines", dict, required=False) or {}
-        for graph, meta in engines.items():
+        self.engines = f.get(self.manifest, "engines", "engines", dict, required=False) or {}
+        batches = []
+        for graph, meta in self.engines.items():
             field = f"engines.{graph}"
             self._validate_entry(f, field, graph, meta, ENGINE_GRAPHS, "is not a graph with an engine (")
-            f.int_(meta, "max_batch", f"{field}.max_batch", 1, LIMITS["max_batch"], required=False)
+            batches.append(f.int_(meta, "max_batch", f"{field}.max_batch", 1, LIMITS["max_batch"], required=False)
+                           or DEFAULT_MAX_BATCH)
             f.int_(meta, "top_k_max", f"{field}.top_k_max", 1, LIMITS["dim"], required=False)
             for key in ("precision", "tensorrt_version", "compute_capability", "device"):
                 f.str_(meta, key, f"{field}.{key}", required=False)
             f.get(meta, "profile", f"{field}.profile", dict, required=False)
+        # the largest batch every TensorRT engine's profile takes (None without engines)
+        self.engine_max_batch = min(batches) if batches else None
 
     @property
     def null_class(self) -> int:

@@ -2,8 +2,9 @@
 one takes and returns (DESIGN.md §3).
 
 Export builds its graph specs from these functions and writes them into the manifest; every
-runtime backend feeds `ar_step` through `step_feeds` and `cache_feeds`, so an input's name,
-dtype and shape are written down once. Torch-free.
+runtime backend feeds `ar_step` through `step_feeds` and `cache_feeds`, and the TensorRT backend
+sizes its buffers from the manifest's specs (`resolve_shape`), so an input's name, dtype and
+shape are written down once (`STEP_INPUTS`). Torch-free.
 """
 
 from __future__ import annotations
@@ -56,17 +57,22 @@ class AxisRange:
 # --------------------------------------------------------------------------- axes
 
 
+def batch_ranges(max_batch: int, opt_batch: typing.Optional[int] = None) -> typing.Dict[str, AxisRange]:
+    """The batch-like axes: `batch` (images per call, 1 .. max_batch, tuned for `opt_batch`, by
+    default min(OPT_BATCH, max_batch)) and `rows` (the batch once without CFG or twice with it)."""
+    opt = min(OPT_BATCH, max_batch) if opt_batch is None else opt_batch
+    return {"batch": AxisRange(1, opt, max_batch), "rows": AxisRange(1, 2 * opt, 2 * max_batch)}
+
+
 def batch_axes(max_batch: int) -> typing.Dict[str, AxisRange]:
     """`batch`: images per call, 1 .. max_batch."""
-    return {"batch": AxisRange(1, min(OPT_BATCH, max_batch), max_batch)}
+    return {"batch": batch_ranges(max_batch)["batch"]}
 
 
 def ar_step_axes(max_batch: int, seq_len: int) -> typing.Dict[str, AxisRange]:
     """`batch`; `rows` = the batch once (no CFG) or twice (cond + uncond); `new_tokens` = 1 for
     a decode step, up to the whole sequence for a prefill."""
-    return {**batch_axes(max_batch),
-            "rows": AxisRange(1, min(2 * OPT_BATCH, 2 * max_batch), 2 * max_batch),
-            "new_tokens": AxisRange(1, 1, seq_len)}
+    return {**batch_ranges(max_batch), "new_tokens": AxisRange(1, 1, seq_len)}
 
 
 def static_axes(inputs, outputs, axes: typing.Dict[str, AxisRange]):
@@ -98,16 +104,40 @@ def prologue_generator_io(channels: int, image_size: int, num_prologue_tokens: i
              TensorSpec("visual_ids", "int64", ["batch", num_visual_tokens])])
 
 
-# the per-step inputs of ar_step, in the graph's order, with their dtypes and shapes
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    """One per-step input of `ar_step`: everything export, the backends, verification and the
+    benchmarks need to know about it. `shape` holds axis names (`rows`, `batch`, `new_tokens`,
+    `vocab`) and numbers; `example` is the value a per-call scalar is traced with at export."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: typing.Tuple[typing.Union[int, str], ...]
+    meaning: str
+    example: typing.Optional[float] = None
+
+
+# The per-step inputs of ar_step, in the graph's order: the one place they are written down.
+# Adding one: a StepInput here, its use in export/graphs.py `ARStepModule`, and the value the
+# sampler (`runtime/loop.py` `TokenLoop.step`, the torch reference `prologue_export/sampling.py`) feeds.
 STEP_INPUTS = (
-    ("input_ids", "int64", ["rows", "new_tokens"]),  # fed tokens (BOS = class + V)
-    ("start_pos", "int64", [1]),  # cache slot of the first fed token: a tensor, never baked in
-    ("uniform", "float32", ["batch", "vocab"]),  # the host's noise for this position
-    ("cfg_scale", "float32", [1]),
-    ("temperature", "float32", [1]),
-    ("top_k", "int64", [1]),  # 0 = off
-    ("top_p", "float32", [1]),  # 0 or 1 = off
+    StepInput("input_ids", "int64", ("rows", "new_tokens"), "fed tokens; a row starts with its BOS (class + V)"),
+    StepInput("start_pos", "int64", (1,), "cache slot of the first fed token: a tensor, never baked in", 0),
+    StepInput("uniform", "float32", ("batch", "vocab"), "the host's uniform noise for the position sampled"),
+    StepInput("cfg_scale", "float32", (1,), "CFG scale s: s * cond + (1 - s) * uncond (1 without CFG rows)", 2.0),
+    StepInput("temperature", "float32", (1,), "the mixed logits are divided by it", 1.0),
+    StepInput("top_k", "int64", (1,), "keep the k best tokens (0 = off)", 0),
+    StepInput("top_p", "float32", (1,), "keep the smallest set of best tokens of mass p (0 or 1 = off)", 0.0),
 )
+STEP_INPUT_NAMES = tuple(s.name for s in STEP_INPUTS)
+
+
+def resolve_shape(shape, sizes: typing.Dict[str, int]) -> typing.Tuple[int, ...]:
+    """A spec's shape with its named axes replaced by `sizes` (e.g. rows, batch, new_tokens)."""
+    try:
+        return tuple(int(sizes[d]) if isinstance(d, str) else int(d) for d in shape)
+    except KeyError as exc:
+        raise ValueError(f"no size given for axis {exc.args[0]!r} of shape {list(shape)}") from None
 
 
 def cache_input_names(layers: int) -> typing.Tuple[typing.List[str], typing.List[str]]:
@@ -122,8 +152,7 @@ def ar_step_io(layers: int, heads: int, head_dim: int, seq_len: int, vocab_size:
     """The step inputs, then the caches (all K, then all V) -> sampled tokens `[B]`, the new
     K/V slices `[L, rows, H, new_tokens, d]` and the last position's logits `[rows, V]`."""
     k_names, v_names = cache_input_names(layers)
-    inputs = [TensorSpec(name, dtype, [vocab_size if d == "vocab" else d for d in shape])
-              for name, dtype, shape in STEP_INPUTS]
+    inputs = [TensorSpec(s.name, s.dtype, [vocab_size if d == "vocab" else d for d in s.shape]) for s in STEP_INPUTS]
     inputs += [TensorSpec(name, "float32", ["rows", heads, seq_len, head_dim]) for name in k_names + v_names]
     outputs = [TensorSpec("next_tokens", "int64", ["batch"]),
                TensorSpec("k_new", "float32", [layers, "rows", heads, "new_tokens", head_dim]),
@@ -135,12 +164,20 @@ def ar_step_io(layers: int, heads: int, head_dim: int, seq_len: int, vocab_size:
 # --------------------------------------------------------------------------- feeds
 
 
-def step_feeds(input_ids, start_pos: int, uniform, cfg_scale: float, temperature: float, top_k: int,
-               top_p: float) -> typing.Dict[str, np.ndarray]:
-    """The per-step `ar_step` inputs as contiguous arrays of the contract's dtypes."""
-    values = dict(input_ids=input_ids, start_pos=[start_pos], uniform=uniform, cfg_scale=[cfg_scale],
-                  temperature=[temperature], top_k=[top_k], top_p=[top_p])
-    return {name: np.ascontiguousarray(values[name], dtype=dtype) for name, dtype, _ in STEP_INPUTS}
+def step_feeds(**values) -> typing.Dict[str, np.ndarray]:
+    """The per-step `ar_step` inputs, keyed by name (every one of `STEP_INPUTS`, no other), as
+    contiguous arrays of the contract's dtypes; a per-call scalar (shape `[1]`) may be a number."""
+    if set(values) != set(STEP_INPUT_NAMES):
+        missing, unknown = set(STEP_INPUT_NAMES) - set(values), set(values) - set(STEP_INPUT_NAMES)
+        raise TypeError(f"step_feeds needs exactly the ar_step inputs {', '.join(STEP_INPUT_NAMES)}"
+                        f" (missing: {sorted(missing)}, unknown: {sorted(unknown)})")
+    feeds = {}
+    for spec in STEP_INPUTS:
+        value = values[spec.name]
+        if spec.shape == (1,):
+            value = np.reshape(value, (1,))
+        feeds[spec.name] = np.ascontiguousarray(value, dtype=spec.dtype)
+    return feeds
 
 
 def cache_feeds(k_cache, v_cache) -> dict:

@@ -10,3 +10,9 @@ from __future__ import annotations
 
 class PrologueError(Exception):
     """Base of every error prologue-export raises with a message meant for the user."""
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """`repr(value)` on one line, cut to `limit` characters: how error messages show what they got."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -6,13 +6,20 @@
   `write_json_atomic`: outputs are written to an exclusively created temporary file in the
   target's folder, fsynced and renamed into place; symlinks, devices, FIFOs, sockets and folders at
   the target are refused, and every failure is a one-line `OutputError` naming the path.
+- `temp_folder` / `publish_folder` / `recover_folder` / `leftover_folders`: outputs that are folders
+  (checkpoints, bundles) are built in an exclusively created `.NAME.tmp-XXXXXXXX` sibling and renamed
+  onto their name; an existing folder is first moved aside to `.NAME.old-XXXXXXXX` and put back if
+  the swap fails (or by `recover_folder` after a crash between the two renames). `fsync_file` makes a
+  file that a library wrote by name (safetensors' `save_file`) durable before its folder is published.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import typing
@@ -172,6 +179,12 @@ def fsync_dir(folder) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _new_file_mode(path: Path) -> int:
     """The permissions `open(path, "w")` would leave: those of the file replaced, else 0o666 - umask."""
     try:
@@ -180,9 +193,7 @@ def _new_file_mode(path: Path) -> int:
             return stat.S_IMODE(st.st_mode)
     except OSError:
         pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -239,3 +250,135 @@ def write_json_atomic(path, obj, what: str = "output", indent: typing.Optional[i
     except ValueError as exc:
         raise OutputError(f"cannot write {what} {shown(path)}: {exc}") from None
     return write_text_atomic(path, text, what)
+
+
+def sha256_file(path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (what a bundle's manifest records)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_file(path) -> None:
+    """Make a file that a library wrote by name durable (safetensors' `save_file`, inside a folder
+    that `publish_folder` renames later); an `OSError` (disk full) is raised as it is, for the caller
+    to name its output."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def temp_folder(dest, what: str = "output") -> Path:
+    """An exclusively created, empty, owner-only `.NAME.tmp-XXXXXXXX` folder beside `dest`
+    (`mkdtemp`), to build the folder `dest` in before `publish_folder` renames it into place."""
+    dest = Path(dest)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {shown(dest)}: {_reason(exc)}") from None
+
+
+def apply_umask(folder) -> None:
+    """Give `folder` and the files in it the permissions a plain `open` / `mkdir` would have given
+    them (0o666 / 0o777 less the umask): `mkdtemp` and some writers create owner-only files."""
+    folder, umask = Path(folder), _umask()
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+    folder.chmod(0o777 & ~umask)
+
+
+def publish_folder(tmp, dest, what: str = "output",
+                   check: typing.Optional[typing.Callable[[Path], None]] = None) -> Path:
+    """Rename the finished folder `tmp` (from `temp_folder`) onto `dest`, all or nothing.
+
+    `tmp` is fsynced, then `dest` is checked again right before the swap (something may have
+    appeared meanwhile): `check(dest)`, the caller's own test, may raise to refuse it, and anything
+    but a folder (a link, a file, a device) is refused here. A missing `dest` is one rename. An
+    existing one is first renamed onto an exclusively created, empty `.NAME.old-XXXXXXXX`
+    placeholder in the same folder (`mkdtemp`: a folder renamed onto an empty folder replaces it),
+    then `tmp` onto `dest`; if either rename fails the previous folder is put back (after a crash
+    between the two, `recover_folder` does it on the next run). The parent is fsynced, and the old
+    folder is removed only once `dest` is the new one. On failure `tmp` is left for the caller to
+    remove; an `OSError` becomes a one-line `OutputError` naming `dest`."""
+    tmp, dest = Path(tmp), Path(dest)
+    fsync_dir(tmp)
+    if check is not None:
+        check(dest)
+    _check_target(dest, what, folder=True)
+    old = None
+    try:
+        if os.path.lexists(dest):
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))  # exclusive and empty
+            _swap(tmp, dest, old)
+        else:
+            os.replace(tmp, dest)
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"cannot write {what} {shown(dest)}: {_reason(exc)}") from None
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _swap(tmp: Path, dest: Path, old: Path) -> None:
+    """`dest` -> the empty placeholder `old`, then `tmp` -> `dest`; on failure the previous state back."""
+    moved = False
+    try:
+        os.replace(dest, old)
+        moved = True
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            if not moved:
+                os.rmdir(old)  # still the empty placeholder
+            elif not os.path.lexists(dest):
+                os.replace(old, dest)  # put the previous folder back (else recover_folder will)
+        except OSError:
+            pass
+        raise
+
+
+def leftover_folders(dest, kind: str) -> typing.List[Path]:
+    """Exact names of `dest`'s leftover `.NAME.tmp-XXXXXXXX` (`kind` "tmp") or `.NAME.old-XXXXXXXX`
+    ("old") folders, from a `temp_folder` / `publish_folder` that was interrupted.
+
+    The folder is listed and each name compared with the literal prefix (no glob pattern: `ckpt[1]`
+    or `ckpt*` in NAME must not match a sibling's files); the rest of the name must be what
+    `mkdtemp` makes (no dot), so a sibling named `NAME.old-5` (whose backups start with the same
+    prefix) is never taken for ours. Only real folders count, never links."""
+    dest = Path(dest)
+    prefix = f".{dest.name}.{kind}-"
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789_")  # mkdtemp's letters (older saves: a pid)
+    found = []
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        rest = entry.name[len(prefix):]
+        if (entry.name.startswith(prefix) and rest and set(rest) <= allowed
+                and entry.is_dir(follow_symlinks=False)):
+            found.append(Path(entry.path))
+    return found
+
+
+def recover_folder(dest, marker: str) -> None:
+    """If a `publish_folder` of `dest` was killed between its two renames, put the previous folder
+    back: when `dest` is missing, the newest `.NAME.old-XXXXXXXX` holding the file `marker` (what
+    makes it a complete output: a checkpoint's config.json) is renamed to `dest`. Other backups are
+    removed."""
+    dest = Path(dest)
+    olds = sorted(leftover_folders(dest, "old"), key=lambda p: p.lstat().st_mtime)
+    if not olds:
+        return
+    if not os.path.lexists(dest) and (olds[-1] / marker).is_file():
+        os.replace(olds[-1], dest)
+        olds = olds[:-1]
+    for stale in olds:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -18,7 +18,7 @@ import typing
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .contract import AR_STEP, AR_WEIGHTS, DECODER, DEFAULT_MAX_BATCH, PROLOGUE_GENERATOR, ar_graph_name
+from .contract import AR_STEP, AR_WEIGHTS, DECODER, PROLOGUE_GENERATOR, ar_graph_name
 from .images import ImageError, as_hwc, as_nchw, check_images
 from .loop import (MAX_IMAGES_PER_CALL, InputError, Noise, TokenLoop, close_if_any, as_array, check_class_ids, check_count,
                    check_progress, check_prologue_ids, check_seed, short_repr, split_tokens)
@@ -130,7 +130,7 @@ class Generator:
 
     @property
     def max_batch(self) -> int:
-        return int(getattr(self.backend, "max_batch", None) or self.bundle.manifest.get("max_batch", DEFAULT_MAX_BATCH))
+        return int(getattr(self.backend, "max_batch", None) or self.bundle.max_batch)
 
     # -- settings -----------------------------------------------------------------------------
 
@@ -150,15 +150,27 @@ class Generator:
         """One stepwise generation of the whole batch (at most MAX_IMAGES_PER_CALL images) in one KV cache."""
         self._require_ar()
         settings = self.settings(sampling, **overrides)
-        loop = TokenLoop(self.ar_state, self.bundle.vocab, self.bundle.num_classes, class_ids, settings, seed=seed,
-                         uniform=uniform, prologue_ids=prologue_ids)
-        return Generation(self, loop)
+        classes = check_class_ids(class_ids, self.bundle.num_classes)
+        noise = Noise(len(classes), self.bundle.vocab.seq_len, self.bundle.vocab.vocab_size, seed=seed, uniform=uniform)
+        return self.generation(classes, noise, settings, prologue_ids)
+
+    def generation(self, class_ids, noise, settings: SamplingConfig, prologue_ids=None) -> Generation:
+        """One stepwise generation of the rows `class_ids` `[B]` drawing `noise.at(step)` `[B, V]`
+        (a `Noise`, or rows of several requests' streams side by side: `prologue serve`'s batcher),
+        with `settings` (a SamplingConfig; checked again here) and optionally fixed `prologue_ids`
+        `[B, Z]`. What `start`, `sample_tokens` and the server's batcher all run."""
+        self._require_ar()
+        if not isinstance(settings, SamplingConfig):
+            raise InputError(f"settings must be a SamplingConfig (from Generator.settings), got {type(settings).__name__}")
+        settings = self.settings(settings)
+        return Generation(self, TokenLoop(self._ar_state, self.bundle.vocab, self.bundle.num_classes, class_ids,
+                                          settings, noise, prologue_ids=prologue_ids))
 
     def _require_ar(self) -> None:
         if AR_STEP not in self.bundle.graphs:
             raise BundleError(f"{self.bundle.path} has no ar_step graph (exported from a tokenizer-only checkpoint)")
 
-    def ar_state(self, rows: int, batch: int):
+    def _ar_state(self, rows: int, batch: int):
         """Each generation's KV cache, from the backend: on the GPU where it can, else on the host."""
         static = "batch" not in self.bundle.graphs[AR_STEP].get("dynamic_axes", {})  # exported with --max-batch 1
         if static and batch > self.max_batch:
@@ -178,8 +190,8 @@ class Generator:
         settings = self.settings(sampling, **overrides)
         vocab, num_classes = self.bundle.vocab, self.bundle.num_classes
         classes = check_class_ids(class_ids, num_classes)
-        B, T = len(classes), vocab.seq_len
-        noise = Noise(B, T, vocab.vocab_size, seed=seed, uniform=uniform)  # seed / uniform checked once
+        B, T, V = len(classes), vocab.seq_len, vocab.vocab_size
+        noise = Noise(B, T, V, seed=seed, uniform=uniform)  # seed / uniform checked once
         fixed = None if prologue_ids is None else check_prologue_ids(prologue_ids, B, vocab)
         check_progress(progress)
         size = max(1, self.max_batch)
@@ -187,11 +199,13 @@ class Generator:
         tokens = np.zeros((B, T), dtype=np.int64)
         for index, first in enumerate(range(0, B, size)):
             rows = slice(first, first + size)
+            count = len(classes[rows])
+            chunk_noise = (Noise(count, T, V, uniform=noise.uniform[rows]) if noise.uniform is not None
+                           else Noise(count, T, V, seed=seed, rows=(first, B)))
             report = None if progress is None else functools.partial(_chunk_progress, progress, index * T, chunks * T)
-            with TokenLoop(self.ar_state, vocab, num_classes, classes[rows], settings, seed=seed,
-                           uniform=None if noise.uniform is None else noise.uniform[rows],
-                           prologue_ids=None if fixed is None else fixed[rows], noise_rows=(first, B)) as loop:
-                tokens[rows] = loop.run(report)
+            with self.generation(classes[rows], chunk_noise, settings,
+                                 None if fixed is None else fixed[rows]) as run:
+                tokens[rows] = run.run(report).tokens
         return tokens
 
     def generate(self, class_ids, seed=None, uniform=None, sampling=None, progress=None, **overrides) -> np.ndarray:
@@ -200,15 +214,12 @@ class Generator:
         state is freed before the next starts and before this returns, whether it succeeds or raises."""
         tokens = self.sample_tokens(class_ids, seed=seed, uniform=uniform, sampling=sampling, progress=progress,
                                     **overrides)
-        return self.decode(split_tokens(tokens, self.bundle.vocab)[1])
+        return self.images_of(tokens)
 
-    def variations(self, image, n: int, seed=None, class_id: typing.Optional[int] = None, sampling=None,
-                   progress=None, **overrides) -> np.ndarray:
-        """`n` images (1 .. MAX_IMAGES_PER_CALL) sharing the prologue of `image` (uint8 `[H, W, C]`),
-        visual tokens resampled.
-
-        Without `class_id` the null class is used and CFG is off unless `cfg` is given."""
-        n = check_count(n)
+    def variation_settings(self, class_id=None, sampling=None, **overrides) -> typing.Tuple[int, SamplingConfig]:
+        """The class and settings of a variations request: without `class_id` the null class, and
+        CFG off unless `cfg` is given (there is no class to guide towards). Refuses a bundle
+        without a prologue. `variations` and `prologue serve` both ask this."""
         if not self.bundle.vocab.has_prologue:
             raise BundleError("this bundle's model has no prologue (a '2d' baseline): variations need one")
         if class_id is None:
@@ -217,15 +228,32 @@ class Generator:
         nc = self.bundle.num_classes
         if isinstance(class_id, (bool, np.bool_)) or not isinstance(class_id, (int, np.integer)) or not 0 <= class_id <= nc:
             raise InputError(f"class_id must be an integer in [0, {nc}] ({nc} = the null class), got {short_repr(class_id)}")
-        self.settings(sampling, **overrides)  # checked before the encoder runs
+        return int(class_id), self.settings(sampling, **overrides)
+
+    def variations(self, image, n: int, seed=None, class_id: typing.Optional[int] = None, sampling=None,
+                   progress=None, **overrides) -> np.ndarray:
+        """`n` images (1 .. MAX_IMAGES_PER_CALL) sharing the prologue of `image` (uint8 `[H, W, C]`),
+        visual tokens resampled (`variation_settings`: the null class and no CFG without `class_id`)."""
+        n = check_count(n)
+        class_id, settings = self.variation_settings(class_id, sampling, **overrides)  # checked before the encoder runs
         if seed is not None:
             check_seed(seed)
         check_progress(progress)
         prologue_ids, _ = self.encode(check_images(as_array(image, "image"), self.bundle.image_size,
                                                    self.bundle.channels)[:1])
-        tokens = self.sample_tokens(np.full(n, int(class_id)), seed=seed, prologue_ids=np.repeat(prologue_ids, n, axis=0),
-                                    sampling=sampling, progress=progress, **overrides)
-        return self.decode(split_tokens(tokens, self.bundle.vocab)[1])
+        tokens = self.sample_tokens(np.full(n, class_id), seed=seed, prologue_ids=np.repeat(prologue_ids, n, axis=0),
+                                    sampling=settings, progress=progress)
+        return self.images_of(tokens)
+
+    # -- token sequences ----------------------------------------------------------------------
+
+    def prologue_of(self, tokens) -> np.ndarray:
+        """Raw prologue ids `[B, Z]` of AR sequences `[B, T]` (what `variations` keeps fixed)."""
+        return split_tokens(np.asarray(tokens), self.bundle.vocab)[0]
+
+    def images_of(self, tokens) -> np.ndarray:
+        """uint8 images `[B, H, W, C]` of AR sequences `[B, T]`: their visual ids through the decoder."""
+        return self.decode(split_tokens(np.asarray(tokens), self.bundle.vocab)[1])
 
     # -- tokenizer graphs ---------------------------------------------------------------------
 

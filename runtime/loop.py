@@ -1,6 +1,6 @@
 """The host side of generation: drives the `ar_step` graph over a KV cache.
 
-Backend-neutral: the loop takes a state factory `(rows, batch) -> state`, one state per
+Backend-neutral: the loop takes a state factory `make_state(rows, batch) -> state`, one state per
 generation, whose `step(feeds)` runs `ar_step` on the per-step inputs (`contract.step_feeds`)
 and its own KV cache, updates the cache and returns the sampled tokens `[B]`. `HostKVState` is
 the state of a backend whose cache lives in host memory; device backends keep theirs on the
@@ -17,7 +17,7 @@ import typing
 import numpy as np
 
 from .contract import step_feeds
-from .errors import PrologueError
+from .errors import PrologueError, short_repr
 from .settings import SamplingConfig, VocabLayout, cfg_enabled, cfg_scale_at
 
 
@@ -56,11 +56,6 @@ def check_progress(progress) -> None:
         raise InputError(f"progress must be a callable (done, total) or None, got {type(progress).__name__}")
 
 
-def short_repr(value) -> str:
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 class Noise:
     """This generation's uniform noise, one `[B, V]` float32 block per AR position.
 
@@ -71,7 +66,7 @@ class Noise:
     of a 64-bit output in its state; so the `(total, V)` draw of position `t` is the uint32 stream
     from `t * total * V` on, and a chunk's rows are reached by `PCG64.advance` (64-bit outputs; it
     drops the kept half) plus one discarded 32-bit draw where the offset is odd. A chunked
-    generation therefore sees exactly the numbers of the one-batch stream (tests/test_hostile_runtime.py).
+    generation therefore sees exactly the numbers of the one-batch stream (tests/test_noise.py).
     Forced positions (fixed prologue) are skipped, not drawn.
 
     With `uniform`: this generation's rows `[B, T, V]`, each finite and in (0, 1) after float32
@@ -213,14 +208,14 @@ class HostKVState:
 class TokenLoop:
     """Stepwise generation state (feed, step, done), in the manner of onnxruntime-genai.
 
-    >>> loop = TokenLoop(state, vocab, num_classes, class_ids, settings, seed=0)
+    >>> loop = TokenLoop(make_state, vocab, num_classes, class_ids, settings, Noise(B, T, V, seed=0))
     >>> while not loop.done: loop.step()
     >>> loop.tokens  # [B, T] in the AR layout: [prologue + offset ; EOS ; visual]
 
-    `state(rows, batch)` makes this generation's KV-cache state; `settings` are validated
-    where they enter (`Generator.settings`, `SamplingConfig.updated`), not here. `noise_rows =
-    (first, total)`: this loop's rows are rows `first ..` of a seeded batch of `total` (a chunk
-    of a larger request, `Generator.sample_tokens`), and draw that batch's noise (see `Noise`).
+    `make_state(rows, batch)` makes this generation's KV-cache state; `settings` are validated
+    where they enter (`Generator.settings`, `SamplingConfig.updated`), not here; `noise.at(step)`
+    gives this loop's uniforms `[B, V]` for AR position `step` (`Noise`: a seed's stream or an
+    explicit array; `Generator` makes it).
 
     The state (device memory on a GPU backend) is freed by `close()` (idempotent), which the loop
     calls itself when the last token is sampled and when `run()` raises; a loop stopped early
@@ -228,16 +223,12 @@ class TokenLoop:
     The tokens stay readable after `close()`.
     """
 
-    def __init__(self, state: typing.Callable[[int, int], typing.Any], vocab: VocabLayout, num_classes: int,
-                 class_ids, settings: SamplingConfig, seed=None, uniform=None, prologue_ids=None, noise_rows=None,
-                 noise=None):
-        self.vocab, self.settings = vocab, settings
+    def __init__(self, make_state: typing.Callable[[int, int], typing.Any], vocab: VocabLayout, num_classes: int,
+                 class_ids, settings: SamplingConfig, noise, prologue_ids=None):
+        self.vocab, self.settings, self.noise = vocab, settings, noise
         self.classes = check_class_ids(class_ids, num_classes)
         B = len(self.classes)
         T, V, Z = vocab.seq_len, vocab.vocab_size, vocab.num_prologue_tokens
-        # noise: a ready source instead of seed/uniform/noise_rows, anything whose `at(step)` gives this
-        # loop's [B, V] uniforms (`prologue serve` concatenates several requests' streams)
-        self.noise = noise if noise is not None else Noise(B, T, V, seed=seed, uniform=uniform, rows=noise_rows)
         self.use_cfg = cfg_enabled(settings)
         rows = np.concatenate([self.classes, np.full(B, num_classes)]) if self.use_cfg else self.classes
         self.state = None
@@ -251,7 +242,7 @@ class TokenLoop:
             self.steps_done = Z
             prefix = np.concatenate([fixed, fixed]) if self.use_cfg else fixed
             self.feed = np.concatenate([self.feed, prefix], axis=1)  # prefill BOS + prologue
-        self.state = state(len(rows), B)  # last: nothing after it can fail and leak it
+        self.state = make_state(len(rows), B)  # last: nothing after it can fail and leak it
 
     @property
     def done(self) -> bool:
@@ -279,11 +270,15 @@ class TokenLoop:
         if self.closed:
             raise InputError("this generation was closed before it finished; start a new one")
         s, settings = self.steps_done, self.settings
-        scale = cfg_scale_at(s, settings, self.vocab) if self.use_cfg else 1.0
-        tau = settings.temperature_at(s, self.vocab)
+        uniform = self.noise.at(s)
+        if uniform.shape != (len(self.classes), self.vocab.vocab_size):
+            raise InputError(f"the noise source gave shape {list(uniform.shape)} at step {s}, the loop needs "
+                             f"[{len(self.classes)}, {self.vocab.vocab_size}] (B, V)")
         n = self.feed.shape[1]
-        next_tokens = self.state.step(step_feeds(self.feed, self.position, self.noise.at(s), scale, tau,
-                                                 settings.top_k, settings.top_p))
+        next_tokens = self.state.step(step_feeds(
+            input_ids=self.feed, start_pos=self.position, uniform=uniform,
+            cfg_scale=cfg_scale_at(s, settings, self.vocab) if self.use_cfg else 1.0,
+            temperature=settings.temperature_at(s, self.vocab), top_k=settings.top_k, top_p=settings.top_p))
         self.position += n
         next_tokens = np.asarray(next_tokens, dtype=np.int64)
         self.tokens[:, s] = next_tokens

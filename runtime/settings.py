@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PrologueError
+from .errors import PrologueError, short_repr
 
 CFG_SCHEDULES = ("constant", "linear", "cosine")
 # Bounds of the sampling settings (`SamplingConfig.validate`): the ar_step graph computes in float32,
@@ -67,9 +67,135 @@ class VocabLayout:
         return self.seq_len - self.num_visual_tokens
 
 
+@dataclass(frozen=True)
+class SamplingOption:
+    """One sampling setting, a field of `SamplingConfig`: its range, the release's name for it, and
+    whether users set it directly. This table (`SAMPLING_OPTIONS`) is the one owner of those facts:
+    `SamplingConfig.validate`, the command-line flags of every command that samples (`prologue
+    generate`, `variations`, `eval gfid`), `prologue serve`'s request fields, its `/v1/info` and the
+    page's form all come from it. The defaults are `SamplingConfig`'s (a bundle carries its own).
+
+    kind: `scale` (CFG scales, schedule starts and powers: a finite number in [0, MAX_CFG_VALUE]),
+    `temperature` ([MIN_TEMPERATURE, MAX_TEMPERATURE]: the graph divides by it in float32),
+    `schedule` (one of CFG_SCHEDULES), `top_k` (an integer, 0 = off), `top_p` (in [0, 1], 0 or 1 = off).
+    direct: a command-line flag (`--top-k`), a field of a server request and of the page; the others
+    are reached through `--sampling` / the request's `sampling` object. optional: None is allowed (the
+    setting then falls back to another one, see `SamplingConfig`)."""
+
+    name: str
+    kind: str
+    official: str  # the release's option name (eval.sh, sample_vis.py)
+    help: str
+    direct: bool = False
+    optional: bool = False
+    label: str = ""  # the page's short label (direct options)
+    step: float = 0.0  # the page's input step (direct options)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def type(self) -> type:
+        return {"top_k": int, "schedule": str}.get(self.kind, float)
+
+    @property
+    def bounds(self) -> typing.Tuple[typing.Optional[float], typing.Optional[float]]:
+        """(lowest, highest) allowed value of a number; (None, None) for a schedule."""
+        return {"scale": (0, MAX_CFG_VALUE), "temperature": (MIN_TEMPERATURE, MAX_TEMPERATURE), "top_k": (0, MAX_TOP_K),
+                "top_p": (0.0, 1.0)}.get(self.kind, (None, None))
+
+    def check(self, value, what: typing.Optional[str] = None) -> None:
+        """A ConfigError (`what` = "sampling.NAME" unless given) when `value` is not allowed."""
+        what = f"sampling.{self.name}" if what is None else what
+        if value is None and self.optional:
+            return
+        low, high = self.bounds
+        if self.kind == "schedule":
+            if not isinstance(value, str) or value not in CFG_SCHEDULES:
+                raise ConfigError(f"{what}: " * bool(what) + f"{short_repr(value, 60)} is not one of "
+                                  f"{', '.join(CFG_SCHEDULES)}")
+        elif self.kind == "scale":
+            if not (_is_number(value) and low <= value <= high):
+                raise ConfigError(f"{what} must be a finite number >= 0 and <= {high:g}, got {short_repr(value, 60)}")
+        elif self.kind == "temperature":
+            if not (_is_number(value) and low <= value <= high):
+                raise ConfigError(f"{what} must be a finite number > 0, in [{low:g}, {high:g}] (the graph divides by "
+                                  f"it in float32), got {short_repr(value, 60)}")
+        elif self.kind == "top_k":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+                raise ConfigError(f"{what} must be an integer >= 0 (0 = off) and <= {high}, got {short_repr(value, 60)}")
+        else:
+            self._check_top_p(value, what)
+
+    @staticmethod
+    def _check_top_p(value, what: str) -> None:
+        if not (_is_number(value) and 0.0 <= value <= 1.0):  # NaN fails too
+            raise ConfigError(f"{what} must be in [0, 1] (0 or 1 = off), got {short_repr(value, 60)}")
+        if bool(top_p_active(value)) != bool(top_p_active(float(np.float32(value)))):
+            raise ConfigError(f"{what} {value!r} is {float(np.float32(value))!r} in float32, which turns top-p off; "
+                              "use 0 (off) or a value in [1e-6, 0.9999999]")
+
+    def parse(self, text: str, what: typing.Optional[str] = None):
+        """A command-line value: the text as this option's type, checked (ValueError / ConfigError)."""
+        if self.type is int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"invalid integer: {text!r}") from None
+        elif self.type is float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"invalid number: {text!r}") from None
+        else:
+            value = text
+        self.check(value, what)
+        return value
+
+    def to_json(self, default=None) -> dict:
+        """What `/v1/info` tells a client (the page builds its form from it)."""
+        low, high = self.bounds
+        return {"name": self.name, "type": self.type.__name__, "min": low, "max": high, "optional": self.optional,
+                "label": self.label or self.name, "step": self.step or None, "help": self.help, "default": default}
+
+
+SAMPLING_OPTIONS = (
+    SamplingOption("cfg", "scale", "cfg", "CFG scale (0 = off; also the split scales' fallback)", direct=True,
+                   label="CFG", step=0.1),
+    SamplingOption("cfg_schedule", "schedule", "cfg_schedule", "whole-sequence CFG schedule"),
+    SamplingOption("cfg_power", "scale", "cfg_power", "power of the cosine schedule"),
+    SamplingOption("prologue_cfg_schedule", "schedule", "semantic_cfg_schedule",
+                   "split CFG: the prologue segment's schedule", optional=True),
+    SamplingOption("prologue_cfg_scale", "scale", "semantic_cfg_scale", "split CFG: the prologue's scale (default: "
+                   "cfg)", optional=True),
+    SamplingOption("prologue_cfg_start", "scale", "semantic_cfg_start", "split CFG: the prologue schedule's start"),
+    SamplingOption("prologue_cfg_power", "scale", "semantic_cfg_power", "split CFG: the prologue's cosine power "
+                   "(default: cfg_power)", optional=True),
+    SamplingOption("visual_cfg_schedule", "schedule", "visual_cfg_schedule", "split CFG: the visual segment's schedule",
+                   optional=True),
+    SamplingOption("visual_cfg_scale", "scale", "visual_cfg_scale", "split CFG: the visual scale (default: cfg)",
+                   optional=True),
+    SamplingOption("visual_cfg_start", "scale", "visual_cfg_start", "split CFG: the visual schedule's start"),
+    SamplingOption("visual_cfg_power", "scale", "visual_cfg_power", "split CFG: the visual cosine power (default: "
+                   "cfg_power)", optional=True),
+    SamplingOption("temperature", "temperature", "temperature", "sampling temperature", direct=True, label="Temperature",
+                   step=0.05),
+    SamplingOption("prologue_temperature", "temperature", "semantic_temperature", "temperature of the prologue tokens "
+                   "(default: the temperature)", direct=True, optional=True, label="Prologue temp.", step=0.05),
+    SamplingOption("top_k", "top_k", "topK", "keep the k most likely tokens (0 = off)", direct=True, label="Top-k", step=1),
+    SamplingOption("top_p", "top_p", "topP", "keep the most likely tokens of probability mass p (0 or 1 = off)",
+                   direct=True, label="Top-p", step=0.01),
+)
+OPTIONS_BY_NAME = {o.name: o for o in SAMPLING_OPTIONS}
+DIRECT_OPTIONS = tuple(o for o in SAMPLING_OPTIONS if o.direct)
+OFFICIAL_NAMES = {o.official: o.name for o in SAMPLING_OPTIONS}  # the release's option name -> ours
+
+
 @dataclass
 class SamplingConfig:
-    """Sampling settings of the AR model (names mirror the release; see `from_official`).
+    """Sampling settings of the AR model (names mirror the release: `OFFICIAL_NAMES`; the ranges
+    and which settings users set directly: `SAMPLING_OPTIONS`).
 
     Split ("segmented") CFG is on when `prologue_cfg_schedule` or `visual_cfg_schedule` is set:
     prologue steps use the prologue schedule, EOS and visual steps the visual one. Otherwise the
@@ -95,25 +221,6 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 0.0
 
-    # official option name -> our field name
-    OFFICIAL_NAMES: typing.ClassVar[typing.Dict[str, str]] = {
-        "cfg": "cfg",
-        "cfg_schedule": "cfg_schedule",
-        "cfg_power": "cfg_power",
-        "semantic_cfg_schedule": "prologue_cfg_schedule",
-        "semantic_cfg_scale": "prologue_cfg_scale",
-        "semantic_cfg_start": "prologue_cfg_start",
-        "semantic_cfg_power": "prologue_cfg_power",
-        "visual_cfg_schedule": "visual_cfg_schedule",
-        "visual_cfg_scale": "visual_cfg_scale",
-        "visual_cfg_start": "visual_cfg_start",
-        "visual_cfg_power": "visual_cfg_power",
-        "temperature": "temperature",
-        "semantic_temperature": "prologue_temperature",
-        "topK": "top_k",
-        "topP": "top_p",
-    }
-
     def temperature_at(self, step: int, vocab: "VocabLayout") -> float:
         """The prologue temperature (when set) at prologue steps, else `temperature`."""
         if step < vocab.num_prologue_tokens and self.prologue_temperature is not None:
@@ -125,41 +232,15 @@ class SamplingConfig:
         return self.prologue_cfg_schedule is not None or self.visual_cfg_schedule is not None
 
     def validate(self) -> "SamplingConfig":
-        """Every value in the type and range it is used in: the ar_step graph takes the CFG scale,
-        temperature and top-p as float32 and top-k as int64 (see the bounds above the class)."""
-        for name in ("cfg_schedule", "prologue_cfg_schedule", "visual_cfg_schedule"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or value not in CFG_SCHEDULES):
-                raise ConfigError(f"sampling.{name}: {_short(value)} is not one of {', '.join(CFG_SCHEDULES)}")
-        for name in ("cfg", "prologue_cfg_scale", "visual_cfg_scale", "prologue_cfg_start", "visual_cfg_start",
-                     "cfg_power", "prologue_cfg_power", "visual_cfg_power"):
-            value = getattr(self, name)
-            if value is not None and not (_is_number(value) and 0 <= value <= MAX_CFG_VALUE):
-                raise ConfigError(f"sampling.{name} must be a finite number >= 0 and <= {MAX_CFG_VALUE:g}, "
-                                  f"got {_short(value)}")
-        for name in ("temperature", "prologue_temperature"):
-            value = getattr(self, name)
-            if value is not None and not (_is_number(value) and MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
-                raise ConfigError(f"sampling.{name} must be a finite number > 0, in [{MIN_TEMPERATURE:g}, "
-                                  f"{MAX_TEMPERATURE:g}] (the graph divides by it in float32), got {_short(value)}")
-        top_k = self.top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= MAX_TOP_K:
-            raise ConfigError(f"sampling.top_k must be an integer >= 0 (0 = off) and <= {MAX_TOP_K}, got {_short(top_k)}")
-        if not (_is_number(self.top_p) and 0.0 <= self.top_p <= 1.0):  # NaN fails too
-            raise ConfigError(f"sampling.top_p must be in [0, 1] (0 or 1 = off), got {_short(self.top_p)}")
-        if bool(top_p_active(self.top_p)) != bool(top_p_active(float(np.float32(self.top_p)))):
-            raise ConfigError(f"sampling.top_p {self.top_p!r} is {float(np.float32(self.top_p))!r} in float32, which "
-                              "turns top-p off; use 0 (off) or a value in [1e-6, 0.9999999]")
+        """Every value in the type and range `SAMPLING_OPTIONS` gives it (the ar_step graph takes the
+        CFG scale, temperature and top-p as float32 and top-k as int64)."""
+        for option in SAMPLING_OPTIONS:
+            option.check(getattr(self, option.name))
         return self
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingConfig":
-        return _build(cls, data, "sampling").validate()
-
-    @classmethod
-    def from_official(cls, options: dict) -> "SamplingConfig":
-        """Settings in the release's option names (`eval.sh`, `sample_vis.py`)."""
-        return cls().updated(_official_to_ours(options))
+        return build_dataclass(cls, data, "sampling").validate()
 
     @classmethod
     def coerce(cls, settings) -> "SamplingConfig":
@@ -169,18 +250,24 @@ class SamplingConfig:
     def updated(self, sampling=None, **overrides) -> "SamplingConfig":
         """These settings with `sampling` (a SamplingConfig, or a dict of our or the release's
         option names) and then keyword `overrides` (our names) on top: one parse, one validation."""
-        changes = {}
-        if isinstance(sampling, SamplingConfig):
-            changes.update(vars(sampling))
-        elif isinstance(sampling, dict):
-            ours = {f.name for f in dataclasses.fields(SamplingConfig)}
-            changes.update(sampling if set(sampling) <= ours else _official_to_ours(sampling))
-        elif sampling is not None:
-            raise ConfigError(f"sampling settings must be a SamplingConfig or a dict, got {type(sampling).__name__}")
-        changes.update(overrides)
+        changes = sampling_changes(sampling, **overrides)
         if not changes:
             return self.validate()
-        return _build(type(self), {**vars(self), **changes}, "sampling").validate()
+        return build_dataclass(type(self), {**vars(self), **changes}, "sampling").validate()
+
+
+def sampling_changes(sampling=None, **overrides) -> dict:
+    """`sampling` (None, a SamplingConfig, or a dict of our or the release's option names), then the
+    keyword `overrides` (our names) on top, as one dict of our field names (checked when applied)."""
+    changes = {}
+    if isinstance(sampling, SamplingConfig):
+        changes.update(vars(sampling))
+    elif isinstance(sampling, dict):
+        changes.update(sampling if set(sampling) <= set(OPTIONS_BY_NAME) else _official_to_ours(sampling))
+    elif sampling is not None:
+        raise ConfigError(f"sampling settings must be a SamplingConfig or a dict, got {type(sampling).__name__}")
+    changes.update(overrides)
+    return changes
 
 
 def _is_number(value) -> bool:
@@ -193,18 +280,13 @@ def _is_number(value) -> bool:
         return False
 
 
-def _short(value) -> str:
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _official_to_ours(options: dict) -> dict:
     ours = {}
     for key, value in options.items():
-        if key not in SamplingConfig.OFFICIAL_NAMES:
-            raise ConfigError(f"sampling option {_short(key)} is not an official sampling option; known: "
-                              f"{', '.join(SamplingConfig.OFFICIAL_NAMES)}")
-        ours[SamplingConfig.OFFICIAL_NAMES[key]] = value
+        if key not in OFFICIAL_NAMES:
+            raise ConfigError(f"sampling option {short_repr(key, 60)} is not an official sampling option; known: "
+                              f"{', '.join(OFFICIAL_NAMES)}")
+        ours[OFFICIAL_NAMES[key]] = value
     if "top_k" in ours and isinstance(ours["top_k"], float) and ours["top_k"].is_integer():
         ours["top_k"] = int(ours["top_k"])  # the release's config stores topK as 0.0
     return ours
@@ -292,10 +374,6 @@ def _or(value, fallback):
 
 def build_dataclass(cls, data, path: str):
     """A dataclass from a dict, strictly: unknown, missing or ill-typed keys raise ConfigError naming them."""
-    return _build(cls, data, path)
-
-
-def _build(cls, data, path: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -321,7 +399,7 @@ def _convert(tp, value, path: str):
             return None
         return _convert(args[0], value, path)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return build_dataclass(tp, value, path)
     if origin in (list, typing.List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
@@ -329,21 +407,21 @@ def _convert(tp, value, path: str):
         return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {_short(value)}")
+            raise ConfigError(f"{path}: expected true/false, got {short_repr(value, 60)}")
         return value
     if tp is int:  # numpy integers too; never a bool (True is an int in Python)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
+            raise ConfigError(f"{path}: expected an integer, got {short_repr(value, 60)}")
         return int(value)
     if tp is float:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"{path}: expected a number, got {_short(value)}")
+            raise ConfigError(f"{path}: expected a number, got {short_repr(value, 60)}")
         try:
             return float(value)
         except OverflowError:  # an int beyond float range
-            raise ConfigError(f"{path}: {_short(value)} is too large") from None
+            raise ConfigError(f"{path}: {short_repr(value, 60)} is too large") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_short(value)}")
+            raise ConfigError(f"{path}: expected a string, got {short_repr(value, 60)}")
         return value
     raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - config schema bug

@@ -25,13 +25,14 @@ tensorrt (tests/test_gpu_backends.py), which say nothing about real GPU behaviou
 
 from __future__ import annotations
 
+import math
 import threading
 import typing
 
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .contract import AR_STEP, DEFAULT_MAX_BATCH, ENGINE_GRAPHS, cache_input_names
+from .contract import AR_STEP, ENGINE_GRAPHS, cache_input_names, resolve_shape
 from .cuda import DeviceBuffer, check, copy_new_kv, cudart, device_info, release_all
 from .loop import InputError, close_after_error
 
@@ -114,7 +115,7 @@ class TensorRTBackend:
     the shared stream and the idle contexts; generations still running keep theirs until they end."""
 
     def __init__(self, bundle: Bundle, device: int = 0, cuda_graphs: bool = True):
-        engines = bundle.manifest.get("engines") or {}
+        engines = bundle.engines
         missing = [g for g in ENGINE_GRAPHS if g in bundle.graphs and g not in engines]
         if missing:
             raise BundleError(f"{bundle.path} has no TensorRT engine for {', '.join(missing)}; build them on this GPU "
@@ -139,7 +140,7 @@ class TensorRTBackend:
                 raise BundleError(f"TensorRT could not load {meta['file']}; rebuild it: prologue build-engines {bundle.path}")
             self._check_io(graph, engine)
             self.engines[graph] = engine
-        self.max_batch = min(int(m.get("max_batch", DEFAULT_MAX_BATCH)) for m in engines.values())
+        self.max_batch = bundle.engine_max_batch
         # the ar_step engine's TopK bound (TensorRT's TopK takes K < 3840): Generator refuses a larger top_k
         self.top_k_max = engines.get(AR_STEP, {}).get("top_k_max")
         self._lock = threading.Lock()  # serialises `run` (one shared stream)
@@ -270,6 +271,9 @@ class DeviceARState:
         self.engine = backend.engines[AR_STEP]
         self.shape, self.rows, self.batch = cache_shape, rows, batch
         self.cache_names = cache_input_names(cache_shape[0])
+        self.cache_inputs = set(self.cache_names[0] + self.cache_names[1])
+        graph = backend.bundle.graphs[AR_STEP]
+        self.specs = graph["inputs"] + graph["outputs"]
         self.context = self.stream = self.graph_exec = self.k_cache = self.v_cache = None
         self.buffers: typing.Dict[str, DeviceBuffer] = {}
         self.cuda_graph, self.capture_error = backend.cuda_graphs, None
@@ -293,13 +297,14 @@ class DeviceARState:
         self.v_cache = DeviceBuffer(cache_bytes, self.cudart)
         for buf in (self.k_cache, self.v_cache):  # stale slots are masked, but must not hold NaN
             check(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream), "cudaMemsetAsync (KV cache)")
-        V = int(self.b.bundle.manifest["vocab"]["vocab_size"])
-        elements = {"input_ids": R * S, "start_pos": 1, "uniform": self.batch * V, "cfg_scale": 1, "temperature": 1,
-                    "top_k": 1, "top_p": 1, "next_tokens": self.batch, "k_new": L * R * H * S * d,
-                    "v_new": L * R * H * S * d, "logits": R * V}
-        for name, n in elements.items():
-            self.buffers[name] = DeviceBuffer(n * self.b._dtype(self.engine, name).itemsize, self.cudart)
-            set_address(self.context, AR_STEP, name, self.buffers[name].ptr)
+        # every other input and output of the graph at its largest (a prefill of the whole sequence),
+        # sized from the bundle's specs of ar_step (runtime/contract.py STEP_INPUTS and ar_step_io)
+        largest = {"rows": R, "batch": self.batch, "new_tokens": S}
+        for spec in self.specs:
+            if spec["name"] not in self.cache_inputs:
+                nbytes = math.prod(resolve_shape(spec["shape"], largest)) * self.b._dtype(self.engine, spec["name"]).itemsize
+                self.buffers[spec["name"]] = DeviceBuffer(nbytes, self.cudart)
+                set_address(self.context, AR_STEP, spec["name"], self.buffers[spec["name"]].ptr)
         layer_bytes = R * H * S * d * self.itemsize
         for cache, names in zip((self.k_cache, self.v_cache), self.cache_names):
             for i, name in enumerate(names):
@@ -307,13 +312,9 @@ class DeviceARState:
         self.next_tokens = np.empty(self.batch, dtype=self.b._dtype(self.engine, "next_tokens"))
 
     def _set_shapes(self, n: int) -> None:
-        L, R, H, S, d = self.shape
-        V = int(self.b.bundle.manifest["vocab"]["vocab_size"])
-        shapes = {"input_ids": (R, n), "start_pos": (1,), "uniform": (self.batch, V), "cfg_scale": (1,),
-                  "temperature": (1,), "top_k": (1,), "top_p": (1,)}
-        shapes.update({name: (R, H, S, d) for names in self.cache_names for name in names})
-        for name, shape in shapes.items():
-            set_shape(self.context, AR_STEP, name, shape)
+        sizes = {"rows": self.rows, "batch": self.batch, "new_tokens": n}
+        for spec in self.b.bundle.graphs[AR_STEP]["inputs"]:
+            set_shape(self.context, AR_STEP, spec["name"], resolve_shape(spec["shape"], sizes))
 
     def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
         if self.closed:

@@ -1,7 +1,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from .runtime_fixture import CASES  # noqa: F401  the torch reference's cases (torch-free to import)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PROLOGUE_SHARED", REPO.parent / "shared"))
@@ -34,6 +37,21 @@ def runtime_fixture_root(tmp_path_factory):
     from tests.runtime_fixture import build
 
     return build(tmp_path_factory.mktemp("runtime-fixture"))
+
+
+@pytest.fixture(scope="session")
+def prepared(runtime_fixture_root):
+    """(root, reference.npz): the runtime tests' bundles and the torch reference outputs of CASES."""
+    return runtime_fixture_root, np.load(runtime_fixture_root / "reference.npz")
+
+
+def pixels_match(got, ref_u8, ref_float):
+    """`got` (uint8) is the torch reference's image: equal, or one off only where 127.5 * x + 128
+    lies within 1e-3 of an integer (where the floor can go either way)."""
+    diff = np.abs(got.astype(int) - ref_u8.astype(int))
+    y = 127.5 * ref_float.astype(np.float64) + 128
+    near = np.abs(y - np.round(y)) < 1e-3
+    assert diff.max() <= 1 and np.all(near[diff == 1])
 
 
 @pytest.fixture(autouse=True)

@@ -40,7 +40,7 @@ def build(root) -> Path:
         vocab = model.config.vocab()
         for case, (classes, settings, seed) in CASES.items():
             tokens = pe.sample(model.ar, classes, settings, seed=seed)
-            _, visual = pe.split_sequence(tokens, vocab)
+            _, visual = pe.split_tokens(tokens, vocab)
             with torch.no_grad():
                 image = model.tokenizer.decode(visual)
             pixels = torch.floor(torch.clamp(127.5 * image + 128, 0, 255)).to(torch.uint8)

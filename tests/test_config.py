@@ -73,6 +73,67 @@ def test_inconsistent_sizes_are_refused():
         ModelConfig.from_dict(d)
 
 
+def _version_1(d):
+    """`d` (a current config dict) as format version 1 wrote it."""
+    tok = d["tokenizer"]
+    d["tokenizer"] = {("prologue_temperature" if k == "prologue_softmax_temperature" else k): v for k, v in tok.items()}
+    return {**d, "format_version": 1}
+
+
+def test_version_1_config_is_migrated():
+    """Version 1 named the tokenizer's straight-through softmax temperature `prologue_temperature`."""
+    old = _version_1(_dict())
+    old["tokenizer"]["prologue_temperature"] = 0.25
+    text = json.dumps(old)
+    cfg = ModelConfig.from_json(text)
+    assert cfg.format_version == 2 and cfg.tokenizer.prologue_softmax_temperature == 0.25
+    assert json.loads(text) == old  # the caller's dict is not changed
+    assert "prologue_temperature" not in cfg.to_dict()["tokenizer"]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    new_key_in_old = _version_1(_dict())
+    new_key_in_old["tokenizer"]["prologue_softmax_temperature"] = 0.1
+    current_with_old_key = {**_version_1(_dict()), "format_version": 2}
+    for bad in (new_key_in_old, current_with_old_key):
+        with pytest.raises(ConfigError, match=r"config\.tokenizer: unknown key\(s\) prologue_temperature"):
+            ModelConfig.from_dict(bad)
+
+
+def test_version_1_checkpoint_loads(tmp_path):
+    import torch
+
+    import prologue_export as pe
+
+    torch.manual_seed(0)
+    model = pe.PrologueModel(model_preset("tiny"))
+    pe.save_checkpoint(model, tmp_path / "ckpt")
+    cfg_file = tmp_path / "ckpt" / "config.json"
+    cfg_file.write_text(json.dumps(_version_1(json.loads(cfg_file.read_text()))))
+    loaded = pe.load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_training_configs_written_before_the_rename_still_load_and_resume(tmp_path):
+    """A training config file (no version of its own) and a run's saved config with the old
+    tokenizer key: the file loads, and resuming that run is not refused as another config."""
+    import dataclasses
+
+    from prologue_export.train.common import TrainError, check_resume_config
+    from prologue_export.train.configs import load_train_config, tokenizer_train_preset
+
+    current = dataclasses.asdict(tokenizer_train_preset("tiny"))
+    old = json.loads(json.dumps(current))
+    old["tokenizer"]["prologue_temperature"] = old["tokenizer"].pop("prologue_softmax_temperature")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = load_train_config(type(tokenizer_train_preset("tiny")), tokenizer_train_preset, str(tmp_path / "old.json"), [])
+    assert dataclasses.asdict(loaded) == current
+    check_resume_config(old, current, tmp_path)  # the same run
+    other = json.loads(json.dumps(old))
+    other["tokenizer"]["prologue_temperature"] = 0.5
+    with pytest.raises(TrainError, match="differs in: tokenizer"):
+        check_resume_config(other, current, tmp_path)
+
+
 def test_vocab_layout_of_released_shapes():
     v = model_preset("prologue-b-b").vocab()
     assert (v.vocab_size, v.prologue_offset, v.eos_id, v.seq_len) == (17409, 16384, 17408, 273)

@@ -107,7 +107,7 @@ def test_sampler_fixed_prologue_and_uniform_noise_on_the_model_device(on_meta, k
     tokens, probs = pe.sample(on_meta.ar, [1, 2], {"cfg": 2.0}, uniform=uniform, prologue_ids=prologue,
                               return_probs=True)
     assert tokens.is_meta and probs.is_meta and tokens.shape == (2, vocab.seq_len)
-    _, visual = pe.split_sequence(tokens, vocab)
+    _, visual = pe.split_tokens(tokens, vocab)
     assert visual.is_meta and visual.shape == (2, vocab.num_visual_tokens)
 
 

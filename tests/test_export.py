@@ -1,7 +1,10 @@
 """Export to an ONNX bundle and its verification, on tiny random models."""
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +15,9 @@ from prologue_export.config import model_preset
 from prologue_export.export import bundle as bundle_mod
 from prologue_export.export.bundle import ExportError, export_bundle
 from prologue_export.export.verify import VerificationError, verify_bundle
+from prologue_export.runtime import files
 from prologue_export.runtime.bundle import Bundle, BundleError
+from prologue_export.runtime.files import OutputError
 
 from .conftest import randomize_
 
@@ -156,6 +161,35 @@ def test_bad_input(exported, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="simulated"):
         export_bundle(ckpt, bundle_dir, force=True, log=lambda m: None)
     assert (bundle_dir / "manifest.json").read_bytes() == before
+
+
+def test_a_failure_between_the_two_renames_keeps_the_previous_bundle(exported, tmp_path, monkeypatch):
+    """--force: the old bundle is moved aside, then renaming the new one into place fails (a disk
+    error, or a crash would): the previous bundle is put back, still loadable, and nothing is left
+    beside it (`runtime.files.publish_folder`)."""
+    _, ckpt, bundle_dir, _ = exported
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = os.replace
+    renames = []
+
+    def failing(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        if Path(src).name.startswith(".bundle.tmp-") and Path(dst) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OutputError) as exc_info:
+        export_bundle(ckpt, out, force=True, verify=False, log=lambda m: None)
+    message = str(exc_info.value)
+    assert "\n" not in message and str(out) in message and os.strerror(errno.EIO) in message
+    aside = [dst for src, dst in renames if src == "bundle"]  # the old one was moved aside, then back
+    assert len(aside) == 1 and aside[0].startswith(".bundle.old-") and renames[-1] == (aside[0], "bundle")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    Bundle(out)  # the runtime still loads it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .bundle.tmp- / .bundle.old- left
 
 
 def test_cli_export_json(tmp_path, capsys):

@@ -107,8 +107,8 @@ def test_ar_teacher_forced_logits(fixture):
     ar, inp, exp = fixture["model"].ar, fixture["inp"], fixture["exp"]
     seq = torch.from_numpy(inp["ar_seq"])
     classes = torch.from_numpy(inp["ar_class_idx"])
-    close(ar.logits(seq, classes), exp["ar_logits_class"])
-    close(ar.logits(seq, torch.full_like(classes, ar.null_class)), exp["ar_logits_null"])
+    close(ar(seq, classes), exp["ar_logits_class"])
+    close(ar(seq, torch.full_like(classes, ar.null_class)), exp["ar_logits_null"])
     close(ar.transformer.null_condition().reshape(1, -1), exp["ar_cond_emb"])
     close(ar.rope_cos, exp["ar_rope_cos"])
     close(ar.rope_sin, exp["ar_rope_sin"])
@@ -142,7 +142,7 @@ def test_torch_decodes_sampled_tokens(fixture):
     """The sampled sequence splits into ids the decoder accepts (the whole generation path)."""
     model, inp = fixture["model"], fixture["inp"]
     tokens = pe.sample(model.ar, inp["sample_class_idx"], {"cfg": 0.0}, seed=3)
-    prologue, visual = pe.split_sequence(tokens, model.config.vocab())
+    prologue, visual = pe.split_tokens(tokens, model.config.vocab())
     assert prologue.min() >= 0 and prologue.max() < 16 and visual.max() < 64
     with torch.no_grad():
         assert model.tokenizer.decode(visual).shape == (2, 3, 32, 32)

@@ -1,5 +1,5 @@
 """The GPU backends' resource handling and error checks, on a CPU, with a fake cuda-python runtime
-and a fake `tensorrt` (tests/fake_cuda.py). The fake engines run the bundle's ONNX graphs with
+and a fake `tensorrt` (tests/fakes/). The fake engines run the bundle's ONNX graphs with
 ONNX Runtime on the bytes behind the fake device pointers, so a generation through the TensorRT
 backend must give the CPU backend's tokens and images. None of this says anything about a real
 GPU: it checks how the backends call the APIs (frees, destroys, capture mode, return values).
@@ -18,11 +18,13 @@ import pytest
 from prologue_export.runtime import BundleError, Generator, InputError
 from prologue_export.runtime import cuda as runtime_cuda
 from prologue_export.runtime import onnx_backend, tensorrt_backend
-from prologue_export.runtime.bundle import MANIFEST, sha256_file
+from prologue_export.runtime.bundle import MANIFEST
+from prologue_export.runtime.files import sha256_file
 from prologue_export.runtime.contract import ENGINE_GRAPHS
 from prologue_export.runtime.cuda import CudaError
 
-from .fake_cuda import DataType, FakeCudart, TensorIOMode, cudaStreamCaptureMode, fake_tensorrt
+from .fakes.cuda import FakeCudart, cudaStreamCaptureMode
+from .fakes.tensorrt import DataType, TensorIOMode, fake_tensorrt
 
 CFG = dict(cfg=2.0)
 NO_CFG = dict(cfg=0.0, temperature=0.9, top_k=30, top_p=0.95)
@@ -314,21 +316,3 @@ def test_tensorrt_provider_alias_keeps_cuda_behind_it(monkeypatch):
     monkeypatch.setattr(onnx_backend, "available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(BundleError, match="CUDAExecutionProvider not available here.*onnxruntime-gpu"):
         resolve("tensorrt")
-
-
-def test_cpu_generations_close_their_host_state(plain_bundle, monkeypatch):
-    gen = Generator.from_bundle(plain_bundle, backend="cpu")
-    states = []
-    make = gen.backend.ar_state
-    monkeypatch.setattr(gen.backend, "ar_state", lambda *a: states.append(make(*a)) or states[-1])
-    gen.generate([1], seed=0)
-    with pytest.raises(InputError):
-        gen.generate([1], seed=0, progress=lambda d, t: (_ for _ in ()).throw(InputError("stop")))
-    run = gen.start([1], seed=0)
-    run.step()
-    assert len(states) == 3 and states[0].closed and states[1].closed and not states[2].closed
-    with run:
-        pass
-    assert states[2].closed and states[2].k_cache is None
-    with pytest.raises(InputError, match="closed"):
-        states[2].step({})

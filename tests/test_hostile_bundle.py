@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from prologue_export.runtime import Bundle, BundleError, Generator
-from prologue_export.runtime.bundle import LIMITS, MANIFEST, check_signature, sha256_file
+from prologue_export.runtime.bundle import LIMITS, MANIFEST, check_signature
+from prologue_export.runtime.files import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -517,12 +518,13 @@ def test_an_engine_swapped_after_loading_is_refused_when_read(engine_bundle, tmp
 
 
 def test_the_tensorrt_backend_deserializes_the_checked_bytes(engine_bundle, monkeypatch):
-    """With the fake TensorRT of tests/fake_cuda.py: an engine swapped between Bundle() and the
+    """With the fake TensorRT of tests/fakes/tensorrt.py: an engine swapped between Bundle() and the
     backend's creation is refused, not deserialized."""
     from prologue_export.runtime import cuda as runtime_cuda
     from prologue_export.runtime import tensorrt_backend
 
-    from .fake_cuda import FakeCudart, fake_tensorrt
+    from .fakes.cuda import FakeCudart
+    from .fakes.tensorrt import fake_tensorrt
 
     m = manifest_of(engine_bundle)
     for graph in ("prologue_generator", "ar_step"):

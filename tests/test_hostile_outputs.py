@@ -155,15 +155,16 @@ def _predictable_stats(path):
     ("png", "out.png", lambda p: f".{p.name}.tmp-{os.getpid()}", _predictable_png),
     ("report", "report.json", lambda p: f"{p.name}.tmp-{os.getpid()}", _write_report),
     ("ref_stats", "key.npz", lambda p: f"key.tmp-{os.getpid()}.npz", _predictable_stats),
-    ("pretokenize_npy", "ids.npy", lambda p: f"{p.name}.tmp", None),
+    ("pretokenize_npy", "shard_00000_ids.npy", lambda p: f"{p.name}.tmp", None),
 ], ids=lambda c: c[0])
 def test_links_at_the_old_predictable_temp_names_are_not_followed(tmp_path, case):
     _, name, old_temp, write = case
     if write is None:
         pytest.importorskip("torch")
-        from prologue_export.train.pretokenize import _save_npy_atomic
+        from prologue_export.train.pretokenize import _add_shard
 
-        write = lambda p: _save_npy_atomic(p, np.arange(5))
+        index = {"shards": [], "num_images": 0, "skipped": 0, "complete": False}
+        write = lambda p: _add_shard(p.parent, index, 0, np.zeros((5, 1, 2), np.int16), np.arange(5), 0)
     victim = tmp_path / "victim.txt"
     victim.write_bytes(VICTIM_TEXT)
     path = tmp_path / name
@@ -344,7 +345,7 @@ def test_checkpoint_full_disk_is_one_line_and_keeps_the_old_one(tmp_path, monkey
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckpt_mod.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OutputError) as exc_info:
         ckpt_mod.save_checkpoint(model, tmp_path / "ckpt")
     _one_line(exc_info, tmp_path / "ckpt", os.strerror(errno.ENOSPC))

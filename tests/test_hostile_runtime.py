@@ -1,6 +1,7 @@
 """Hostile input to the runtime (issue 15): every bad argument is a one-line `PrologueError`
-subclass (mostly `InputError`), never a numpy / Python traceback; a request is bounded
-(`MAX_IMAGES_PER_CALL`) and runs `max_batch` images at a time with the one-batch noise stream.
+subclass (mostly `InputError`), never a numpy / Python traceback; a request over
+`MAX_IMAGES_PER_CALL` is refused before any work. How a good request runs (`max_batch` images at
+a time with the one-batch noise stream): tests/test_generator.py and tests/test_noise.py.
 
 Torch-free: runs against PROLOGUE_TEST_BUNDLE_DIR (`python -m tests.runtime_fixture DIR`) or
 builds that bundle with torch when it is there.
@@ -12,11 +13,8 @@ import pytest
 
 from prologue_export.runtime import Generator, ImageError, InputError, PrologueError
 from prologue_export.runtime.bundle import BundleError
-from prologue_export.runtime.loop import MAX_IMAGES_PER_CALL, Noise, TokenLoop
+from prologue_export.runtime.loop import MAX_IMAGES_PER_CALL
 from prologue_export.runtime.settings import MAX_CFG_VALUE, MAX_TEMPERATURE, MIN_TEMPERATURE
-
-SPLIT = {"semantic_cfg_schedule": "constant", "semantic_cfg_scale": 0.7, "visual_cfg_schedule": "cosine",
-         "visual_cfg_scale": 3.0, "visual_cfg_power": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +44,34 @@ def refused(call, error=InputError, match=None):
     if match is not None:
         assert match in message, message
     return message
+
+
+# -- one bad argument per method, with its error type and message ------------------------------
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda g: g.generate([11], seed=0), InputError, r"class ids must lie in \[0, 10\]"),
+        (lambda g: g.generate([1.5], seed=0), InputError, "1-D integer"),
+        (lambda g: g.generate([1], seed=1.5), InputError, "seed must be a non-negative integer"),
+        (lambda g: g.generate([1], seed="7"), InputError, "seed must be a non-negative integer"),
+        (lambda g: g.generate([1], seed=0, temperature=0.0), InputError, "temperature must be a finite number > 0"),
+        (lambda g: g.generate([1], seed=0, temperature=float("nan")), InputError, "temperature must be a finite"),
+        (lambda g: g.generate([1], seed=0, cfg=float("nan")), InputError, "cfg must be a finite number >= 0"),
+        (lambda g: g.generate([1], seed=0, cfg=-1.0), InputError, "cfg must be a finite number >= 0"),
+        (lambda g: g.generate([1], seed=0, top_k=65), InputError, "top_k 65 is larger than the smallest segment"),
+        (lambda g: g.generate([1], seed=0, top_p=1.5), InputError, "top_p must be in"),
+        (lambda g: g.generate([1], seed=0, sampling={"cfg_scale": 2}), InputError, "not an official sampling option"),
+        (lambda g: g.variations(np.zeros((32, 32, 1), np.uint8), n=0, seed=0), InputError, "n must be an integer >= 1"),
+        (lambda g: g.reconstruct(np.zeros((1, 28, 28, 1), np.uint8)), ImageError, r"\[B, 32, 32, 1\]"),
+        (lambda g: g.reconstruct(np.zeros((1, 32, 32, 1), np.float32)), ImageError, "uint8"),
+        (lambda g: g.decode(np.full((1, 64), 256)), InputError, r"visual ids must lie in \[0, 256\)"),
+    ],
+)
+def test_bad_input_raises_specific_errors(gen, call, error, message):
+    with pytest.raises(error, match=message):
+        call(gen)
 
 
 # -- class ids ---------------------------------------------------------------------------------
@@ -282,66 +308,11 @@ def test_progress_not_callable(gen, progress):
     refused(lambda: gen.start([1], seed=0).run(progress))
 
 
-# -- bounded, chunked generation with the one-batch noise stream ---------------------------------
-
-
-@pytest.mark.parametrize("V", [1, 13, 264, 331])
-def test_noise_rows_are_rows_of_the_one_batch_stream(V):
-    """The float32 stream drawn chunk by chunk (PCG64.advance + odd offsets) is the one-batch draw."""
-    B, T, seed = 7, 5, 12345
-    rng = np.random.Generator(np.random.PCG64(seed))
-    whole = np.stack([rng.random((B, V), dtype=np.float32) for _ in range(T)], axis=1)  # [B, T, V]
-    for size in (1, 2, 3, 4, 7):
-        for first in range(0, B, size):
-            rows = min(size, B - first)
-            noise = Noise(rows, T, V, seed=seed, rows=(first, B))
-            for step in (0, 1, 3, 4, 2):  # skipped steps (forced prologue) and going back
-                np.testing.assert_array_equal(noise.at(step), whole[first:first + rows, step])
-
-
-def _unchunked(gen, classes, **kwargs):
-    """The reference: one TokenLoop over the whole batch (ONNX Runtime graphs take any batch)."""
-    settings = gen.settings(kwargs.pop("sampling", None), **kwargs.pop("overrides", {}))
-    with TokenLoop(gen.ar_state, gen.bundle.vocab, gen.bundle.num_classes, classes, settings, **kwargs) as loop:
-        return loop.run()
-
-
-@pytest.mark.parametrize("case", ["split_cfg", "no_cfg_topk", "fixed_prologue", "uniform"])
-def test_chunked_tokens_equal_one_batch(gen, case, monkeypatch):
-    n = 2 * gen.max_batch + 1  # three chunks, the last one short
-    classes = np.arange(n) % 11
-    v = gen.bundle.vocab
-    kwargs = {"split_cfg": dict(seed=3, sampling=SPLIT),
-              "no_cfg_topk": dict(seed=9, overrides={"cfg": 0.0, "top_k": 20, "top_p": 0.9, "prologue_temperature": 0.8}),
-              "fixed_prologue": dict(seed=5, prologue_ids=np.arange(n * 8).reshape(n, 8) % 64, overrides={"cfg": 0.0}),
-              "uniform": dict(uniform=np.random.default_rng(1).uniform(0.01, 0.99, (n, v.seq_len, v.vocab_size)),
-                              sampling=SPLIT)}[case]
-    expected = _unchunked(gen, classes, **dict(kwargs))
-    batches = []
-    make_state = gen.ar_state
-    monkeypatch.setattr(gen, "ar_state", lambda rows, batch: batches.append(batch) or make_state(rows, batch))
-    got = gen.sample_tokens(classes, sampling=kwargs.get("sampling"), seed=kwargs.get("seed"),
-                            uniform=kwargs.get("uniform"), prologue_ids=kwargs.get("prologue_ids"),
-                            **kwargs.get("overrides", {}))
-    np.testing.assert_array_equal(got, expected)
-    assert batches == [gen.max_batch, gen.max_batch, 1]  # memory: one chunk's KV cache at a time
-
-
-def test_generate_and_variations_chunk(gen):
-    n = gen.max_batch + 2
-    done = []
-    images = gen.generate(list(range(n)), seed=0, progress=lambda d, t: done.append((d, t)))
-    assert images.shape == (n, 32, 32, 1) and images.dtype == np.uint8
-    T = gen.bundle.vocab.seq_len
-    assert done[-1] == (2 * T, 2 * T) and [d for d, _ in done] == sorted(d for d, _ in done)
-    tokens = gen.sample_tokens(list(range(n)), seed=0)
-    np.testing.assert_array_equal(images, gen.decode(tokens[:, gen.bundle.vocab.visual_start:]))
-    variations = gen.variations(images[0], n=n, seed=1)
-    assert variations.shape == (n, 32, 32, 1)
+# -- bounded requests --------------------------------------------------------------------------
 
 
 def test_over_limit_refused_before_any_work(gen, monkeypatch):
-    monkeypatch.setattr(gen, "ar_state", lambda rows, batch: pytest.fail("a state was made"))
+    monkeypatch.setattr(gen, "_ar_state", lambda rows, batch: pytest.fail("a state was made"))
     message = refused(lambda: gen.generate([0] * (MAX_IMAGES_PER_CALL + 1), seed=0))
     assert str(MAX_IMAGES_PER_CALL) in message
     refused(lambda: gen.generate([0] * 5, seed=0, temperature=1e-46))

@@ -250,11 +250,11 @@ def _model_dict():
 
 
 MODEL_BAD = [
-    ('"prologue_temperature": 0.1', '"prologue_temperature": NaN', "not valid JSON"),
-    ('"prologue_temperature": 0.1', '"prologue_temperature": Infinity', "not valid JSON"),
-    ('"prologue_temperature": 0.1', '"prologue_temperature": -0.5', "prologue_temperature must be > 0"),
-    ('"prologue_temperature": 0.1', '"prologue_temperature": 0', "prologue_temperature must be > 0"),
-    ('"prologue_temperature": 0.1', '"prologue_temperature": 1e999', "not valid JSON|finite"),
+    ('"prologue_softmax_temperature": 0.1', '"prologue_softmax_temperature": NaN', "not valid JSON"),
+    ('"prologue_softmax_temperature": 0.1', '"prologue_softmax_temperature": Infinity', "not valid JSON"),
+    ('"prologue_softmax_temperature": 0.1', '"prologue_softmax_temperature": -0.5', "prologue_softmax_temperature must be > 0"),
+    ('"prologue_softmax_temperature": 0.1', '"prologue_softmax_temperature": 0', "prologue_softmax_temperature must be > 0"),
+    ('"prologue_softmax_temperature": 0.1', '"prologue_softmax_temperature": 1e999', "not valid JSON|finite"),
     ('"vq_beta": 0.25', '"vq_beta": -1', "vq_beta must be"),
     ('"rope_theta_grid": 2000.0', '"rope_theta_grid": 0', "rope_theta_grid must be > 0"),
     ('"num_classes": 10', '"num_classes": 10000000', "num_classes must be in"),
@@ -333,7 +333,7 @@ TRAIN_BAD_OVERRIDES = [
     ("run.batch_size=0", "run.batch_size must be in"),
     ("gan.base_channels=100000", "gan.base_channels must be in"),
     ("l1_weight=Infinity", "expected a number"),
-    ("tokenizer.prologue_temperature=-0.1", "prologue_temperature must be > 0"),
+    ("tokenizer.prologue_softmax_temperature=-0.1", "prologue_softmax_temperature must be > 0"),
     ("visual_input_dropout=2", "visual_input_dropout must be in"),
     ("ema_halflife=-1", "ema_halflife must be"),
 ]
@@ -378,7 +378,7 @@ def test_training_config_file_nan_inside_a_full_config(tmp_path):
 
     text = json.dumps(dataclasses.asdict(tokenizer_train_preset("tiny")))
     path = tmp_path / "full.json"
-    path.write_text(text.replace('"prologue_temperature": 0.1', '"prologue_temperature": NaN'))
+    path.write_text(text.replace('"prologue_softmax_temperature": 0.1', '"prologue_softmax_temperature": NaN'))
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_train_config(TokenizerTrainConfig, tokenizer_train_preset, str(path), [])
     path.write_text(text)

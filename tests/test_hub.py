@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-from prologue_export import hub  # noqa: E402
+from prologue_export.cli import hub  # noqa: E402
 from prologue_export.checkpoint import CheckpointError, load_checkpoint, load_source  # noqa: E402
 from prologue_export.cli import main  # noqa: E402
 from prologue_export.official import import_official  # noqa: E402

@@ -2,7 +2,8 @@
 
 - `prologue_export/` (the model core) imports only itself and the runtime;
 - `train/` and `export/` import the core, the runtime and themselves, never each other;
-- `runtime/` imports nothing else of ours and never torch (not even inside a function);
+- `runtime/` imports nothing else of ours and never torch, nor a web framework (not even inside a function);
+- `serve/` imports only the runtime (and never torch);
 - `cli/` may import every room.
 Also: no function anywhere in the package is longer than `MAX_FUNCTION_LINES`.
 """
@@ -18,10 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # source folder -> (its package, its room); pyproject's package-dir maps them into prologue_export
 FOLDERS = {"prologue_export": ("prologue_export", "core"), "train": ("prologue_export.train", "train"),
            "export": ("prologue_export.export", "export"), "runtime": ("prologue_export.runtime", "runtime"),
-           "cli": ("prologue_export.cli", "cli")}
+           "serve": ("prologue_export.serve", "serve"), "cli": ("prologue_export.cli", "cli")}
 DOORS = {"core": {"core", "runtime"}, "train": {"core", "runtime", "train"}, "export": {"core", "runtime", "export"},
-         "runtime": {"runtime"}, "cli": {"core", "runtime", "train", "export", "cli"}}
-FORBIDDEN_THIRD_PARTY = {"runtime": {"torch", "einops", "safetensors", "onnx", "tqdm"}}
+         "runtime": {"runtime"}, "serve": {"runtime", "serve"},
+         "cli": {"core", "runtime", "train", "export", "serve", "cli"}}
+TORCH_STACK = {"torch", "einops", "safetensors", "onnx", "tqdm"}
+FORBIDDEN_THIRD_PARTY = {"runtime": TORCH_STACK | {"starlette", "uvicorn"}, "serve": TORCH_STACK}
 MAX_FUNCTION_LINES = 80
 
 
@@ -30,7 +33,7 @@ def room_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "prologue_export":
         return None
-    if len(parts) > 1 and parts[1] in ("train", "export", "runtime", "cli"):
+    if len(parts) > 1 and parts[1] in ("train", "export", "runtime", "serve", "cli"):
         return parts[1]
     return "core"
 
@@ -91,6 +94,15 @@ def test_no_function_is_over_the_limit():
     assert long_functions(ROOT) == []
 
 
+MAX_CORE_LINES = 2300  # issue 22: the core is the model and its checkpoints; clients and recipes live elsewhere
+
+
+def test_the_core_is_the_model_only():
+    lines = sum(len(f.read_text().splitlines()) for f in (ROOT / "prologue_export").glob("*.py"))
+    assert lines <= MAX_CORE_LINES, (f"prologue_export/ holds {lines} lines (> {MAX_CORE_LINES}): move what is not "
+                                     "the model or its checkpoints to its room (docs/architecture.md)")
+
+
 @pytest.mark.parametrize("folder, source, expected", [
     ("runtime", "import torch\n", "the runtime room imports torch"),
     ("runtime", "def f():\n    from torch import nn\n", "the runtime room imports torch"),
@@ -100,6 +112,10 @@ def test_no_function_is_over_the_limit():
     ("train", "from ..export.bundle import export_bundle\n", "the train room imports prologue_export.export.bundle"),
     ("export", "from ..train import metrics\n", "the export room imports prologue_export.train (train)"),
     ("export", "import prologue_export.train.data\n", "(train)"),
+    ("runtime", "def f():\n    import starlette.applications\n", "the runtime room imports starlette"),
+    ("runtime", "from ..serve.app import create_app\n", "the runtime room imports prologue_export.serve.app (serve)"),
+    ("serve", "from ..checkpoint import load_checkpoint\n", "the serve room imports prologue_export.checkpoint (core)"),
+    ("serve", "import torch\n", "the serve room imports torch"),
 ])
 def test_the_checker_finds_a_wrong_way_import(tmp_path, folder, source, expected):
     for name in FOLDERS:

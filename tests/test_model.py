@@ -47,7 +47,7 @@ def test_kv_cache_steps_equal_full_forward(name, chunks):
     seq = random_seq(vocab, B, g)
     classes = torch.tensor([0, 5, ar.null_class])
     with torch.no_grad():
-        full = ar.logits(seq, classes)  # [B, T, V]
+        full = ar(seq, classes)  # [B, T, V]
         inputs = torch.cat([(classes + vocab.vocab_size)[:, None], seq[:, :-1]], dim=1)  # BOS as input id
         k, v = ar.new_kv_cache(B)
         k.normal_()  # slots not yet written must not matter
@@ -133,7 +133,7 @@ def test_fixed_prologue_is_kept_and_consumes_noise():
     model = tiny()
     ar, vocab = model.ar, model.config.vocab()
     first = pe.sample(ar, [4, 4], None, seed=0)
-    prologue, _ = pe.split_sequence(first, vocab)
+    prologue, _ = pe.split_tokens(first, vocab)
     again = pe.sample(ar, [4, 4], None, seed=1, prologue_ids=prologue)
     assert torch.equal(again[:, :vocab.num_prologue_tokens], first[:, :vocab.num_prologue_tokens])
     assert (again[:, vocab.num_prologue_tokens] == vocab.eos_id).all()

@@ -140,7 +140,7 @@ def test_2d_tokenizer_and_ar_import(reference_dir, tmp_path, capsys):
     _assert_same(model.ar, source.ar)
     seq = torch.randint(0, 256, (2, 64))
     with torch.no_grad():
-        assert torch.equal(model.ar.logits(seq, torch.tensor([3, 10])), source.ar.logits(seq, torch.tensor([3, 10])))
+        assert torch.equal(model.ar(seq, torch.tensor([3, 10])), source.ar(seq, torch.tensor([3, 10])))
     # the Python API (config as a dict) gives the same model; the tokenizer folder's own config
     # describes its joint AR (`small`, tied), so it serves a tokenizer-only import
     again = import_official(tdir, tmp_path / "ckpt2", ar_dir=adir,

@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 
 from prologue_export.runtime import Generator  # noqa: E402
 from prologue_export.runtime.loop import split_tokens  # noqa: E402
-from prologue_export.runtime.serve import ServeOptions, create_app, png_bytes  # noqa: E402
+from prologue_export.serve.app import ServeOptions, create_app, png_bytes  # noqa: E402
 
 TIMEOUT = 30  # seconds: no request, server start or stop may hang a test longer
 
@@ -277,7 +277,7 @@ def test_other_sites_and_hosts_are_refused():
     (foreign Host when the server is on a loopback address)."""
     import asyncio
 
-    from prologue_export.runtime.serve import LOOPBACK_HOSTS, SameOrigin
+    from prologue_export.serve.app import LOOPBACK_HOSTS, SameOrigin
 
     async def inner(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -300,7 +300,7 @@ def test_other_sites_and_hosts_are_refused():
 def test_serve_bounds_connections_and_shutdown(gen, monkeypatch):
     import uvicorn
 
-    from prologue_export.runtime import serve as serve_module
+    from prologue_export.serve import app as serve_module
 
     seen = {}
     monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: seen.update(kw) or kw)
@@ -319,10 +319,10 @@ class GatedGenerator:
     def __getattr__(self, name):
         return getattr(self.generator, name)
 
-    def ar_state(self, rows, batch):
+    def generation(self, *args, **kwargs):  # what the batcher runs for each AR loop
         self.entered.set()
         assert self.gate.wait(TIMEOUT), "the test never opened the gate"
-        return self.generator.ar_state(rows, batch)
+        return self.generator.generation(*args, **kwargs)
 
 
 def wait_for(condition, what: str):
@@ -364,9 +364,9 @@ def test_full_queue_disconnect_and_graceful_shutdown(gen):
 
 def test_missing_extra_is_one_line(runtime_fixture_root, tmp_path):
     """Without starlette, `prologue serve` says which install to run (before loading the bundle),
-    and the rest of the runtime, prologue_export.runtime.serve included, still imports."""
+    and the rest of the runtime, prologue_export.serve.app included, still imports."""
     code = ("import sys; sys.modules['starlette'] = None\n"
-            "import prologue_export.runtime.serve\n"
+            "import prologue_export.serve.app\n"
             "from prologue_export.cli import main\n"
             f"sys.exit(main(['serve', '--bundle', {str(runtime_fixture_root / 'bundle')!r}]))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
@@ -379,7 +379,7 @@ def test_missing_extra_is_one_line(runtime_fixture_root, tmp_path):
 def test_server_never_imports_torch(runtime_fixture_root, tmp_path):
     code = ("import sys, base64\n"
             "from prologue_export.runtime import Generator\n"
-            "from prologue_export.runtime.serve import Service, create_app\n"
+            "from prologue_export.serve.app import Service, create_app\n"
             f"gen = Generator.from_bundle({str(runtime_fixture_root / 'bundle')!r}, backend='cpu')\n"
             "service = Service(gen)\n"
             "app = create_app(gen, service=service)\n"
@@ -440,7 +440,7 @@ def test_the_command_serves_and_stops_on_sigterm(runtime_fixture_root, tmp_path)
 def test_batcher_survives_clients_that_leave(gen):
     """A job cancelled in the batching window, and a running loop whose only request left (it stops
     at its next step), leave the worker serving the next request."""
-    from prologue_export.runtime.serve_batch import Batcher, Job
+    from prologue_export.serve.batch import Batcher, Job
 
     gated = GatedGenerator(gen)
     gated.gate.set()

@@ -94,7 +94,7 @@ def test_page_generates_and_varies_in_a_browser(browser, runtime_fixture_root, t
     from selenium.webdriver.support.ui import Select
 
     from prologue_export.runtime import Generator
-    from prologue_export.runtime.serve import ServeOptions, png_bytes
+    from prologue_export.serve.app import ServeOptions, png_bytes
 
     gen = Generator.from_bundle(runtime_fixture_root / "bundle", backend="cpu")
     with running_server(gen, ServeOptions(batch_window_ms=5)) as (url, _, _):

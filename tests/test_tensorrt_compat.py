@@ -24,6 +24,8 @@ from prologue_export.runtime.bundle import Bundle  # noqa: E402
 from prologue_export.runtime.contract import ENGINE_GRAPHS, cache_feeds, step_feeds  # noqa: E402
 from prologue_export.runtime.loop import InputError  # noqa: E402
 
+from .fakes.tensorrt import fake_tensorrt  # noqa: E402
+
 RELEASED_V = 17409  # prologue-b: 16384 visual + 1024 prologue codes + EOS
 
 
@@ -174,7 +176,8 @@ def test_the_tensorrt_form_of_ar_step_samples_what_the_bundle_graph_samples(rele
     ids = np.array([[RELEASED_V + 1], [RELEASED_V + 2], [RELEASED_V + 10], [RELEASED_V + 10]])
     for top_k, top_p in ((0, 0.0), (50, 0.0), (0, 0.9), (200, 0.5), (1024, 0.99)):
         for position in (0, 9, 40):
-            feeds = {**step_feeds(ids, position, rng.random((2, RELEASED_V), dtype=np.float32), 2.0, 1.0, top_k, top_p),
+            feeds = {**step_feeds(input_ids=ids, start_pos=position, uniform=rng.random((2, RELEASED_V), dtype=np.float32),
+                                  cfg_scale=2.0, temperature=1.0, top_k=top_k, top_p=top_p),
                      **cache_feeds(cache + rng.standard_normal(cache.shape).astype(np.float32), cache)}
             want, got = a.run(["next_tokens"], feeds)[0], b.run(["next_tokens"], feeds)[0]
             assert np.array_equal(want, got), (top_k, top_p, position)
@@ -240,77 +243,6 @@ def test_max_batch_one_exports_a_static_batch(tmp_path):
 # --------------------------------------------------------------------------- build_engines with a fake builder
 
 
-class _FakeBuilderTRT:
-    """The TensorRT Python builder API that `build_engines` calls, recording what it was given."""
-
-    __version__ = "10.7.0"
-
-    def __init__(self, timing_cache_ok=True):
-        self.parsed, self.shapes, self.timing_cache_ok, self.flags = [], {}, timing_cache_ok, []
-        trt = self
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, level):
-                pass
-
-        class Parser:
-            num_errors = 0
-
-            def __init__(self, network, logger):
-                pass
-
-            def parse_from_file(self, path):
-                trt.parsed.append(path)
-                return True
-
-        class Profile:
-            def set_shape(self, name, lo, opt, hi):
-                trt.shapes.setdefault(trt.parsed[-1], {})[name] = (list(lo), list(opt), list(hi))
-
-        class Cache:
-            def serialize(self):
-                return b"timing-cache"
-
-        class Config:
-            def set_memory_pool_limit(self, pool, size):
-                pass
-
-            def create_timing_cache(self, data):
-                return Cache()
-
-            def set_timing_cache(self, cache, ignore_mismatch):
-                return trt.timing_cache_ok
-
-            def add_optimization_profile(self, profile):
-                return 0
-
-            def get_timing_cache(self):
-                return Cache()
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                trt.flags.append(flags)
-                return object()
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                return b"engine:" + trt.parsed[-1].encode()
-
-        self.Logger, self.OnnxParser, self.Builder = Logger, Parser, Builder
-        self.NetworkDefinitionCreationFlag = type("Flags", (), {"STRONGLY_TYPED": 5})
-        self.MemoryPoolType = type("Pools", (), {"WORKSPACE": 0})
-
-
 def test_build_engines_builds_from_the_checked_files(released_vocab, tmp_path, monkeypatch):
     import sys
 
@@ -320,12 +252,12 @@ def test_build_engines_builds_from_the_checked_files(released_vocab, tmp_path, m
     bundle = tmp_path / "bundle"
     shutil.copytree(source, bundle)
     monkeypatch.setattr(export_trt, "device_info", lambda: {"name": "Fake GPU", "compute_capability": "9.0"})
-    refusing = _FakeBuilderTRT(timing_cache_ok=False)
+    refusing = fake_tensorrt(timing_cache_ok=False)
     monkeypatch.setitem(sys.modules, "tensorrt", refusing)
     with pytest.raises(ExportError, match="timing cache"):
         export_trt.build_engines(bundle, "fp16", timing_cache=tmp_path / "cache", log=lambda m: None)
     assert not Bundle(bundle).manifest.get("engines")  # nothing half-installed
-    trt = _FakeBuilderTRT()
+    trt = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     engines = export_trt.build_engines(bundle, "fp16", timing_cache=tmp_path / "cache", log=lambda m: None)
     manifest = Bundle(bundle).manifest  # engines and ONNX copies are vouched for

@@ -133,7 +133,7 @@ def test_phase3_loss_falls_and_checkpoint_is_complete(tokens, tmp_path):
     assert model.ar is not None and model.tokenizer is not None
     assert (out / "images" / "samples_step0000040.png").is_file()
     tokens_out = pe.sample(model.ar, [1, 2], None, seed=0)
-    _, visual = pe.split_sequence(tokens_out, model.config.vocab())
+    _, visual = pe.split_tokens(tokens_out, model.config.vocab())
     assert model.tokenizer.decode(visual).shape == (2, 1, 32, 32)
 
 

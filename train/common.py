@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -26,9 +25,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, read_tensors, recover_interrupted, save_checkpoint
+from ..config import migrate_tokenizer
 from ..model import unwrap
 from ..runtime.errors import PrologueError
-from ..runtime.files import FileFormatError, read_json
+from ..runtime.files import FileFormatError, read_json, write_json_atomic, write_text_atomic
+from ..runtime.images import grid, save_png
 
 STATE_FILE = "train_state.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -369,9 +370,9 @@ def start_or_resume(out: Path, resume: bool, main: bool, cfg_dict: dict, modules
         resume = False
     if not resume:
         if main:
-            _write_atomic(out / CONFIG_FILE, json.dumps(cfg_dict, indent=2))
+            write_json_atomic(out / CONFIG_FILE, cfg_dict, "training config", indent=2)
             if (out / METRICS_FILE).exists():
-                _write_atomic(out / METRICS_FILE, "")
+                write_text_atomic(out / METRICS_FILE, "", "metrics log")
         return 0
     meta = load_training_state(ckpt_dir)
     check_resume_config(meta["config"], cfg_dict, ckpt_dir)
@@ -384,8 +385,8 @@ def start_or_resume(out: Path, resume: bool, main: bool, cfg_dict: dict, modules
 
 def trim_metrics(path: Path, step: int) -> int:
     """Keep the log lines of steps <= `step` (what a resumed run would otherwise log twice) and
-    drop torn or foreign lines; rewritten through a temporary file and `os.replace`. Returns
-    the number of lines dropped."""
+    drop torn or foreign lines; rewritten atomically (`write_text_atomic`). Returns the number of
+    lines dropped."""
     if not path.is_file():
         return 0
     kept, dropped = [], 0
@@ -401,21 +402,15 @@ def trim_metrics(path: Path, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        _write_atomic(path, "".join(kept))
+        write_text_atomic(path, "".join(kept), "metrics log")
     return dropped
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def check_resume_config(saved: dict, current: dict, where: Path) -> None:
-    """Resuming needs the same model and recipe; run length, logging and I/O may change."""
+    """Resuming needs the same model and recipe; run length, logging and I/O may change. A run saved
+    before the tokenizer key's rename (`migrate_tokenizer`) resumes under the new name."""
+    if isinstance(saved, dict) and "tokenizer" in saved:
+        saved = {**saved, "tokenizer": migrate_tokenizer(saved["tokenizer"])}
     free = {"run"}  # steps, log/checkpoint cadence, workers, compile may differ on resume
     clashes = [k for k in sorted(set(saved) | set(current))
                if k not in free and saved.get(k) != current.get(k)]
@@ -493,23 +488,9 @@ class LineProgress:
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    """uint8 `[N, C, H, W]` -> one PNG grid with `nrow` images per row (1-pixel gaps)."""
-    from PIL import Image
-
-    images = images.cpu()
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    canvas = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = images[i]
-    array = canvas.permute(1, 2, 0).numpy()
-    mode = "L" if c == 1 else "RGB"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(array[..., 0] if c == 1 else array, mode=mode).save(tmp)
-    os.replace(tmp, path)
-    return path
+    """uint8 `[N, C, H, W]` -> one PNG grid with `nrow` images per row (1-pixel gaps), written
+    atomically: the runtime's `grid` and `save_png`."""
+    return save_png(grid(images.cpu().permute(0, 2, 3, 1).numpy(), nrow), path)
 
 
 def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
@@ -559,12 +540,19 @@ def partial_run_files(out: Path) -> bool:
         if name in _PARTIAL_FILES or name.startswith((f".{CHECKPOINT_DIR}.tmp-", f".{METRICS_FILE}.tmp-",
                                                       f".{CONFIG_FILE}.tmp-")):
             continue
-        if name == "images" and entry.is_dir() and all(
-                p.is_file() and p.name.startswith(_PARTIAL_IMAGES) and p.name.endswith(".png")
-                for p in entry.iterdir()):
+        if name == "images" and entry.is_dir() and all(p.is_file() and _partial_image(p.name)
+                                                        for p in entry.iterdir()):
             continue
         return False
     return True
+
+
+def _partial_image(name: str) -> bool:
+    """A grid a run writes (`recon_step*.png`, `samples_step*.png`) or the temporary file of one
+    (`.NAME.png.tmp-XXXXXXXX`, `atomic_output`)."""
+    if name.startswith(".") and ".png.tmp-" in name:
+        name = name[1:name.index(".png.tmp-") + 4]
+    return name.startswith(_PARTIAL_IMAGES) and name.endswith(".png")
 
 
 class Reporter:

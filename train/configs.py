@@ -27,8 +27,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import (MAX_NUM_CLASSES, ARConfig, ConfigError, TokenizerConfig, ar_preset, build_dataclass,
-                      check_float, check_int, tokenizer_preset)
+from ..config import (MAX_NUM_CLASSES, ARConfig, ConfigError, TokenizerConfig, ar_preset, build_dataclass, check_float,
+                      check_int, migrate_tokenizer, tokenizer_preset)
 from ..runtime.files import FileFormatError, parse_json, read_json
 
 # Upper bounds of the run settings (a typo such as steps=1e30 must fail at once, not overflow later).
@@ -314,6 +314,8 @@ def load_train_config(cls: typing.Type[T], preset_fn, spec: str, overrides: typi
             raise ConfigError(str(exc)) from None
     else:
         data = dataclasses.asdict(preset_fn(spec))
+    if isinstance(data, dict) and "tokenizer" in data:  # a file written before the tokenizer key's rename
+        data = {**data, "tokenizer": migrate_tokenizer(data["tokenizer"])}
     data = apply_overrides(data, overrides)
     return build_dataclass(cls, data, "config").validate()
 

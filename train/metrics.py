@@ -344,13 +344,14 @@ def generate_images(n: int, num_classes: int, sampling: dict, seed: int, checkpo
 def sample_images(model, classes, sampling: dict, seed: int, batch_size: int = 8, progress=None) -> np.ndarray:
     """The torch sampler's images uint8 `[N, H, W, C]` for `classes` `[N]`, batch `b` drawn with seed
     `seed + b`; sampled and decoded on the model's device, only the images come to the host."""
-    from ..sampling import sample, split_sequence
+    from ..runtime.loop import split_tokens
+    from ..sampling import sample
 
     classes = np.asarray(classes)
     n, out = len(classes), []
     for b, i in enumerate(range(0, n, batch_size)):
         tokens = sample(model.ar, classes[i:i + batch_size].tolist(), sampling, seed=seed + b)
-        _, visual = split_sequence(tokens, model.config.vocab())
+        _, visual = split_tokens(tokens, model.config.vocab())
         out.append(decode_ids(model.tokenizer, visual))
         if progress:
             progress(min(i + batch_size, n), n)

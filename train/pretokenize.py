@@ -25,8 +25,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..model import PrologueModel
 from ..config import ModelConfig
 from .data import open_dataset, ten_crop, to_model_input, train_transform
-from ..runtime.bundle import sha256_file
-from ..runtime.files import atomic_output, write_json_atomic
+from ..runtime.files import atomic_output, sha256_file, write_json_atomic
 from .common import TrainError, progress
 
 INDEX_FILE = "index.json"
@@ -58,15 +57,6 @@ def _collate(items):
     views = torch.from_numpy(np.stack([v for v, _ in good])) if good else None  # [b, crops, C, S, S]
     labels = torch.tensor([l for _, l in good], dtype=torch.int64)
     return views, labels, len(items) - len(good)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    write_json_atomic(path, obj, "pretokenized index", indent=1)
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    with atomic_output(path, "pretokenized shard", "wb") as fh:  # exclusive temp file, fsync, rename
-        np.save(fh, array)
 
 
 @torch.no_grad()
@@ -150,7 +140,7 @@ def _open_index(out: Path, source: dict, model: PrologueModel, dataset) -> dict:
         "crops_per_image": 10 if source["crops"] == "ten" else 1, "dtype": _id_dtype(vocab).name,
         "shards": [], "num_images": 0, "skipped": 0,
     }
-    _write_json_atomic(index_path, index)
+    write_json_atomic(index_path, index, "pretokenized index", indent=1)
     return index
 
 
@@ -194,20 +184,21 @@ class _ShardEncoder:
 def _add_shard(out: Path, index: dict, k: int, ids: np.ndarray, labels: np.ndarray, skipped: int) -> None:
     """Write shard `k` (each file atomically), then list it in `index` and rewrite index.json."""
     ids_name, labels_name = f"shard_{k:05d}_ids.npy", f"shard_{k:05d}_labels.npy"
-    _save_npy_atomic(out / ids_name, ids)
-    _save_npy_atomic(out / labels_name, labels)
+    for name, array in ((ids_name, ids), (labels_name, labels)):
+        with atomic_output(out / name, "pretokenized shard", "wb") as fh:  # exclusive temp file, fsync, rename
+            np.save(fh, array)
     index["shards"].append({"index": k, "ids": ids_name, "labels": labels_name, "count": int(len(labels)),
                             "skipped": skipped})
     index["shards"].sort(key=lambda s: s["index"])
     index["num_images"] = sum(s["count"] for s in index["shards"])
     index["skipped"] = sum(s["skipped"] for s in index["shards"])
-    _write_json_atomic(out / INDEX_FILE, index)
+    write_json_atomic(out / INDEX_FILE, index, "pretokenized index", indent=1)
 
 
 def _finish(index_path: Path, index: dict) -> dict:
     """Mark the index complete (every shard is written) and report unreadable images."""
     index["complete"] = True
-    _write_json_atomic(index_path, index)
+    write_json_atomic(index_path, index, "pretokenized index", indent=1)
     if index["skipped"]:
         print(f"[pretokenize] skipped {index['skipped']} unreadable images", file=sys.stderr, flush=True)
     return index

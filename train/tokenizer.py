@@ -21,7 +21,6 @@ a whole pair, so nothing of step A has to be carried over to resume.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import typing
 from pathlib import Path
@@ -37,8 +36,9 @@ from .data import fill_skipped, make_loader, open_dataset, to_model_input
 from .losses import GANLoss, load_perceptual
 from ..tokenizer import images_to_uint8
 from . import common
-from .common import CHECKPOINT_DIR, EMA, TrainError
+from .common import EMA, TrainError
 from .configs import TokenizerTrainConfig
+from .runner import Phase, run_phase
 
 
 def segment_ce(logits: torch.Tensor, seq: torch.Tensor, num_prologue: int):
@@ -70,18 +70,17 @@ def _drop_rows(cfg, step: int, stream: int, rank: int, world: int, micro: slice,
     return common.rank_slice(rows, rank, world)[micro].to(device)
 
 
-class TokenizerTrainer:
-    """Modules, optimizers, EMAs and the two alternating updates of phase 1 for one process."""
+class TokenizerTrainer(Phase):
+    """Modules, optimizers, EMAs and the two alternating updates of phase 1 for one process.
 
-    def __init__(self, cfg: TokenizerTrainConfig, acc):
-        self.cfg, self.acc = cfg, acc
-        run, tcfg = cfg.run, cfg.tokenizer
-        self.world, self.rank = acc.num_processes, acc.process_index
-        if run.batch_size % (self.world * run.grad_accum):
-            raise TrainError(f"run.batch_size {run.batch_size} must be divisible by processes x grad_accum "
-                             f"({self.world} x {run.grad_accum})")
-        self.micro_bs = run.batch_size // self.world // run.grad_accum
-        torch.manual_seed(run.seed)
+    `dataset`: the images `run_phase` trains on (tests that call `step_a` / `step_b` directly
+    pass none)."""
+
+    name, unit, shown = "phase 1", "images", "l1"
+
+    def __init__(self, cfg: TokenizerTrainConfig, acc, dataset=None):
+        super().__init__(cfg, acc, f"tokenizer[{cfg.tokenizer.variant}]")
+        tcfg, self.dataset = cfg.tokenizer, dataset
         self.model_cfg = ModelConfig(num_classes=cfg.num_classes, tokenizer=tcfg, ar=None).validate()
         self.vocab = self.model_cfg.vocab()
         self.tok = PrologueModel(self.model_cfg).tokenizer
@@ -99,7 +98,6 @@ class TokenizerTrainer:
             if self.perceptual is None and acc.is_main_process:
                 print("[phase 1] no perceptual weights given (perceptual_weights=PATH to a local LPIPS-VGG16 or ConvNeXt-S "
                       "file): training without the perceptual loss", file=sys.stderr, flush=True)
-        self.device = acc.device
         for m in (self.tok, self.joint, self.gan, self.perceptual):
             if m is not None:
                 m.to(self.device)
@@ -128,9 +126,8 @@ class TokenizerTrainer:
 
     def wrap(self) -> None:
         """torch.compile (optional) and DDP wrappers for the forwards; call after restoring state."""
-        compile_ = self.cfg.run.compile
-        self.tok_fwd = self.acc.prepare(common.maybe_compile(self.tok, compile_))
-        self.joint_fwd = self.acc.prepare(common.maybe_compile(self.joint, compile_)) if self.joint is not None else None
+        self.tok_fwd = self.prepare(self.tok)
+        self.joint_fwd = self.prepare(self.joint) if self.joint is not None else None
         if self.gan is not None:
             self.gan.discriminator = self.acc.prepare(self.gan.discriminator)
         self.synced = [m for m in (self.tok_fwd, self.joint_fwd, self.gan.discriminator if self.gan else None)
@@ -154,7 +151,7 @@ class TokenizerTrainer:
         stats: typing.Dict[str, float] = {}
         self._kept = []
         for i in range(run.grad_accum):
-            micro = slice(i * self.micro_bs, (i + 1) * self.micro_bs)
+            micro = self.micro(i)
             x = to_model_input(images[micro], self.device)  # [b, C, H, W] in [-1, 1]
             with common.no_sync_if(acc, self.synced, i < run.grad_accum - 1), acc.autocast():
                 outs = self.tok_fwd(x)
@@ -230,6 +227,43 @@ class TokenizerTrainer:
         for name, ema in self.emas.items():
             ema.update(self.modules[name])
 
+    def begin(self, start: int) -> None:
+        run, tcfg = self.cfg.run, self.cfg.tokenizer
+        loader = make_loader(self.dataset, run.batch_size, seed=run.seed, rank=self.rank, world_size=self.world,
+                             start_step=start, num_workers=run.num_workers, image_size=tcfg.image_size,
+                             channels=tcfg.channels)
+        self.skipped_total, self._batches = 0, iter(loader)
+
+    def train_step(self, step: int, log_due: bool):
+        """One A/B pair on the next batch (unreadable images replaced, `fill_skipped`); the bar shows
+        the codes used of the prologue codebook (the visual one for `2d`)."""
+        batch = next(self._batches)
+        self.skipped_total += batch["skipped"]
+        images, _ = fill_skipped(batch["images"], batch["labels"], self.cfg.run.batch_size // self.world)
+        lr = self.set_lr(step)
+        stats = self.step_a(images, step)
+        stats.update(self.step_b(step))
+        self.update_emas()
+        stats.update(self.code_stats(window_end=log_due))
+        book = "prologue" if "prologue" in self.codebook_sizes else "visual"
+        codes = {f"{book[0]}_codes": f"{stats[f'{book}_used']}/{self.codebook_sizes[book]}"}
+        self._shown_images = images[:8]
+        return {**stats, "lr": lr, "skipped_total": self.skipped_total}, codes
+
+    def save_images(self, folder: Path, done: int) -> None:
+        _recon_grid(self.emas["tokenizer"], self.model_cfg, self._shown_images, folder / f"recon_step{done:07d}.png",
+                    self.device)
+
+    def inference_model(self) -> PrologueModel:
+        return _inference_model(self.model_cfg, self.emas["tokenizer"])
+
+    def checkpoint_extra(self) -> dict:
+        return {"skipped_total": self.skipped_total}
+
+    def finish(self) -> None:
+        if self.acc.is_main_process and self.skipped_total:
+            print(f"[phase 1] skipped {self.skipped_total} unreadable images", file=sys.stderr, flush=True)
+
     @torch.no_grad()
     def _count_codes(self, outs: dict, first_micro: bool) -> None:
         """Histogram of this step's code ids per codebook (all micro-batches)."""
@@ -262,61 +296,15 @@ class TokenizerTrainer:
 
 def train_tokenizer(cfg: TokenizerTrainConfig, data: typing.Optional[str], out, resume: bool = False) -> Path:
     """Run phase 1 into the folder `out`; returns the checkpoint folder."""
-    out = Path(out)
-    acc = common.make_accelerator(cfg.run)
-    common.prepare_out_dir(out, resume, acc.is_main_process)
-    acc.wait_for_everyone()
-    main = acc.is_main_process
-    run, tcfg = cfg.run, cfg.tokenizer
-    cfg_dict = dataclasses.asdict(cfg)
-    dataset = open_dataset(data, tcfg.image_size, tcfg.channels, cfg.num_classes)
-    if dataset.num_classes > cfg.num_classes:
-        raise TrainError(f"the data set has {dataset.num_classes} classes but num_classes={cfg.num_classes}: "
-                         f"pass num_classes={dataset.num_classes}")
-    trainer = TokenizerTrainer(cfg, acc)
-    ckpt_dir = out / CHECKPOINT_DIR
-    start = common.start_or_resume(out, resume, main, cfg_dict, trainer.modules, trainer.optimizers, trainer.emas,
-                                   "phase 1")
-    if start >= run.steps:
-        if main:
-            print(f"[phase 1] {out} already reached step {start} >= steps={run.steps}", file=sys.stderr, flush=True)
-        return ckpt_dir
-    trainer.wrap()
-    loader = make_loader(dataset, run.batch_size, seed=run.seed, rank=trainer.rank, world_size=trainer.world,
-                         start_step=start, num_workers=run.num_workers, image_size=tcfg.image_size,
-                         channels=tcfg.channels)
-    report = common.Reporter(out, run, start, main, f"tokenizer[{tcfg.variant}]", run.batch_size, "images")
-    skipped_total = 0
-    batches = iter(loader)
-    try:
-        for step in range(start, run.steps):
-            batch = next(batches)
-            skipped_total += batch["skipped"]
-            images, _ = fill_skipped(batch["images"], batch["labels"], run.batch_size // trainer.world)
-            lr = trainer.set_lr(step)
-            stats = trainer.step_a(images, step)
-            stats.update(trainer.step_b(step))
-            trainer.update_emas()
-            done = step + 1
-            stats.update(trainer.code_stats(window_end=report.due(done, run.log_every)))
-            book = "prologue" if "prologue" in trainer.codebook_sizes else "visual"
-            codes = {f"{book[0]}_codes": f"{stats[f'{book}_used']}/{trainer.codebook_sizes[book]}"}
-            report.step_done(done, {**stats, "lr": lr, "skipped_total": skipped_total}, "l1", postfix=codes)
-            if main and report.due(done, run.image_every):
-                _recon_grid(trainer.emas["tokenizer"], trainer.model_cfg, images[:8],
-                            out / "images" / f"recon_step{done:07d}.png", trainer.device)
-            if report.due(done, run.checkpoint_every):
-                acc.wait_for_everyone()
-                if main:
-                    common.save_training_checkpoint(
-                        out, _inference_model(trainer.model_cfg, trainer.emas["tokenizer"]), done, cfg_dict,
-                        trainer.modules, trainer.optimizers, trainer.emas, extra={"skipped_total": skipped_total})
-                acc.wait_for_everyone()
-    finally:
-        report.close()
-    if main and skipped_total:
-        print(f"[phase 1] skipped {skipped_total} unreadable images", file=sys.stderr, flush=True)
-    return ckpt_dir
+    def build(acc) -> TokenizerTrainer:
+        tcfg = cfg.tokenizer
+        dataset = open_dataset(data, tcfg.image_size, tcfg.channels, cfg.num_classes)
+        if dataset.num_classes > cfg.num_classes:
+            raise TrainError(f"the data set has {dataset.num_classes} classes but num_classes={cfg.num_classes}: "
+                             f"pass num_classes={dataset.num_classes}")
+        return TokenizerTrainer(cfg, acc, dataset)
+
+    return run_phase(cfg, out, resume, build)
 
 
 def _accumulate(stats: dict, parts: dict, n: int) -> None:

@@ -8,7 +8,7 @@
     GET  /healthz         liveness and queue length
     GET  /                the page (inline HTML, CSS and JS; nothing from elsewhere)
 
-Every model call runs in one worker thread (`serve_batch.Batcher`), which merges requests with
+Every model call runs in one worker thread (`batch.Batcher`), which merges requests with
 equal settings arriving within `--batch-window-ms` into one AR loop; each request still gets
 exactly the images `Generator.generate` / `variations` give it alone for its seed. Starlette and
 uvicorn are imported only when a server is built, so the rest of the runtime works without them.
@@ -30,16 +30,16 @@ import typing
 
 import numpy as np
 
-from .bundle import BundleError
-from .errors import PrologueError
-from .files import FileFormatError, parse_json
-from .images import ImageError, grid, grid_columns
-from .loop import MAX_IMAGES_PER_CALL, InputError, check_class_ids, check_count, check_seed, short_repr
-from .serve_batch import Batcher, Job, QueueFull, ServerClosed
-from .settings import ConfigError
+from ..runtime.bundle import BundleError
+from ..runtime.errors import PrologueError, short_repr
+from ..runtime.files import FileFormatError, parse_json
+from ..runtime.images import ImageError, grid, grid_columns
+from ..runtime.loop import MAX_IMAGES_PER_CALL, InputError, check_class_ids, check_count, check_seed
+from ..runtime.settings import DIRECT_OPTIONS, ConfigError
+from .batch import Batcher, Job, QueueFull, ServerClosed
 
 SERVE_EXTRA = "pip install 'prologue-export[serve]'"
-OVERRIDES = ("cfg", "temperature", "prologue_temperature", "top_k", "top_p")
+OVERRIDES = tuple(o.name for o in DIRECT_OPTIONS)  # request fields that set one sampling option (runtime/settings.py)
 COMMON_KEYS = ("seed", "sampling", "format", "nrow", "tokens") + OVERRIDES
 FORMATS = ("images", "grid", "both")
 RANDOM_SEED_LIMIT = 2**53  # JavaScript numbers are exact integers below this
@@ -114,7 +114,7 @@ def decode_b64_image(text, size: int, channels: int, what: str) -> np.ndarray:
     """A base64 PNG (optionally a `data:` URL; line breaks allowed) -> uint8 `[H, W, C]` of the
     bundle's geometry, with the runtime's image rules (size checked before decoding). PNG only:
     Pillow's other readers (EPS runs Ghostscript on temporary files) never see a client's bytes."""
-    from .images import decode_image
+    from ..runtime.images import decode_image
 
     if not isinstance(text, str):
         raise RequestError(f"{what} must be a base64 string (a PNG), got {type(text).__name__}")
@@ -156,13 +156,12 @@ class Service:
         if unknown:
             raise RequestError(f"unknown field(s) {', '.join(short_repr(k) for k in unknown)}; known: {', '.join(allowed)}")
 
-    def settings_of(self, body: dict, defaults: typing.Optional[dict] = None):
-        """(sampling dict or None, keyword overrides) of a request, and the checked settings."""
+    def sampling_of(self, body: dict) -> typing.Tuple[typing.Optional[dict], dict]:
+        """A request's `sampling` object (our or the release's names) and its direct option fields."""
         sampling = body.get("sampling")
         if sampling is not None and not isinstance(sampling, dict):
             raise RequestError(f"sampling must be an object, got {type(sampling).__name__}")
-        overrides = {**(defaults or {}), **{k: body[k] for k in OVERRIDES if k in body and body[k] is not None}}
-        return sampling, overrides, self.generator.settings(sampling, **overrides)
+        return sampling, {k: body[k] for k in OVERRIDES if k in body and body[k] is not None}
 
     def seed_of(self, body: dict) -> int:
         seed = body.get("seed")
@@ -202,7 +201,8 @@ class Service:
         n = self.count(body.get("n", 1), "n")
         self.count(len(classes) * n, "class_ids x n =")
         classes = np.repeat(classes, n)
-        _, _, settings = self.settings_of(body)
+        sampling, overrides = self.sampling_of(body)
+        settings = self.generator.settings(sampling, **overrides)
         seed = self.seed_of(body)
         job = Job(classes=classes, seed=seed, settings=settings)
         return job, {"kind": "generate", "seed": seed, "class_ids": classes.tolist(), "output": self.output_of(body)}
@@ -212,19 +212,11 @@ class Service:
         sampled prologue) or of an uploaded `image` (its encoded prologue, as `Generator.variations`)."""
         self.check_keys(body, ("result_id", "index", "image", "n", "class_id") + COMMON_KEYS)
         bundle = self.generator.bundle
-        if not bundle.vocab.has_prologue:
-            raise RequestError("this bundle's model has no prologue (a '2d' baseline): variations need one")
         if ("result_id" in body) == ("image" in body):
             raise RequestError("give exactly one of result_id (with index) or image (a base64 PNG)")
         n = self.count(body.get("n", 8), "n")
-        class_id = body.get("class_id")
-        defaults = {}
-        if class_id is None:
-            class_id, defaults = bundle.null_class, {"cfg": 0.0}  # as Generator.variations: unconditional, no CFG
-        if isinstance(class_id, bool) or not isinstance(class_id, int):
-            raise RequestError(f"class_id must be an integer class id, got {short_repr(class_id)}")
-        class_id = int(check_class_ids([class_id], bundle.num_classes)[0])
-        _, _, settings = self.settings_of(body, defaults)
+        sampling, overrides = self.sampling_of(body)
+        class_id, settings = self.generator.variation_settings(body.get("class_id"), sampling, **overrides)
         seed = self.seed_of(body)
         job = Job(classes=np.full(n, class_id, dtype=np.int64), seed=seed, settings=settings)
         if "image" in body:
@@ -249,11 +241,10 @@ class Service:
 
     def keep(self, tokens: typing.Optional[np.ndarray], classes) -> typing.Optional[str]:
         """An id for `/v1/variations` (None when there is no prologue to keep: a '2d' bundle)."""
-        vocab = self.generator.bundle.vocab
-        if tokens is None or not vocab.has_prologue:
+        if tokens is None or not self.generator.bundle.vocab.has_prologue:
             return None
         result_id = secrets.token_hex(8)
-        prologue = tokens[:, :vocab.num_prologue_tokens] - vocab.prologue_offset
+        prologue = self.generator.prologue_of(tokens)
         with self.lock:
             self.results[result_id] = {"prologue_ids": prologue, "class_ids": classes}
             while len(self.results) > self.options.max_results:
@@ -267,7 +258,7 @@ class Service:
             entry = self.results.get(result_id)
             if entry is not None:
                 self.results.move_to_end(result_id)
-        if entry is None or entry["prologue_ids"] is None:
+        if entry is None:
             raise RequestError(f"no kept result {short_repr(result_id)} (results expire; send the image instead)", 404)
         rows = len(entry["prologue_ids"])
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < rows:
@@ -300,6 +291,8 @@ class Service:
                            "has_prologue": bundle.vocab.has_prologue},
                 "classes": {"num_classes": bundle.num_classes, "null_class": bundle.null_class, "names": names},
                 "defaults": vars(bundle.sampling_defaults), "backend": gen.backend_name,
+                # the request fields that set one sampling option, with this bundle's defaults: the page's form
+                "options": [o.to_json(getattr(bundle.sampling_defaults, o.name)) for o in DIRECT_OPTIONS],
                 "batching": {"enabled": opts.batching, "window_ms": opts.batch_window_ms, "max_queue": opts.max_queue},
                 "limits": {"max_images": opts.max_images, "max_body_bytes": opts.max_body_bytes}}
 
@@ -419,7 +412,7 @@ def create_app(generator, options: typing.Optional[ServeOptions] = None, service
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from .serve_page import PAGE, PAGE_HEADERS
+    from .page import PAGE, PAGE_HEADERS
 
     service = service or Service(generator, options)
 

@@ -7,8 +7,9 @@ import sys
 
 from ..runtime.contract import AR_WEIGHTS
 from ..runtime.generator import BACKENDS
-from .checks import (MAX_IMAGES, CLIError, bundle_dir, image_count, input_path, json_argument, non_negative_float,
-                     non_negative_int, output_file, positive_float, positive_int, seed_int, unit_float)
+from ..runtime.loop import MAX_IMAGES_PER_CALL
+from .checks import CLIError, bundle_dir, image_count, input_path, non_negative_int, output_file, positive_int, seed_int
+from .sampling_args import add_sampling_arguments, sampling_arguments
 
 RUNTIME_COMMANDS = ("generate", "variations", "reconstruct")
 
@@ -32,26 +33,16 @@ def _progress(label: str, enabled: bool):
     return show
 
 
-def runtime_overrides(args) -> dict:
-    out = {}
-    for name in ("cfg", "temperature", "top_k", "top_p", "prologue_temperature"):
-        value = getattr(args, name, None)
-        if value is not None:
-            out[name] = value
-    return out
-
-
 def _write_grid(images, out: str, nrow) -> None:
     from ..runtime.images import grid, grid_columns, save_png
 
     save_png(grid(images, grid_columns(len(images), nrow)), out)
 
 
-def _check_common(args):
-    """Checks made before a bundle is loaded: --out, --bundle, --sampling; returns the parsed --sampling."""
+def _check_common(args) -> None:
+    """Checks made before a bundle is loaded: --out, --bundle."""
     output_file(args.out)
     bundle_dir(args.bundle)
-    return json_argument(getattr(args, "sampling", None), "--sampling")
 
 
 def _cmd_generate(args) -> int:
@@ -59,16 +50,17 @@ def _cmd_generate(args) -> int:
 
     from ..runtime.generator import Generator
 
-    if len(args.class_ids) * args.n > MAX_IMAGES:
-        raise CLIError(f"{len(args.class_ids)} classes x --n {args.n} images is more than {MAX_IMAGES} images")
-    sampling = _check_common(args)
+    if len(args.class_ids) * args.n > MAX_IMAGES_PER_CALL:
+        raise CLIError(f"{len(args.class_ids)} classes x --n {args.n} images is more than {MAX_IMAGES_PER_CALL} images")
+    _check_common(args)
+    sampling, overrides = sampling_arguments(args)
     gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
+    settings = gen.settings(sampling, **overrides)
     classes = np.repeat(np.asarray(args.class_ids, dtype=np.int64), args.n)
-    images = gen.generate(classes, seed=args.seed, sampling=sampling,
-                          progress=_progress("generate", not args.json), **runtime_overrides(args))
+    images = gen.generate(classes, seed=args.seed, sampling=settings, progress=_progress("generate", not args.json))
     _write_grid(images, args.out, args.nrow or args.n)
     report = {"out": args.out, "images": int(len(images)), "classes": [int(c) for c in classes], "seed": args.seed,
-              "backend": gen.backend_name, "settings": vars(gen.settings(sampling, **runtime_overrides(args)))}
+              "backend": gen.backend_name, "settings": vars(settings)}
     print(json.dumps(report) if args.json else f"wrote {args.out} ({len(images)} images, {gen.backend_name})")
     return 0
 
@@ -77,12 +69,13 @@ def _cmd_variations(args) -> int:
     from ..runtime.generator import Generator
     from ..runtime.images import load_image
 
-    sampling = _check_common(args)
+    _check_common(args)
+    sampling, overrides = sampling_arguments(args)
     input_path(args.image, "--image", "file")
     gen = Generator.from_bundle(args.bundle, backend=args.backend, ar_weights=args.ar_weights)
     image = load_image(args.image, gen.bundle.image_size, gen.bundle.channels)
     images = gen.variations(image, args.n, seed=args.seed, class_id=args.class_id, sampling=sampling,
-                            progress=_progress("variations", not args.json), **runtime_overrides(args))
+                            progress=_progress("variations", not args.json), **overrides)
     _write_grid(images, args.out, args.nrow)
     report = {"out": args.out, "images": int(len(images)), "source": args.image, "seed": args.seed,
               "backend": gen.backend_name}
@@ -118,14 +111,7 @@ def add_parsers(sub) -> None:
 
     def sampling(p):
         p.add_argument("--seed", type=seed_int, default=0, help="noise seed, 0 .. 2**64 - 1 (default 0)")
-        p.add_argument("--cfg", type=non_negative_float, help="CFG scale (overrides the bundle's sampling defaults)")
-        p.add_argument("--temperature", type=positive_float, help="sampling temperature")
-        p.add_argument("--prologue-temperature", dest="prologue_temperature", type=positive_float,
-                       help="temperature of the prologue tokens")
-        p.add_argument("--top-k", dest="top_k", type=non_negative_int, help="top-k (0 = off)")
-        p.add_argument("--top-p", dest="top_p", type=unit_float, help="top-p in [0, 1] (0 = off)")
-        p.add_argument("--sampling", metavar="JSON",
-                       help="more settings as a JSON object (our or the release's option names)")
+        add_sampling_arguments(p, "the bundle's sampling defaults")
         p.add_argument("--nrow", type=positive_int, help="images per grid row")
         p.add_argument("--ar-weights", dest="ar_weights", default="fp32", choices=AR_WEIGHTS,
                        help="AR graph: fp32 (default) or a weight-only quantized one the bundle carries")
@@ -135,14 +121,14 @@ def add_parsers(sub) -> None:
     sampling(p)
     p.add_argument("--class", dest="class_ids", type=non_negative_int, nargs="+", required=True, metavar="ID",
                    help="class id(s); the null class id gives unconditional samples")
-    p.add_argument("--n", type=image_count, default=8, help=f"images per class (default 8; at most {MAX_IMAGES} in all)")
+    p.add_argument("--n", type=image_count, default=8, help=f"images per class (default 8; at most {MAX_IMAGES_PER_CALL} in all)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("variations", help="images that share the prologue of an input image")
     common(p)
     sampling(p)
     p.add_argument("--image", required=True, metavar="FILE", help="input image of the bundle's size")
-    p.add_argument("--n", type=image_count, default=8, help=f"number of variations (default 8, at most {MAX_IMAGES})")
+    p.add_argument("--n", type=image_count, default=8, help=f"number of variations (default 8, at most {MAX_IMAGES_PER_CALL})")
     p.add_argument("--class-id", dest="class_id", type=non_negative_int, help="class to condition on (default: unconditional)")
     p.set_defaults(func=_cmd_variations)
 

@@ -1,15 +1,13 @@
-"""A fake cuda-python runtime (`FakeCudart`) and a fake `tensorrt` module (`fake_tensorrt`) for
-testing the GPU backends on a CPU.
+"""A fake cuda-python runtime (`FakeCudart`) for testing the GPU backends on a CPU.
 
-They check how the backends use the APIs (every allocation freed once, every stream / graph /
+It checks how the backends use the API (every allocation freed once, every stream / graph /
 graph exec destroyed once, capture modes, return values), not how a GPU behaves:
 
 - device memory is host `bytearray`s keyed by fake device pointers, so copies really move bytes;
 - streams run their work at once, except while captured: then the work is recorded into the
-  graph and runs when the graph exec is launched;
-- a fake engine runs the bundle's ONNX graph with ONNX Runtime (CPU) on the bytes behind the
-  addresses bound to its context, so a whole generation gives real tokens.
+  graph and runs when the graph exec is launched.
 Every call returns cuda-python's `(error, *values)`; `fail[name] = code` makes a call fail.
+The fake `tensorrt` module that runs engines on this memory is tests/fakes/tensorrt.py.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ import ctypes
 import enum
 import threading
 import types
-
-import numpy as np
 
 
 class cudaError_t(enum.IntEnum):
@@ -245,154 +241,3 @@ class FakeCudart:
         assert self.live_allocations == 0 and self.mallocs == self.frees, (self.mallocs, self.frees)
         assert not self.graphs and not self.execs
         assert self.created["graph"] == self.destroyed["graph"] and self.created["exec"] == self.destroyed["exec"]
-
-
-# --------------------------------------------------------------------------- tensorrt
-
-
-class DataType(enum.IntEnum):
-    FLOAT = 0
-    HALF = 1
-    INT8 = 2
-    INT32 = 3
-    BOOL = 4
-    UINT8 = 5
-    INT64 = 9
-
-
-NUMPY = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8, DataType.INT32: np.int32,
-         DataType.BOOL: np.bool_, DataType.UINT8: np.uint8, DataType.INT64: np.int64}
-ORT_TYPES = {"tensor(float)": DataType.FLOAT, "tensor(int64)": DataType.INT64, "tensor(uint8)": DataType.UINT8,
-             "tensor(int32)": DataType.INT32, "tensor(bool)": DataType.BOOL, "tensor(float16)": DataType.HALF}
-
-
-class TensorIOMode(enum.IntEnum):
-    NONE = 0
-    INPUT = 1
-    OUTPUT = 2
-
-
-class FakeEngine:
-    """An engine of one ONNX graph: its I/O from the graph, its execution by ONNX Runtime."""
-
-    def __init__(self, trt, graph: str, onnx_path):
-        import onnxruntime as ort
-
-        self.trt, self.graph = trt, graph
-        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: (ORT_TYPES[i.type], i.shape) for i in self.session.get_inputs()}
-        self.outputs = {o.name: (ORT_TYPES[o.type], o.shape) for o in self.session.get_outputs()}
-        self.modes = {**{n: TensorIOMode.INPUT for n in self.inputs}, **{n: TensorIOMode.OUTPUT for n in self.outputs}}
-        self.dtypes = {n: t for n, (t, _) in {**self.inputs, **self.outputs}.items()}
-        for name, change in trt.io_changes.get(graph, {}).items():  # tests that tamper with the I/O
-            if change is None:
-                del self.modes[name], self.dtypes[name]
-            else:
-                self.modes[name], self.dtypes[name] = change
-        self.names = list(self.modes)
-        self.contexts = []
-
-    @property
-    def num_io_tensors(self) -> int:
-        return len(self.names)
-
-    def get_tensor_name(self, i: int) -> str:
-        return self.names[i]
-
-    def get_tensor_mode(self, name: str):
-        return self.modes.get(name, TensorIOMode.NONE)
-
-    def get_tensor_dtype(self, name: str):
-        return self.dtypes[name]
-
-    def create_execution_context(self):
-        context = FakeContext(self)
-        self.contexts.append(context)
-        return context
-
-
-class FakeContext:
-    def __init__(self, engine: FakeEngine):
-        self.engine, self.trt = engine, engine.trt
-        self.shapes, self.addresses = {}, {}
-        self.runs = 0
-        self.busy = threading.Lock()
-
-    def set_input_shape(self, name, shape) -> bool:
-        if self.trt.refuse.get("set_input_shape") in (name, "*") or name not in self.engine.inputs:
-            return False
-        self.shapes[name] = tuple(int(x) for x in shape)
-        return True
-
-    def set_tensor_address(self, name, ptr) -> bool:
-        if self.trt.refuse.get("set_tensor_address") in (name, "*") or name not in self.engine.modes:
-            return False
-        self.addresses[name] = int(ptr)
-        return True
-
-    def get_tensor_shape(self, name):
-        if name in self.engine.inputs:
-            return self.shapes.get(name, tuple(-1 if isinstance(d, str) else d for d in self.engine.inputs[name][1]))
-        dims = {}
-        for n, (_, shape) in self.engine.inputs.items():
-            for d, size in zip(shape, self.shapes.get(n, ())):
-                if isinstance(d, str):
-                    dims[d] = size
-        return tuple(dims.get(d, -1) if isinstance(d, str) else d for d in self.engine.outputs[name][1])
-
-    def execute_async_v3(self, stream) -> bool:
-        if self.trt.refuse.get("execute_async_v3"):
-            return False
-        cudart, engine = self.trt.cudart, self.engine
-        assert set(self.shapes) == set(engine.inputs), "every input shape must be set before execution"
-        assert set(self.addresses) >= set(engine.modes), "every tensor needs an address before execution"
-        shapes, addresses = dict(self.shapes), dict(self.addresses)  # a captured graph keeps these
-
-        def work():
-            assert self.busy.acquire(blocking=False), "one execution context used by two threads at once"
-            try:
-                feeds = {}
-                for name, shape in shapes.items():
-                    dtype = np.dtype(NUMPY[engine.inputs[name][0]])
-                    nbytes = int(np.prod(shape)) * dtype.itemsize
-                    feeds[name] = np.frombuffer(cudart.read(addresses[name], nbytes), dtype).reshape(shape)
-                results = engine.session.run(list(engine.outputs), feeds)
-                for name, value in zip(engine.outputs, results):
-                    cudart.write(addresses[name], np.ascontiguousarray(value).tobytes())
-                self.runs += 1
-            finally:
-                self.busy.release()
-
-        cudart.enqueue(stream, work)
-        return True
-
-
-def fake_tensorrt(cudart: FakeCudart, engine_graphs: dict, version: str = "10.7.0"):
-    """A module object standing in for `tensorrt`: `engine_graphs` maps an engine file's bytes to
-    (graph name, ONNX path). Settable: `refuse[call] = tensor name or "*"` (that call returns
-    False), `io_changes[graph] = {tensor: (TensorIOMode, DataType) or None}`."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.cudart, trt.refuse, trt.io_changes, trt.engines = cudart, {}, {}, []
-    trt.DataType, trt.TensorIOMode = DataType, TensorIOMode
-    trt.nptype = lambda dtype: NUMPY[dtype]
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity=WARNING):
-            self.severity = severity
-
-    class Runtime:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data):
-            if bytes(data) not in engine_graphs:
-                return None
-            engine = FakeEngine(trt, *engine_graphs[bytes(data)])
-            trt.engines.append(engine)
-            return engine
-
-    trt.Logger, trt.Runtime = Logger, Runtime
-    return trt

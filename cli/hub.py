@@ -20,10 +20,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import MODEL_PRESETS
-from .official import OfficialImportError, inference_slots
-from .runtime.bundle import sha256_file
-from .runtime.files import shown
+from ..config import MODEL_PRESETS
+from ..official import OfficialImportError, inference_slots
+from ..runtime.files import sha256_file, shown
 
 DEFAULT_REPO = "Zyriix/prologue"
 HUB_EXTRA_HINT = "pip install 'prologue-export[hub]'"
@@ -280,7 +279,7 @@ def import_from_hub(out, release: Release, *, official_config=None, preset: typi
     The sizes come from `official_config` and/or `preset` exactly as for a local import (the CLI
     passes the release's preset).
     """
-    from .official import import_official
+    from ..official import import_official
 
     if official_config is None and preset is None:
         preset = release.preset

@@ -1,13 +1,13 @@
 """Request batching for `prologue serve`: one worker thread runs every model call; requests that
 arrive within a short window and share their sampling settings share one AR loop. Torch-free and
-web-free (numpy and the standard library; the HTTP side is `serve.py`).
+web-free (numpy, the standard library and the runtime's `Generator`; the HTTP side is `app.py`).
 
 Exactness: a request's images are those `Generator.generate` (or `variations`) gives it alone for
 the same seed. Each request draws its noise from its own `PCG64(seed)` stream: a loop over the
 rows of several requests feeds, at every AR position, the concatenation of each request's rows of
 its own stream (`RowNoise`: `Noise` with `rows=(first, B)`, as `Generator.sample_tokens` draws a
-chunk), and every request's visual ids are decoded on their own, in the chunks `Generator.decode`
-uses. Only requests with equal settings and the same kind (sampled or fixed prologue) are merged:
+chunk), through `Generator.generation` (the call `sample_tokens` makes for each chunk), and every
+request's images are decoded on their own (`Generator.images_of`, in the chunks `decode` uses). Only requests with equal settings and the same kind (sampled or fixed prologue) are merged:
 the CFG scale, temperature, top-k and top-p are per-call scalars of the `ar_step` graph, and a
 fixed prologue is prefilled. What a row's tokens depend on besides its noise is its own KV cache
 and logits; tests/test_serve.py checks that ONNX Runtime CPU gives bit-identical tokens and PNGs
@@ -26,8 +26,8 @@ import typing
 
 import numpy as np
 
-from .loop import InputError, Noise, TokenLoop, split_tokens
-from .settings import SamplingConfig
+from ..runtime.loop import InputError, Noise
+from ..runtime.settings import SamplingConfig
 
 
 class QueueFull(InputError):
@@ -320,17 +320,16 @@ class Batcher:
         if segments[0][0].fixed:
             fixed = np.concatenate([job.prologue_ids[first:first + count] for job, first, count in segments])
         noise = RowNoise([Noise(count, T, V, seed=job.seed, rows=(first, job.rows)) for job, first, count in segments])
-        with TokenLoop(gen.ar_state, vocab, gen.bundle.num_classes, classes, settings, prologue_ids=fixed,
-                       noise=noise) as loop:
-            while not loop.done:
+        with gen.generation(classes, noise, settings, prologue_ids=fixed) as run:
+            while not run.done:
                 if all(job.cancelled for job, _, _ in segments):
                     return None
-                loop.step()
-            return loop.tokens
+                run.step()
+            return run.tokens
 
     def _finish(self, job: Job) -> None:
         try:
-            images = self.generator.decode(split_tokens(job.tokens, self.generator.bundle.vocab)[1])
+            images = self.generator.images_of(job.tokens)
         except BaseException as exc:
             self._fail([job], exc)
             return

@@ -1,5 +1,6 @@
 """The one page `prologue serve` shows at `/`: plain HTML with its CSS and JS inline, no build step,
-nothing fetched from anywhere but this server's API (the Content-Security-Policy enforces it)."""
+nothing fetched from anywhere but this server's API (the Content-Security-Policy enforces it). Its
+sampling fields are built from `/v1/info`'s `options` (the runtime's table of sampling options)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ PAGE = """<!doctype html>
   #controls label { display: flex; flex-direction: column; font-size: 12px; color: #4b5468; }
   #controls input, #controls select { font-size: 14px; padding: 3px 5px; width: 7em; }
   #controls select { width: 12em; }
+  #options { display: contents; }
   button { font-size: 14px; padding: 6px 18px; background: #2f6fde; color: #fff; border: 0; border-radius: 4px;
            cursor: pointer; }
   button:disabled { background: #8aa6d8; cursor: wait; }
@@ -49,12 +51,7 @@ PAGE = """<!doctype html>
   <label>Class <select id="class"></select></label>
   <label>Images <input id="n" type="number" min="1" value="8"></label>
   <label>Seed <input id="seed" type="number" min="0" placeholder="random"></label>
-  <label>CFG <input id="cfg" type="number" min="0" step="0.1"></label>
-  <label>Temperature <input id="temperature" type="number" min="0.0001" step="0.05"></label>
-  <label>Prologue temp. <input id="prologue_temperature" type="number" min="0.0001" step="0.05"
-                               placeholder="= temperature"></label>
-  <label>Top-k <input id="top_k" type="number" min="0" step="1"></label>
-  <label>Top-p <input id="top_p" type="number" min="0" max="1" step="0.01"></label>
+  <span id="options"></span>
   <label>Variations <input id="nvar" type="number" min="1" value="8"></label>
   <button id="generate" type="button">Generate</button>
 </section>
@@ -86,14 +83,31 @@ function number(id, integer) {
   return value;
 }
 
+function buildOptions(options) {
+  // one field per sampling option a request may set (/v1/info "options": runtime/settings.py SAMPLING_OPTIONS)
+  for (const o of options) {
+    const label = document.createElement("label");
+    label.append(o.label + " ");
+    const input = document.createElement("input");
+    input.id = o.name;
+    input.type = "number";
+    input.title = o.help;
+    if (o.min !== null) input.min = o.min;
+    if (o.max !== null) input.max = o.max;
+    if (o.step !== null) input.step = o.step;
+    if (o.default !== null) input.value = o.default;
+    else if (o.optional) input.placeholder = "unset";
+    label.appendChild(input);
+    $("options").appendChild(label);
+  }
+}
+
 function knobs() {
   const body = {};
-  for (const id of ["cfg", "temperature", "prologue_temperature", "top_p"]) {
-    const v = number(id, false);
-    if (v !== null) body[id] = v;
+  for (const o of info.options) {
+    const v = number(o.name, o.type === "int");
+    if (v !== null) body[o.name] = v;
   }
-  const k = number("top_k", true);
-  if (k !== null) body.top_k = k;
   const seed = number("seed", true);
   if (seed !== null) body.seed = seed;
   return body;
@@ -179,12 +193,7 @@ async function start() {
     Array.from({length: Math.min(info.classes.num_classes, 2000)}, (_, k) => "class " + k);
   names.forEach((name, k) => select.add(new Option(k + ": " + name, k)));
   select.add(new Option("unconditional (null class)", info.classes.null_class));
-  const d = info.defaults;
-  $("cfg").value = d.cfg;
-  $("temperature").value = d.temperature;
-  if (d.prologue_temperature !== null) $("prologue_temperature").value = d.prologue_temperature;
-  $("top_k").value = d.top_k;
-  $("top_p").value = d.top_p;
+  buildOptions(info.options);
   $("n").max = info.limits.max_images;
   $("nvar").max = info.limits.max_images;
   $("generate").addEventListener("click", generate);
