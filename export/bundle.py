@@ -141,7 +141,8 @@ def quantize_ar_step(folder: Path, weights: str) -> typing.List[str]:
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError:
-        raise ExportError("weight-only quantization needs onnxruntime's quantization tools (pip install onnxruntime)") from None
+        raise ExportError("weight-only quantization needs onnxruntime's quantization tools (pip install "
+                          "'prologue-export[cpu]', or gpu-cu12 / gpu-cu13)") from None
     bits = {"int8": 8, "int4": 4}[weights]
     logger = logging.getLogger("onnxruntime.quantization")
     level = logger.level

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.bundle import MANIFEST, Bundle
-from ..runtime.contract import ENGINE_GRAPHS, batch_ranges
+from ..runtime.contract import ENGINE_GRAPHS, profile_shapes
 from ..runtime.cuda import device_info
 from ..runtime.files import sha256_file, write_bytes_atomic, write_json_atomic
 from ..runtime.tensorrt_backend import engine_file_name
@@ -50,31 +50,12 @@ def default_timing_cache() -> Path:
 
 
 def engine_profile(contract: dict, max_batch: int, opt_batch: typing.Optional[int] = None) -> dict:
-    """min/opt/max shapes of every input of one graph: `{input: {"min": [...], "opt": [...], "max": [...]}}`.
-
-    Dynamic axes come from the manifest contract: the batch-like axes (`batch`, and `rows` for CFG)
-    take their ranges from `runtime/contract.py` `batch_ranges(max_batch, opt_batch)`; the others
-    (`new_tokens`: opt 1, a decode step, up to the whole sequence) keep the manifest's range."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ExportError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
-    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
-        raise ExportError(f"the serving batch (opt) must lie in [1, {max_batch}], got {opt_batch}")
-    batch_like = batch_ranges(max_batch, opt_batch)
-    ranges = {}
-    for name, r in contract.get("dynamic_axes", {}).items():
-        if name in batch_like:
-            b = batch_like[name]
-            ranges[name] = (b.min, b.opt, b.max)
-        else:
-            ranges[name] = (max(1, int(r["min"])), max(1, int(r["opt"])), int(r["max"]))
-    profile = {}
-    for spec in contract["inputs"]:
-        shapes = {"min": [], "opt": [], "max": []}
-        for dim in spec["shape"]:
-            for k, i in (("min", 0), ("opt", 1), ("max", 2)):
-                shapes[k].append(int(dim) if not isinstance(dim, str) else ranges[dim][i])
-        profile[spec["name"]] = shapes
-    return profile
+    """min/opt/max shapes of every input of one graph (`runtime/contract.py` `profile_shapes`: the
+    batch-like axes from `batch_ranges`, the others from the manifest); a bad batch is an ExportError."""
+    try:
+        return profile_shapes(contract, max_batch, opt_batch)
+    except ValueError as exc:
+        raise ExportError(str(exc).replace("max batch", "--max-batch", 1)) from None
 
 
 # --------------------------------------------------------------------------- reduced precision
@@ -325,15 +306,29 @@ def trtexec_commands(bundle_path, precision: str = "fp16", timing_cache=None,
 # --------------------------------------------------------------------------- building
 
 
+TENSORRT_MAJORS = (10, 11)  # every TensorRT name used here is checked against both (tests/test_tensorrt_api.py)
+
+
 def _tensorrt():
     try:
         import tensorrt
     except ImportError:
         raise ExportError("TensorRT is not installed here: building engines needs a CUDA GPU host with "
-                          "`pip install 'prologue-export[tensorrt]'` (tensorrt 10 and cuda-python); the ONNX bundle "
-                          "works without it, and `prologue build-engines BUNDLE --print-trtexec` prints trtexec "
-                          "commands") from None
+                          "`pip install 'prologue-export[tensorrt-cu12]'` (CUDA 12 driver) or "
+                          "'prologue-export[tensorrt-cu13]' (CUDA 13); the ONNX bundle works without it, and "
+                          "`prologue build-engines BUNDLE --print-trtexec` prints trtexec commands") from None
+    if _tensorrt_major(tensorrt) not in TENSORRT_MAJORS:
+        majors = " and ".join(f"{m}.x" for m in TENSORRT_MAJORS)
+        raise ExportError(f"TensorRT {tensorrt.__version__} is installed; building engines is written for TensorRT "
+                          f"{majors} (pip install 'prologue-export[tensorrt-cu12]' or '[tensorrt-cu13]'); "
+                          "`prologue build-engines BUNDLE --print-trtexec` prints trtexec commands for any version")
     return tensorrt
+
+
+def _tensorrt_major(trt) -> int:
+    """The major version of the `tensorrt` module (`__version__`, e.g. "10.7.0.23"); -1 if unreadable."""
+    head = str(getattr(trt, "__version__", "")).split(".")[0]
+    return int(head) if head.isdigit() else -1
 
 
 def _checked(ok, what: str) -> None:
@@ -344,7 +339,12 @@ def _checked(ok, what: str) -> None:
 def _build_one(trt, logger, onnx_path: Path, profile: dict, cache_path: Path, workspace_gb: float, graph: str):
     """One strongly typed engine from `onnx_path`; returns the serialized engine and the timing cache."""
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    # Strong typing is a creation flag in TensorRT 10 (kSTRONGLY_TYPED = 1: include/NvInfer.h:9407 at v10.0.1,
+    # :12113 at v10.16) and the only mode in TensorRT 11, where the flag is deprecated and ignored
+    # (kSTRONGLY_TYPED TRT_DEPRECATED_ENUM = 0, "Strongly typed mode is always enabled": :11415 at v11.0,
+    # :11471 at v11.1): set on 10 only.
+    strongly_typed = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if _tensorrt_major(trt) < 11 else 0
+    network = builder.create_network(strongly_typed)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -357,7 +357,9 @@ def _build_one(trt, logger, onnx_path: Path, profile: dict, cache_path: Path, wo
     opt_profile = builder.create_optimization_profile()
     for name, shapes in profile.items():
         opt_profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
-    _checked(opt_profile.is_valid() if hasattr(opt_profile, "is_valid") else True, f"the profile of {graph}")
+    # IOptimizationProfile has no is_valid in Python: its validity is bool(profile) (`__bool__` ->
+    # isValid, TensorRT python/src/infer/pyCore.cpp:879-880 at v10.7.0, :1049-1050 at v11.1)
+    _checked(bool(opt_profile), f"the profile of {graph} (min <= opt <= max for every input)")
     _checked(config.add_optimization_profile(opt_profile) >= 0, f"add the optimisation profile of {graph}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -75,6 +75,25 @@ def ar_step_axes(max_batch: int, seq_len: int) -> typing.Dict[str, AxisRange]:
     return {**batch_ranges(max_batch), "new_tokens": AxisRange(1, 1, seq_len)}
 
 
+def profile_shapes(graph: dict, max_batch: int, opt_batch: typing.Optional[int] = None) -> typing.Dict[str, dict]:
+    """min/opt/max shapes of every input of one graph, from the manifest's spec of it (`graphs.<name>`):
+    `{input: {"min": [...], "opt": [...], "max": [...]}}`. The batch-like axes take `batch_ranges`
+    (max_batch, opt_batch); the others (`new_tokens`: opt 1, a decode step) keep the manifest's range.
+    What TensorRT engines (`prologue build-engines`) and ONNX Runtime's TensorRT provider are built for."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max batch must be an integer >= 1, got {max_batch!r}")
+    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
+        raise ValueError(f"the serving batch (opt) must lie in [1, {max_batch}], got {opt_batch}")
+    batch_like = batch_ranges(max_batch, opt_batch)
+    ranges = {}
+    for name, r in graph.get("dynamic_axes", {}).items():
+        b = batch_like.get(name)
+        ranges[name] = (b.min, b.opt, b.max) if b else (max(1, int(r["min"])), max(1, int(r["opt"])), int(r["max"]))
+    return {spec["name"]: {k: [int(d) if not isinstance(d, str) else ranges[d][i] for d in spec["shape"]]
+                           for i, k in enumerate(("min", "opt", "max"))}
+            for spec in graph["inputs"]}
+
+
 def static_axes(inputs, outputs, axes: typing.Dict[str, AxisRange]):
     """Axes whose range is one value (`batch` with max batch 1) become that number in the specs
     and leave `axes`: a static dimension, which exporters and engine builders take as it is."""

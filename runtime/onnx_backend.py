@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import threading
 import typing
+from pathlib import Path
 
 import numpy as np
 
 from .bundle import Bundle, BundleError, check_signature
-from .contract import AR_STEP, cache_feeds, cache_input_names
-from .cuda import CudaUnavailable, copy_new_kv, cudart
+from .contract import AR_STEP, cache_feeds, cache_input_names, profile_shapes
+from .cuda import CudaUnavailable, check, copy_new_kv, cudart, layer_stride, release_all
 from .loop import HostKVState, InputError
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(uint8)": "uint8",
@@ -26,12 +27,35 @@ ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(uint8
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+ORT_INSTALL_HINT = ("pip install 'prologue-export[cpu]' (CPU), or on a GPU host 'prologue-export[gpu-cu12]' "
+                    "(nvidia-smi shows CUDA 12.x) or 'prologue-export[gpu-cu13]' (CUDA 13.x); exactly one of them per "
+                    "environment (onnxruntime and onnxruntime-gpu overwrite each other's files)")
+
+
 def _ort():
     try:
         import onnxruntime
-    except ImportError:  # pragma: no cover - a base dependency
-        raise BundleError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+    except ImportError:
+        raise BundleError(f"ONNX Runtime is not installed: {ORT_INSTALL_HINT}") from None
     return onnxruntime
+
+
+ACCELERATORS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_PRELOADED: typing.List[bool] = []
+
+
+def preload_gpu_libraries(ort) -> None:
+    """`onnxruntime.preload_dlls()` once per process before the first GPU session (ONNX Runtime >=
+    1.21): it loads the CUDA and cuDNN libraries of the nvidia-* pip packages, which the CUDA provider
+    does not find by itself unless torch was imported first (its docstring). Missing cuDNN is ignored
+    there; anything else it cannot load shows when the session's providers are checked."""
+    if _PRELOADED or not hasattr(ort, "preload_dlls"):
+        return
+    _PRELOADED.append(True)
+    try:
+        ort.preload_dlls()
+    except Exception:  # noqa: BLE001 - best effort; the provider check after loading reports what is missing
+        pass
 
 
 def available_providers() -> typing.List[str]:
@@ -62,10 +86,22 @@ def resolve_providers(providers: typing.Union[str, typing.Sequence[str], None]) 
     missing = [p for p in chosen if p not in available]
     if missing:
         raise BundleError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here (available: "
-                          f"{', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT")
+                          f"{', '.join(available)}); on a GPU host use onnxruntime-gpu instead of onnxruntime: pip uninstall -y "
+                          "onnxruntime, then pip install 'prologue-export[gpu-cu12]' (or [gpu-cu13])")
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")  # fallback for ops the accelerator lacks
     return chosen
+
+
+def tensorrt_cache_dir(bundle: Bundle) -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps this bundle's engines and timing cache:
+    `$PROLOGUE_TRT_CACHE` or `$XDG_CACHE_HOME/prologue-export/ort-tensorrt` (`~/.cache/...`), one folder
+    per bundle manifest (its sha256): engines built for another bundle are never picked up."""
+    base = os.environ.get("PROLOGUE_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "prologue-export" / "ort-tensorrt"
+    folder = Path(base) / bundle.digest[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 SMALL_GRAPH_BYTES = 8 * 1024**2
@@ -93,6 +129,7 @@ class OrtBackend:
                  ar_graph: str = AR_STEP):
         self.bundle = bundle
         self.ar_graph = ar_graph  # "ar_step" or a weight-only quantized variant ("ar_step_int4", ...)
+        self.explicit = providers not in (None, "auto")  # a GPU provider the user asked for must load
         self.providers = resolve_providers(providers)
         if intra_op_threads is not None and (isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int)
                                              or intra_op_threads < 1):
@@ -152,11 +189,54 @@ class OrtBackend:
             for name in external:
                 self.bundle.read_verified(name)
             model = str(self.bundle.graph_file(graph))
+        if any(p in ACCELERATORS for p in self.providers):
+            preload_gpu_libraries(ort)
         try:
-            return ort.InferenceSession(model, options, providers=self.providers)
+            session = ort.InferenceSession(model, options, providers=self.provider_list(graph))
         except Exception as exc:  # ORT raises its own exception types
             message = " ".join(str(exc).split())[:300]
             raise BundleError(f"ONNX Runtime cannot load {self.bundle.path / file}: {message}") from None
+        self._check_loaded(session)
+        return session
+
+    def provider_list(self, graph: str) -> list:
+        """The providers handed to ONNX Runtime for `graph`: TensorRT with its options (below)."""
+        return [(p, self.tensorrt_options(graph)) if p == "TensorrtExecutionProvider" else p for p in self.providers]
+
+    def tensorrt_options(self, graph: str) -> typing.Dict[str, str]:
+        """ONNX Runtime's TensorRT provider options for one graph (its docs, "Configurations"): engines
+        and timing cache kept on disk per bundle (`tensorrt_cache_dir`), so a process does not rebuild
+        them on first use, and one explicit profile from the contract (`profile_shapes`: batch 1 ..
+        the bundle's max batch, prefill up to the whole sequence), so every batch size, prefill and
+        decode share one engine instead of one build per new shape."""
+        cache = str(tensorrt_cache_dir(self.bundle))
+        profile = profile_shapes(self.bundle.graphs[graph], self.bundle.max_batch)
+
+        def shapes(key: str) -> str:
+            return ",".join(f"{name}:{'x'.join(str(d) for d in dims[key])}" for name, dims in profile.items())
+
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache, "trt_timing_cache_enable": "True",
+                "trt_timing_cache_path": cache, "trt_profile_min_shapes": shapes("min"),
+                "trt_profile_opt_shapes": shapes("opt"), "trt_profile_max_shapes": shapes("max")}
+
+    def _check_loaded(self, session) -> None:
+        """A GPU provider that ONNX Runtime lists but cannot load (CUDA or cuDNN libraries missing, a
+        driver too old) is left out of the session, which then runs on the CPU (or the Python API falls
+        back to it): `get_available_providers` names what the package was built with, the session's
+        `get_providers` what it loaded. Asked for explicitly: a one-line error; with `auto`: the
+        backend says CPU from now on (its name, its host KV cache) and warns once."""
+        loaded = list(session.get_providers())
+        missing = [p for p in self.providers if p in ACCELERATORS and p not in loaded]
+        if not missing:
+            return
+        what = f"ONNX Runtime could not load {', '.join(missing)} (loaded: {', '.join(loaded) or 'none'})"
+        if self.explicit:
+            raise BundleError(f"{what}: its CUDA/cuDNN libraries are missing or do not match the driver; "
+                              f"{ORT_INSTALL_HINT}, or use --backend cpu")
+        import warnings
+
+        warnings.warn(f"{what}; running on the CPU", RuntimeWarning, stacklevel=4)
+        self.providers = [p for p in self.providers if p not in missing] or ["CPUExecutionProvider"]
 
     def run(self, graph: str, feeds: typing.Dict[str, np.ndarray], outputs: typing.Optional[typing.List[str]] = None):
         return self.session(graph).run(outputs, feeds)
@@ -173,6 +253,7 @@ class OrtBackend:
 
     def ar_state(self, rows: int, batch: int, cache_shape: tuple):
         """The KV cache of one generation: on the GPU (IO binding) when possible, else on the host."""
+        self.session(self.ar_graph)  # loaded first: a GPU provider that fails to load means the CPU
         if self.device == "cuda":
             try:
                 return OrtDeviceState(self, cache_shape)
@@ -184,34 +265,55 @@ class OrtBackend:
 class OrtDeviceState:
     """`ar_step` through IO binding with the KV cache kept on the GPU (CUDA/TensorRT providers).
 
-    The cache is one device allocation per tensor, `[L, rows, H, S, d]`; layer i is bound as the
-    graph input `k_cache_i` / `v_cache_i` by its address inside it, so nothing is copied per step
-    except the new slice. Written from the ONNX Runtime IO-binding documentation; it runs only
-    where onnxruntime-gpu, cuda-python and a GPU are present (tests marked `gpu`).
+    The cache is one device allocation per tensor, `[L, ...]`, layer i at `i * stride` (its size
+    rounded up to TensorRT's 256-byte address alignment, `cuda.layer_stride`: the TensorRT provider
+    hands these addresses to TensorRT); layer i is bound as the graph input `k_cache_i` / `v_cache_i`
+    by its address, so nothing is copied per step except the new slice. ONNX Runtime runs on streams
+    of its own, created non-blocking (onnxruntime/core/providers/cuda/cuda_stream_handle.cc), and
+    synchronizes them before `run_with_iobinding` returns (the run option
+    `disable_synchronize_execution_providers` defaults to off,
+    include/onnxruntime/core/session/onnxruntime_run_options_config_keys.h); the new slice is then
+    copied on this state's own stream, which is synchronized before the step returns: the next run
+    reads a complete cache, and `k_new` / `v_new` go back to ONNX Runtime's pool only once the copy
+    has read them. (A copy on the legacy default stream, as before, is not ordered with ONNX
+    Runtime's non-blocking streams: CUDA Runtime API, "Stream synchronization behavior".)
+    Written from the ONNX Runtime IO-binding and CUDA documentation; it runs only where
+    onnxruntime-gpu, cuda-python and a GPU are present; tests/fakes/ model those rules on a CPU.
 
-    `close()` (idempotent; also `with state:`) drops the cache `OrtValue`s and the IO binding, which
-    frees their device memory; `TokenLoop` calls it when the generation ends."""
+    `close()` (idempotent; also `with state:`) synchronizes and destroys the stream and drops the
+    cache `OrtValue`s and the IO binding, which frees their device memory; `TokenLoop` calls it when
+    the generation ends."""
 
     def __init__(self, backend: OrtBackend, cache_shape: tuple):
         self.cudart = cudart()  # CudaUnavailable without cuda-python
         ort = _ort()
         self.session = backend.session(backend.ar_graph)
-        zeros = np.zeros(cache_shape, dtype=np.float32)  # stale slots are masked, but must not hold NaN
+        self.shape, self.stride = cache_shape, layer_stride(cache_shape, 4)
+        self.names = cache_input_names(cache_shape[0])
+        self.k_cache = self.v_cache = self.binding = self.stream = None
+        self.closed = False
+        zeros = np.zeros(cache_shape[0] * self.stride // 4, dtype=np.float32)  # stale slots are masked, but not NaN
         self.k_cache = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)
         self.v_cache = ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)
-        self.shape = cache_shape
-        self.names = cache_input_names(cache_shape[0])
         self.binding = self.session.io_binding()
-        self.closed = False
+        rt = self.cudart
+        self.stream = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        rt, stream = self.cudart, self.stream
         if self.binding is not None:
             self.binding.clear_binding_inputs()
             self.binding.clear_binding_outputs()
-        self.binding = self.k_cache = self.v_cache = None
+        self.binding = self.stream = None
+        steps = [] if stream is None else [lambda: check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize"),
+                                           lambda: check(rt.cudaStreamDestroy(stream), "cudaStreamDestroy")]
+        try:
+            release_all(steps)
+        finally:
+            self.k_cache = self.v_cache = None
 
     def __enter__(self) -> "OrtDeviceState":
         return self
@@ -228,10 +330,9 @@ class OrtDeviceState:
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
         L, R, H, S, d = self.shape
-        layer_bytes = R * H * S * d * 4
         for cache, names in zip((self.k_cache, self.v_cache), self.names):
             for i, name in enumerate(names):
-                io.bind_input(name, "cuda", 0, np.float32, [R, H, S, d], cache.data_ptr() + i * layer_bytes)
+                io.bind_input(name, "cuda", 0, np.float32, [R, H, S, d], cache.data_ptr() + i * self.stride)
         io.bind_output("next_tokens", "cpu")
         for name in ("k_new", "v_new", "logits"):
             io.bind_output(name, "cuda", 0)
@@ -239,5 +340,7 @@ class OrtDeviceState:
         next_tokens, k_new, v_new = io.get_outputs()[:3]
         n, position = int(feeds["input_ids"].shape[1]), int(feeds["start_pos"][0])
         for cache, new in ((self.k_cache, k_new), (self.v_cache, v_new)):
-            copy_new_kv(self.cudart, cache.data_ptr(), new.data_ptr(), self.shape, position, n, 4)
+            copy_new_kv(self.cudart, cache.data_ptr(), new.data_ptr(), self.shape, position, n, 4, self.stream,
+                        stride=self.stride)
+        check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize (the new K/V in the cache)")
         return next_tokens.numpy()

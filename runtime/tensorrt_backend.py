@@ -33,7 +33,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .contract import AR_STEP, ENGINE_GRAPHS, cache_input_names, resolve_shape
-from .cuda import DeviceBuffer, check, copy_new_kv, cudart, device_info, release_all
+from .cuda import DeviceBuffer, check, copy_new_kv, cudart, device_info, layer_stride, native_handle, release_all
 from .loop import InputError, close_after_error
 
 
@@ -97,8 +97,9 @@ def set_address(context, graph: str, name: str, ptr: int) -> None:
 
 
 def execute(context, graph: str, stream) -> None:
-    """`IExecutionContext.execute_async_v3`, which returns False when it cannot enqueue."""
-    if not context.execute_async_v3(stream):
+    """`IExecutionContext.execute_async_v3(stream_handle: int)`, which returns False when it cannot
+    enqueue; the stream goes as its native handle (`cuda.native_handle`)."""
+    if not context.execute_async_v3(native_handle(stream)):
         raise BundleError(f"TensorRT failed to run the {graph} engine (execute_async_v3 returned False); "
                           "the TensorRT log above says why")
 
@@ -123,7 +124,8 @@ class TensorRTBackend:
         try:
             import tensorrt as trt
         except ImportError:
-            raise BundleError("the tensorrt backend needs TensorRT: pip install tensorrt (on a CUDA GPU host)") from None
+            raise BundleError("the tensorrt backend needs TensorRT: pip install 'prologue-export[tensorrt-cu12]' (CUDA 12 "
+                              "driver) or 'prologue-export[tensorrt-cu13]' (CUDA 13), on a GPU host") from None
         self.trt, self.cudart = trt, cudart()
         self.bundle, self.device, self.cuda_graphs = bundle, device, cuda_graphs
         self.use_device()
@@ -208,8 +210,15 @@ class TensorRTBackend:
             context, stream, buffers = self.borrow_context(graph), self._stream, []
             try:
                 results = self._run(graph, context, stream, buffers, feeds, in_names, out_names)
+            except BaseException:  # the stream may still hold queued copies into these buffers: finish them first
+                try:
+                    release_all([lambda: self.cudart.cudaStreamSynchronize(stream), *[buf.free for buf in buffers]])
+                except Exception:  # the error on its way out is the one to report
+                    pass
+                raise
+            else:
+                release_all([buf.free for buf in buffers])  # `_run` synchronized the stream
             finally:
-                release_all([buf.free for buf in buffers])
                 self.return_context(graph, context)
         return [results[n] for n in (outputs or out_names)]
 
@@ -291,8 +300,10 @@ class DeviceARState:
         self.context = self.b.borrow_context(AR_STEP)
         self.stream = check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.itemsize = self.b._dtype(self.engine, self.cache_names[0][0]).itemsize
-        cache_bytes = L * R * H * S * d * self.itemsize
-        # one allocation per tensor [L, R, H, S, d]; layer i is the engine input k_cache_i / v_cache_i
+        # one allocation per tensor [L, R, H, S, d]; layer i, the engine input k_cache_i / v_cache_i, starts
+        # at i * stride: its size rounded up to TensorRT's 256-byte address alignment (cuda.layer_stride)
+        self.stride = layer_stride(self.shape, self.itemsize)
+        cache_bytes = L * self.stride
         self.k_cache = DeviceBuffer(cache_bytes, self.cudart)
         self.v_cache = DeviceBuffer(cache_bytes, self.cudart)
         for buf in (self.k_cache, self.v_cache):  # stale slots are masked, but must not hold NaN
@@ -305,10 +316,9 @@ class DeviceARState:
                 nbytes = math.prod(resolve_shape(spec["shape"], largest)) * self.b._dtype(self.engine, spec["name"]).itemsize
                 self.buffers[spec["name"]] = DeviceBuffer(nbytes, self.cudart)
                 set_address(self.context, AR_STEP, spec["name"], self.buffers[spec["name"]].ptr)
-        layer_bytes = R * H * S * d * self.itemsize
         for cache, names in zip((self.k_cache, self.v_cache), self.cache_names):
             for i, name in enumerate(names):
-                set_address(self.context, AR_STEP, name, cache.ptr + i * layer_bytes)
+                set_address(self.context, AR_STEP, name, cache.ptr + i * self.stride)
         self.next_tokens = np.empty(self.batch, dtype=self.b._dtype(self.engine, "next_tokens"))
 
     def _set_shapes(self, n: int) -> None:
@@ -319,6 +329,7 @@ class DeviceARState:
     def step(self, feeds: typing.Dict[str, np.ndarray]) -> np.ndarray:
         if self.closed:
             raise InputError("this generation's device state is closed (the generation ended or was closed)")
+        self.b.use_device()  # CUDA's current device is per thread: a generation may step from any thread
         n = int(feeds["input_ids"].shape[1])
         position = int(feeds["start_pos"][0])
         for name, value in feeds.items():
@@ -333,7 +344,8 @@ class DeviceARState:
         if n == 1:
             self.decode_steps += 1
         for cache, new in ((self.k_cache, self.buffers["k_new"]), (self.v_cache, self.buffers["v_new"])):
-            copy_new_kv(self.cudart, cache.ptr, new.ptr, self.shape, position, n, self.itemsize, self.stream)
+            copy_new_kv(self.cudart, cache.ptr, new.ptr, self.shape, position, n, self.itemsize, self.stream,
+                        stride=self.stride)
         self.buffers["next_tokens"].download(self.next_tokens, self.stream)
         check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize (after ar_step)")
         return self.next_tokens.astype(np.int64)
@@ -348,12 +360,12 @@ class DeviceARState:
         check(rt.cudaStreamBeginCapture(self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
               "cudaStreamBeginCapture")
         try:
-            failure = None if self.context.execute_async_v3(self.stream) else "execute_async_v3 returned False"
+            failure = None if self.context.execute_async_v3(native_handle(self.stream)) else "execute_async_v3 returned False"
         except Exception as exc:  # the capture must still be ended; the eager step will raise it again
             failure = f"execute_async_v3 raised {exc!r}"
         err, graph = rt.cudaStreamEndCapture(self.stream)
-        if int(err) != 0:
-            failure = f"cudaStreamEndCapture: {err}"
+        if int(err) != 0:  # a failure inside the capture invalidates it: keep that first reason
+            failure = f"{failure}; cudaStreamEndCapture: {err}" if failure else f"cudaStreamEndCapture: {err}"
         else:
             try:
                 if failure is None:
@@ -388,7 +400,7 @@ class DeviceARState:
             if finished[0]:
                 self.b.return_context(AR_STEP, context)
 
-        steps = [synchronize] if stream is not None else []
+        steps = [self.b.use_device] + ([synchronize] if stream is not None else [])  # this thread may be another
         if graph_exec is not None:
             steps.append(lambda: check(rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy"))
         steps += [buf.free for buf in buffers]

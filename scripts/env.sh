@@ -15,6 +15,13 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0 (CPU)"
   "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
 fi
+# The dev extra brings onnxruntime (CPU); onnxruntime-gpu in the same environment would overwrite its
+# files (and it would lose the CUDA provider): one ONNX Runtime per environment.
+if "$VENV/bin/python" -m pip show onnxruntime-gpu >/dev/null 2>&1; then
+  echo "[setup] $VENV holds onnxruntime-gpu; the dev extra installs onnxruntime (CPU) and the two overwrite each" >&2
+  echo "        other's files: use another environment (VENV=...) or 'pip uninstall -y onnxruntime-gpu' first" >&2
+  exit 2
+fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
 export PATH="$VENV/bin:$PATH"
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, in two environments:
 #  1. .venv: CPU torch + this package with the dev extra; the whole suite;
-#  2. .venv-runtime: `pip install .[serve]` only (numpy, onnxruntime, pillow, starlette, uvicorn; no
-#     torch): the runtime and server tests again, against a bundle that environment 1 prepares.
+#  2. .venv-runtime: `pip install .[cpu,serve]` only (numpy, pillow, onnxruntime, starlette, uvicorn;
+#     no torch): the runtime and server tests again, against a bundle that environment 1 prepares.
 # Extra arguments go to the first pytest run only (e.g. `bash scripts/test.sh -k fixture`), and
 # then the second environment is skipped.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -19,14 +19,14 @@ RT_VENV="${RT_VENV:-$ROOT/.venv-runtime}"
 if [ ! -x "$RT_VENV/bin/python" ]; then
   python3 -m venv "$RT_VENV"
 fi
-"$RT_VENV/bin/pip" install -q --disable-pip-version-check --upgrade "$ROOT[serve]" pytest httpx
+"$RT_VENV/bin/pip" install -q --disable-pip-version-check --upgrade "$ROOT[cpu,serve]" pytest httpx
 if "$RT_VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[test] error: torch is importable in the runtime-only environment $RT_VENV" >&2
   exit 1
 fi
 cd "$ROOT/build"
 # the runtime's tests (the noise stream, the Generator, the rest of the runtime), its hostile-input
-# matrix, the GPU backends against fakes and the HTTP server (`pip install .[serve]`), without torch
+# matrix, the GPU backends against fakes and the HTTP server (`pip install .[cpu,serve]`), without torch
 PROLOGUE_TEST_BUNDLE_DIR="$FIXTURE" "$RT_VENV/bin/python" -m pytest -q -p no:cacheprovider \
   --import-mode=importlib --rootdir "$ROOT" "$ROOT/tests/test_noise.py" "$ROOT/tests/test_generator.py" \
   "$ROOT/tests/test_runtime.py" "$ROOT/tests/test_gpu_backends.py" \

@@ -1,7 +1,8 @@
 """Builds the bundle and the torch reference outputs that the runtime tests compare against.
 
-`python -m tests.runtime_fixture DIR` (torch environment) writes DIR/bundle, DIR/bundle2d and
-DIR/reference.npz, so that the runtime tests can also run in an environment without torch.
+`python -m tests.runtime_fixture DIR` (torch environment) writes DIR/bundle, DIR/bundle2d,
+DIR/bundle_trt (DIR/bundle with its fp32 TensorRT ONNX forms) and DIR/reference.npz, so that the
+runtime tests can also run in an environment without torch.
 """
 
 import sys
@@ -57,6 +58,14 @@ def build(root) -> Path:
         tokens = pe.sample(model.ar, [10] * 3, {"cfg": 0.0}, seed=5, prologue_ids=prologue.repeat(3, 1))
         arrays["variations_tokens"] = tokens.numpy()
     np.savez(root / "reference.npz", **arrays)
+    # the TensorRT ONNX forms engines are built from (fake engines run them: tests/test_gpu_backends.py)
+    import shutil
+
+    from prologue_export.export.tensorrt import prepare_tensorrt
+
+    shutil.rmtree(root / "bundle_trt", ignore_errors=True)
+    shutil.copytree(root / "bundle", root / "bundle_trt")
+    prepare_tensorrt(root / "bundle_trt", "fp32", log=lambda m: None)
     return root
 
 

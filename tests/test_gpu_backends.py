@@ -23,7 +23,8 @@ from prologue_export.runtime.files import sha256_file
 from prologue_export.runtime.contract import ENGINE_GRAPHS
 from prologue_export.runtime.cuda import CudaError
 
-from .fakes.cuda import FakeCudart, cudaStreamCaptureMode
+from .fakes.cuda import FakeCudart, cudaStreamCaptureMode, fake_cuda_modules
+from .fakes.onnxruntime import fake_onnxruntime
 from .fakes.tensorrt import DataType, TensorIOMode, fake_tensorrt
 
 CFG = dict(cfg=2.0)
@@ -55,21 +56,36 @@ def plain_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_bundle(plain_bundle, tmp_path_factory):
-    """The bundle with fake engine files recorded in its manifest (as `prologue build-engines`
-    would): each file's bytes name the graph whose ONNX the fake engine runs."""
+    """The bundle with fake engine files recorded in its manifest as `prologue build-engines` records
+    them (profile, top-k bound): each file's bytes name the graph whose TensorRT ONNX form (the
+    `.trt.onnx` file `prepare_tensorrt` writes, `If` inlined, TopK capped) the fake engine runs, with
+    that profile's shape bounds. `$PROLOGUE_TEST_BUNDLE_DIR/bundle_trt` where given (the torch-free
+    run: tests/runtime_fixture.py prepared it), else prepared here (needs onnx)."""
+    given = os.environ.get("PROLOGUE_TEST_BUNDLE_DIR")
     bundle = tmp_path_factory.mktemp("engines") / "bundle"
-    shutil.copytree(plain_bundle, bundle)
+    if given:
+        shutil.copytree(Path(given) / "bundle_trt", bundle)
+    else:
+        pytest.importorskip("onnx", reason="preparing the TensorRT forms needs onnx")
+        from prologue_export.export.tensorrt import prepare_tensorrt
+
+        shutil.copytree(plain_bundle, bundle)
+        prepare_tensorrt(bundle, "fp32", log=lambda m: None)
     manifest = json.loads((bundle / MANIFEST).read_text())
+    section = manifest["tensorrt"]["fp32"]
     graphs = {}
     manifest["engines"] = {}
     for graph in ENGINE_GRAPHS:
+        entry = section["graphs"][graph]
         file = tensorrt_backend.engine_file_name(graph, "fp32")
         data = f"fake engine of {graph}".encode()
         (bundle / file).write_bytes(data)
         manifest["files"][file] = {"sha256": sha256_file(bundle / file), "bytes": len(data)}
-        manifest["engines"][graph] = {"file": file, "precision": "fp32", "max_batch": 4, "tensorrt_version": "10.7.0",
-                                      "compute_capability": "9.0", "device": "Fake GPU"}
-        graphs[data] = (graph, bundle / manifest["graphs"][graph]["file"])
+        manifest["engines"][graph] = {"file": file, "onnx": entry["onnx"], "precision": "fp32",
+                                      "max_batch": section["max_batch"], "profile": entry["profile"],
+                                      "tensorrt_version": "10.7.0", "compute_capability": "9.0", "device": "Fake GPU",
+                                      **({"top_k_max": entry["top_k_max"]} if "top_k_max" in entry else {})}
+        graphs[data] = (graph, bundle / entry["onnx"], entry["profile"])
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return bundle, graphs
 
@@ -82,6 +98,7 @@ def fakes(engine_bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(tensorrt_backend, "cudart", lambda: cudart)
     monkeypatch.setattr(runtime_cuda, "cudart", lambda: cudart)
+    fake_cuda_modules(monkeypatch, cudart)
     return cudart, trt
 
 
@@ -220,14 +237,21 @@ def test_contexts_are_reused_in_sequence_and_distinct_at_once(fakes, engine_bund
     assert set(cudart.capture_modes) == {cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal}
 
 
-def test_a_failed_capture_runs_eagerly(fakes, engine_bundle, cpu):
-    cudart, _ = fakes
-    cudart.fail["cudaStreamEndCapture"] = 901  # e.g. cudaErrorStreamCaptureInvalidated
+@pytest.mark.parametrize("failure, reason", [
+    ("end", "cudaStreamEndCapture"),  # cudaErrorStreamCaptureInvalidated at the end of the capture
+    ("execute", "execute_async_v3 returned False"),  # a failure inside it, which invalidates the capture
+])
+def test_a_failed_capture_runs_eagerly(fakes, engine_bundle, cpu, failure, reason):
+    cudart, trt = fakes
+    if failure == "end":
+        cudart.fail["cudaStreamEndCapture"] = 901
+    else:
+        trt.fail_in_capture = True
     gen = trt_generator(engine_bundle)
     run = gen.start([1, 2], seed=0, **CFG)
     state = run.loop.state
     run.run()
-    assert "cudaStreamEndCapture" in state.capture_error and cudart.created["exec"] == 0
+    assert reason in state.capture_error and cudart.created["exec"] == 0
     np.testing.assert_array_equal(run.tokens, cpu.start([1, 2], seed=0, **CFG).run().tokens)
     cudart.assert_all_released()
 
@@ -316,3 +340,164 @@ def test_tensorrt_provider_alias_keeps_cuda_behind_it(monkeypatch):
     monkeypatch.setattr(onnx_backend, "available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(BundleError, match="CUDAExecutionProvider not available here.*onnxruntime-gpu"):
         resolve("tensorrt")
+
+
+# --------------------------------------------------------------------------- ONNX Runtime on a (fake) GPU
+
+
+@pytest.fixture
+def ort_gpu(monkeypatch):
+    """A fake onnxruntime-gpu with the CUDA provider on a fake GPU (tests/fakes/onnxruntime.py, with
+    its rules: a non-blocking stream, synchronized runs, an arena that reuses outputs at once)."""
+    cudart = FakeCudart()
+    ort = fake_onnxruntime(cudart, available=("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                              "CPUExecutionProvider"))
+    monkeypatch.setattr(onnx_backend, "_ort", lambda: ort)
+    monkeypatch.setattr(onnx_backend, "cudart", lambda: cudart)
+    monkeypatch.setattr(onnx_backend, "_PRELOADED", [])
+    monkeypatch.setattr(runtime_cuda, "cudart", lambda: cudart)
+    fake_cuda_modules(monkeypatch, cudart)
+    return cudart, ort
+
+
+@pytest.mark.parametrize("settings", [CFG, NO_CFG], ids=["cfg", "no_cfg_top_k_top_p"])
+def test_onnxruntime_cuda_keeps_the_cache_on_the_device_and_gives_the_cpu_tokens(ort_gpu, plain_bundle, cpu, settings):
+    """The new K/V slice is copied into the device cache on the state's own stream, synchronized
+    before the next run: a copy left on the legacy stream (the old code) is not ordered with ONNX
+    Runtime's non-blocking stream, so the next run reads a stale cache and the arena hands the slice's
+    memory to the next outputs while the copy still has to read it: other tokens."""
+    cudart, ort = ort_gpu
+    classes = [1, 2, 10]
+    want = cpu.start(classes, seed=0, **settings).run().tokens
+    with Generator.from_bundle(plain_bundle, backend="cuda") as gen:
+        assert gen.backend_name == "onnxruntime[CUDAExecutionProvider]"
+        run = gen.start(classes, seed=0, **settings)
+        state = run.loop.state
+        assert isinstance(state, onnx_backend.OrtDeviceState)
+        run.run()
+        np.testing.assert_array_equal(run.tokens, want)
+        assert state.closed and cudart.queued == 0
+    del run, state
+    ort.arena.release()
+    import gc
+
+    gc.collect()
+    cudart.assert_all_released()
+    assert cudart.created["stream"] == cudart.destroyed["stream"] == 1  # the state's own stream
+    assert ort.preload_calls == [{}]  # onnxruntime.preload_dlls() before the first GPU session
+
+
+def test_a_cuda_provider_that_does_not_load_is_not_reported_as_cuda(ort_gpu, plain_bundle, cpu):
+    """ONNX Runtime lists CUDA (it was built with it) but the session could not load it: asked for
+    explicitly, a one-line error; with auto, the backend says CPU and keeps the cache on the host."""
+    cudart, ort = ort_gpu
+    ort.unloadable = {"CUDAExecutionProvider"}
+    gen = Generator.from_bundle(plain_bundle, backend="cuda")
+    with pytest.raises(BundleError, match=r"could not load CUDAExecutionProvider .*prologue-export\[cpu\]") as info:
+        gen.start([1], seed=0)
+    assert "\n" not in str(info.value)
+    gen = Generator.from_bundle(plain_bundle, backend="auto")
+    with pytest.warns(RuntimeWarning, match="running on the CPU"):
+        run = gen.start([1, 2], seed=0, **CFG)
+    assert gen.backend_name == "onnxruntime[CPUExecutionProvider]" and gen.backend.device == "cpu"
+    assert isinstance(run.loop.state, onnx_backend.HostKVState)
+    np.testing.assert_array_equal(run.run().tokens, cpu.start([1, 2], seed=0, **CFG).run().tokens)
+    assert cudart.mallocs == 0
+
+
+def test_the_tensorrt_provider_gets_an_engine_cache_and_the_contract_profile(ort_gpu, plain_bundle, cpu, tmp_path,
+                                                                           monkeypatch):
+    from prologue_export.runtime.bundle import Bundle
+    from prologue_export.runtime.contract import profile_shapes
+
+    cudart, ort = ort_gpu
+    monkeypatch.setenv("PROLOGUE_TRT_CACHE", str(tmp_path / "trt"))
+    gen = Generator.from_bundle(plain_bundle, backend="onnxruntime", providers="tensorrt")  # ONNX Runtime's provider
+    tokens = gen.start([1, 2], seed=0, **CFG).run().tokens
+    np.testing.assert_array_equal(tokens, cpu.start([1, 2], seed=0, **CFG).run().tokens)
+    session = next(s for s in ort.sessions if "k_cache_0" in [i.name for i in s.get_inputs()])
+    assert session.requested == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    options = session.provider_options["TensorrtExecutionProvider"]
+    bundle = Bundle(plain_bundle)
+    cache = tmp_path / "trt" / bundle.digest[:16]
+    assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == str(cache)
+    assert options["trt_timing_cache_path"] == str(cache) and cache.is_dir()
+    profile = profile_shapes(bundle.graphs["ar_step"], bundle.max_batch)
+    for key in ("min", "opt", "max"):
+        given = dict(item.split(":") for item in options[f"trt_profile_{key}_shapes"].split(","))
+        assert given == {name: "x".join(map(str, dims[key])) for name, dims in profile.items()}
+    assert given["input_ids"] == f"{2 * bundle.max_batch}x{bundle.vocab.seq_len}"  # a whole prefill at max batch
+
+
+def test_the_device_caches_are_256_byte_aligned_per_layer(fakes, engine_bundle, cpu):
+    """TensorRT refuses tensor addresses that are not 256-byte aligned. The per-layer cache inputs
+    point inside one allocation: with a model width that is not a multiple of 64 (here 16) a dense
+    layer of R*H*S*d float32 is not a multiple of 256 bytes, so every layer is padded to one."""
+    cudart, trt = fakes
+    gen = trt_generator(engine_bundle)
+    shape = (2, 1, 1, 73, 16)  # L, rows, heads, S, head_dim: 4672 bytes a layer, 4672 % 256 = 64
+    with gen.backend.ar_state(1, 1, shape) as state:
+        assert state.stride % 256 == 0 and state.stride >= 1 * 1 * 73 * 16 * 4
+    assert trt.misaligned == []
+    run = gen.start([3], seed=0, cfg=0.0)  # and a whole generation of the bundle's own model
+    np.testing.assert_array_equal(run.run().tokens, cpu.start([3], seed=0, cfg=0.0).run().tokens)
+    assert trt.misaligned == [] and trt.refused_shapes == []
+    cudart.assert_all_released()
+
+
+def test_a_generation_steps_from_any_thread_on_its_device(engine_bundle, cpu, monkeypatch):
+    """CUDA's current device is per thread: a backend on GPU 1 stepped from a thread that never set
+    it must make it current first (the fake records work issued to another device's stream)."""
+    cudart = FakeCudart(devices=2)
+    trt = fake_tensorrt(cudart, engine_bundle[1])
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tensorrt_backend, "cudart", lambda: cudart)
+    monkeypatch.setattr(runtime_cuda, "cudart", lambda: cudart)
+    fake_cuda_modules(monkeypatch, cudart)
+    bundle = Generator.from_bundle(engine_bundle[0], backend="cpu").bundle
+    gen = Generator(bundle, tensorrt_backend.TensorRTBackend(bundle, device=1))
+    run = gen.start([1, 2], seed=0, **CFG)
+    errors = []
+
+    def step_all():
+        try:
+            run.run()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    worker = threading.Thread(target=step_all)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    np.testing.assert_array_equal(run.tokens, cpu.start([1, 2], seed=0, **CFG).run().tokens)
+    cudart.assert_all_released()
+
+
+def test_cuda_python_newer_than_the_driver_is_one_line(monkeypatch):
+    """cuda-python 13 (CUDA 13 runtime) on a CUDA 12 driver: its first cudaSetDevice would fail with
+    cudaErrorInsufficientDriver; the runtime says which install matches the driver instead."""
+    cudart = FakeCudart(driver_version=12040, runtime_version=13000)
+    fake_cuda_modules(monkeypatch, cudart)
+    monkeypatch.setattr(runtime_cuda, "_DRIVER_CHECKED", set())
+    with pytest.raises(runtime_cuda.CudaUnavailable, match=r"built for CUDA 13\.0, but the driver supports CUDA 12\.4.*"
+                                                          r"gpu-cu12") as info:
+        runtime_cuda.cudart()
+    assert "\n" not in str(info.value)
+    cudart.driver_version = 13010
+    assert runtime_cuda.cudart() is cudart
+
+
+def test_the_engines_top_k_bound_is_enforced(fakes, engine_bundle, tmp_path):
+    """An ar_step engine records the TopK bound it was built with (`top_k_max`: TensorRT's TopK takes
+    K < 3840, the `.trt.onnx` form caps it); a larger top_k is refused before anything runs."""
+    cudart, _ = fakes
+    bundle = tmp_path / "bundle"
+    shutil.copytree(engine_bundle[0], bundle)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["engines"]["ar_step"]["top_k_max"] = 10
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    gen = Generator.from_bundle(bundle, backend="tensorrt")
+    with pytest.raises(InputError, match=r"top_k 20 is more than this bundle's TensorRT engines can keep \(10"):
+        gen.start([1], seed=0, top_k=20)
+    assert gen.start([1], seed=0, top_k=10, cfg=0.0).run().tokens.shape[0] == 1
+    gen.close()
+    cudart.assert_all_released()

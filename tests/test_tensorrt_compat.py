@@ -272,3 +272,20 @@ def test_build_engines_builds_from_the_checked_files(released_vocab, tmp_path, m
     manifest = Bundle(bundle).manifest
     assert {m["precision"] for m in manifest["engines"].values()} == {"fp32"}
     assert not (bundle / "ar_step.fp16.engine").exists() and "ar_step.fp16.engine" not in manifest["files"]
+
+
+def test_an_invalid_profile_is_refused_before_building(tmp_path):
+    """The Python IOptimizationProfile has no `is_valid`: its validity is `bool(profile)` (`__bool__`
+    -> isValid, TensorRT python/src/infer/pyCore.cpp:879-880 at v10.7.0). A check through
+    `hasattr(profile, "is_valid")` was always True and let an invalid profile reach the builder."""
+    from prologue_export.export import tensorrt as export_trt
+
+    trt = fake_tensorrt()
+    onnx_file = tmp_path / "g.onnx"
+    onnx_file.write_bytes(b"")
+    bad = {"x": {"min": [1, 4], "opt": [8, 4], "max": [4, 4]}}  # opt above max
+    with pytest.raises(ExportError, match="the profile of decoder"):
+        export_trt._build_one(trt, trt.Logger(), onnx_file, bad, tmp_path / "cache", 1.0, "decoder")
+    good = {"x": {"min": [1, 4], "opt": [2, 4], "max": [4, 4]}}
+    engine, cache = export_trt._build_one(trt, trt.Logger(), onnx_file, good, tmp_path / "cache", 1.0, "decoder")
+    assert engine == b"engine:" + str(onnx_file).encode() and cache == b"timing-cache"

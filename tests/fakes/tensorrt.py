@@ -2,11 +2,22 @@
 (`Runtime`, engines, execution contexts) and the builder API `build_engines` calls (`Builder`,
 `OnnxParser`, builder config, optimization profiles, timing cache), in one module object.
 
-Like tests/fakes/cuda.py it checks how our code uses the API, not how TensorRT behaves:
+Like tests/fakes/cuda.py it is as strict as TensorRT about what our code relies on (sources:
+TensorRT's include/NvInferRuntime.h and python/src/infer/pyCore.cpp at v10.7.0):
 
-- a fake engine runs the bundle's ONNX graph with ONNX Runtime (CPU) on the bytes behind the
-  addresses bound to its context (device memory of a `FakeCudart`), so a whole generation gives
-  real tokens;
+- a fake engine runs an ONNX graph (the `.trt.onnx` form an engine is built from, where the test
+  gives one) with ONNX Runtime (CPU) on the bytes behind the addresses bound to its context (device
+  memory of a `FakeCudart`), queued on the given stream, so a whole generation gives real tokens;
+- `set_input_shape` returns False for a shape outside the engine's optimization profile
+  (NvInferRuntime.h, IExecutionContext::setInputShape: "false if ... some other error occurred";
+  TensorRT refuses dimensions outside the profile's [min, max]);
+- `set_tensor_address` returns False for a pointer that is not 256-byte aligned (NvInferRuntime.h,
+  setTensorAddress: "The pointer must have at least 256-byte alignment");
+- `execute_async_v3` takes the stream as an int handle (pyCore.cpp: `stream_handle`); an object is
+  recorded as a bad call (cuda-bindings deprecates `int(obj)`); with `fail_in_capture` set it fails
+  inside a stream capture and invalidates it;
+- an optimization profile is valid when `bool(profile)` (pyCore.cpp:879-880, `__bool__` ->
+  isValid): every input's min <= opt <= max; there is no `is_valid`;
 - the builder records what it was given (the files parsed, each profile's shapes, the network
   flags) and "builds" an engine whose bytes name the file it parsed.
 """
@@ -45,10 +56,10 @@ class TensorIOMode(enum.IntEnum):
 class FakeEngine:
     """An engine of one ONNX graph: its I/O from the graph, its execution by ONNX Runtime."""
 
-    def __init__(self, trt, graph: str, onnx_path):
+    def __init__(self, trt, graph: str, onnx_path, profile=None):
         import onnxruntime as ort
 
-        self.trt, self.graph = trt, graph
+        self.trt, self.graph, self.onnx_path, self.profile = trt, graph, onnx_path, profile  # profile: {input: min/opt/max}
         self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         self.inputs = {i.name: (ORT_TYPES[i.type], i.shape) for i in self.session.get_inputs()}
         self.outputs = {o.name: (ORT_TYPES[o.type], o.shape) for o in self.session.get_outputs()}
@@ -91,12 +102,21 @@ class FakeContext:
     def set_input_shape(self, name, shape) -> bool:
         if self.trt.refuse.get("set_input_shape") in (name, "*") or name not in self.engine.inputs:
             return False
-        self.shapes[name] = tuple(int(x) for x in shape)
+        shape = tuple(int(x) for x in shape)
+        bounds = (self.engine.profile or {}).get(name)
+        if bounds is not None and (len(shape) != len(bounds["min"]) or any(
+                not lo <= d <= hi for d, lo, hi in zip(shape, bounds["min"], bounds["max"]))):
+            self.trt.refused_shapes.append((name, shape))
+            return False  # outside the optimization profile
+        self.shapes[name] = shape
         return True
 
     def set_tensor_address(self, name, ptr) -> bool:
         if self.trt.refuse.get("set_tensor_address") in (name, "*") or name not in self.engine.modes:
             return False
+        if int(ptr) % 256:
+            self.trt.misaligned.append((name, int(ptr)))
+            return False  # TensorRT requires 256-byte aligned tensor addresses
         self.addresses[name] = int(ptr)
         return True
 
@@ -110,10 +130,18 @@ class FakeContext:
                     dims[d] = size
         return tuple(dims.get(d, -1) if isinstance(d, str) else d for d in self.engine.outputs[name][1])
 
-    def execute_async_v3(self, stream) -> bool:
+    def execute_async_v3(self, stream_handle) -> bool:
+        cudart, engine = self.trt.cudart, self.engine
+        if isinstance(stream_handle, bool) or not isinstance(stream_handle, int):
+            cudart.bad_calls.append(("execute_async_v3", f"stream {stream_handle!r} is not an int handle "
+                                                         "(pass cuda.bindings.utils.get_cuda_native_handle(stream))"))
+            stream_handle = int(stream_handle)
+        stream = cudart.stream_of(stream_handle, "execute_async_v3")
+        if self.trt.fail_in_capture and stream.capture is not None:
+            cudart.fail_capture(stream)  # an operation that cannot be captured invalidates the capture
+            return False
         if self.trt.refuse.get("execute_async_v3"):
             return False
-        cudart, engine = self.trt.cudart, self.engine
         assert set(self.shapes) == set(engine.inputs), "every input shape must be set before execution"
         assert set(self.addresses) >= set(engine.modes), "every tensor needs an address before execution"
         shapes, addresses = dict(self.shapes), dict(self.addresses)  # a captured graph keeps these
@@ -133,7 +161,7 @@ class FakeContext:
             finally:
                 self.busy.release()
 
-        cudart.enqueue(stream, work)
+        cudart.enqueue(stream, work, f"execute_async_v3 ({engine.graph})")
         return True
 
 
@@ -141,9 +169,10 @@ def fake_tensorrt(cudart=None, engine_graphs: dict = None, version: str = "10.7.
     """A module object standing in for `tensorrt`.
 
     Runtime API: `cudart` is the `FakeCudart` whose memory engines run on; `engine_graphs` maps an
-    engine file's bytes to (graph name, ONNX path). Settable: `refuse[call] = tensor name or "*"`
-    (that call returns False), `io_changes[graph] = {tensor: (TensorIOMode, DataType) or None}`.
-    Deserialized engines are listed in `engines`.
+    engine file's bytes to (graph name, ONNX path[, profile]). Settable: `refuse[call] = tensor name
+    or "*"` (that call returns False), `io_changes[graph] = {tensor: (TensorIOMode, DataType) or
+    None}`, `fail_in_capture` (execute_async_v3 fails inside a stream capture). Recorded:
+    `engines` (deserialized), `refused_shapes`, `misaligned`.
 
     Builder API: records `parsed` (the ONNX files, in order), `shapes[file][input] = (min, opt,
     max)` and `flags` (each network's creation flags); `set_timing_cache` returns
@@ -152,6 +181,7 @@ def fake_tensorrt(cudart=None, engine_graphs: dict = None, version: str = "10.7.
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     trt.cudart, trt.refuse, trt.io_changes, trt.engines = cudart, {}, {}, []
+    trt.fail_in_capture, trt.refused_shapes, trt.misaligned = False, [], []
     trt.parsed, trt.shapes, trt.timing_cache_ok, trt.flags = [], {}, timing_cache_ok, []
     trt.DataType, trt.TensorIOMode = DataType, TensorIOMode
     trt.nptype = lambda dtype: NUMPY[dtype]
@@ -188,8 +218,16 @@ def fake_tensorrt(cudart=None, engine_graphs: dict = None, version: str = "10.7.
             return True
 
     class Profile:
+        def __init__(self):
+            self.shapes = {}
+
         def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (list(lo), list(opt), list(hi))
             trt.shapes.setdefault(trt.parsed[-1], {})[name] = (list(lo), list(opt), list(hi))
+
+        def __bool__(self):  # isValid: min <= opt <= max in every dimension of every input
+            return all(len(lo) == len(opt) == len(hi) and all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+                       for lo, opt, hi in self.shapes.values())
 
     class Cache:
         def serialize(self):
