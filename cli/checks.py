@@ -85,6 +85,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def sha256_digest(text: str) -> str:
+    """A `--digest` value: the 64 lowercase hex digits of a bundle's manifest.json sha256 (what
+    `prologue export` / `build-engines` print and `Bundle.digest` holds)."""
+    value = text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"must be 64 hex digits (the sha256 of the bundle's manifest.json), got {text!r}")
+    return value
+
+
 def data_argument(text: str) -> str:
     """A `--data` value: `synthetic:N` needs N >= 1; names and folders are checked when opened."""
     if text.startswith("synthetic:"):

@@ -7,7 +7,8 @@ import typing
 
 from ..runtime.settings import SamplingConfig
 
-from .checks import CLIError, bundle_dir, data_argument, input_path, output_dir, output_file, positive_int, seed_int
+from .checks import (CLIError, bundle_dir, data_argument, input_path, output_dir, output_file, positive_int, seed_int,
+                     sha256_digest)
 from .sampling_args import add_sampling_arguments, sampling_request
 
 
@@ -30,7 +31,7 @@ def _cmd_eval(args) -> int:
         report.update({"checkpoint": args.checkpoint, "data": args.data})
         line = f"probe top-1 {100 * report['test_accuracy']:.2f}% ({report['features']})"
     else:
-        size, channels, num_classes = _geometry(args)
+        size, channels, num_classes, bundle = _geometry(args)
         real, _ = metrics.real_images(args.data, args.ref_split, args.ref_n or args.n, size, channels, seed=0)
         key = f"{metrics.data_key(args.data, args.ref_split, len(real), size, channels)}-{net.key}"
         ref = metrics.ReferenceStats(args.stats_dir).get(key, lambda: net(real, progress and progress("reference"))[0])
@@ -44,10 +45,12 @@ def _cmd_eval(args) -> int:
             line = f"rFID {report['fid']:.3f} ({args.n} reconstructions of {args.data} {args.ref_split})"
         else:
             images = metrics.generate_images(args.n, num_classes, sampling, args.seed, checkpoint=args.checkpoint,
-                                             bundle=args.bundle, batch_size=args.batch_size,
+                                             bundle=bundle, batch_size=args.batch_size,  # the loaded (pinned) Bundle
                                              progress=progress and progress("sampling"))
             report.update(metrics.sample_fid(images, net, ref, progress and progress("gFID")))
             report.update({"sampling": sampling, "seed": args.seed, "sampler": "runtime" if args.bundle else "torch"})
+            if bundle is not None:
+                report["bundle_digest"] = bundle.digest
             isc = report["inception_score"]
             line = f"gFID {report['fid']:.3f}" + (f", IS {isc[0]:.2f} +- {isc[1]:.2f}" if isc else ", IS n/a")
     metrics.write_report(report, args.out)
@@ -60,10 +63,16 @@ def _check_eval_args(args) -> typing.Optional[dict]:
     sampling settings (gfid) are valid; returns those settings as a dict of our option names."""
     if args.metric == "gfid" and bool(args.checkpoint) == bool(args.bundle):
         raise CLIError("give exactly one of --checkpoint or --bundle")
+    if getattr(args, "digest", None) and not args.bundle:
+        raise CLIError("--digest pins a bundle: give it with --bundle")
     if args.checkpoint:
         input_path(args.checkpoint, "--checkpoint", "dir")
     if getattr(args, "bundle", None):
         bundle_dir(args.bundle)
+        if args.digest:  # a wrong pin is one line now, before torch; `_geometry` loads the pinned bundle itself
+            from ..runtime.bundle import Bundle
+
+            Bundle(args.bundle, check_hashes=False, digest=args.digest)
     if args.inception:
         input_path(args.inception, "--inception", "file")
     if args.out:
@@ -78,16 +87,17 @@ def _check_eval_args(args) -> typing.Optional[dict]:
 
 
 def _geometry(args):
-    """(image size, channels, classes) of the model behind --checkpoint or --bundle."""
+    """(image size, channels, classes, the loaded Bundle or None) of the model behind --checkpoint or
+    --bundle; the bundle is pinned by --digest when given, and that loaded Bundle is what samples."""
     if getattr(args, "bundle", None):
         from ..runtime.bundle import Bundle
 
-        b = Bundle(args.bundle)
-        return b.image_size, b.channels, b.num_classes
+        b = Bundle(args.bundle, digest=args.digest)
+        return b.image_size, b.channels, b.num_classes, b
     from ..checkpoint import load_config
 
     cfg = load_config(args.checkpoint)
-    return cfg.tokenizer.image_size, cfg.tokenizer.channels, cfg.num_classes
+    return cfg.tokenizer.image_size, cfg.tokenizer.channels, cfg.num_classes, None
 
 
 def _tqdm_progress(label: str):
@@ -138,6 +148,8 @@ def add_parsers(sub) -> None:
             q.add_argument("--batch-size", dest="batch_size", type=positive_int, default=50, help="batch size (default 50)")
         if name == "gfid":
             q.add_argument("--bundle", metavar="BUNDLE", help="sample with the torch-free runtime from this bundle")
+            q.add_argument("--digest", type=sha256_digest, metavar="SHA256",
+                           help="refuse the bundle unless its manifest.json has this sha256")
             q.add_argument("--seed", type=seed_int, default=0, help="batch b uses seed + b (default 0)")
             add_sampling_arguments(q, "the bundle's sampling defaults with --bundle, the package's defaults "
                                    "(docs/runtime.md) with --checkpoint")

@@ -7,13 +7,20 @@ import sys
 
 from ..export.tensorrt import DEFAULT_WORKSPACE_GB, PRECISIONS
 from ..runtime.contract import DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS
-from .checks import CLIError, bundle_dir, input_path, json_argument, output_dir, output_file, positive_float, positive_int
+from ..runtime.files import shown
+from .checks import (CLIError, bundle_dir, input_path, json_argument, output_dir, output_file, positive_float, positive_int,
+                     sha256_digest)
+
+DIGEST_HELP = ("refuse the bundle unless its manifest.json has this sha256 (what prologue export and build-engines "
+               "print)")
 
 
 def _cmd_export(args) -> int:
     input_path(args.checkpoint, "--checkpoint", "dir")
     if args.verify and args.out:
         raise CLIError("give --out BUNDLE to export or --verify BUNDLE to verify, not both")
+    if args.digest and not args.verify:
+        raise CLIError("--digest pins the bundle --verify checks; an export prints the digest of what it writes")
     if args.verify:
         bundle_dir(args.verify, "--verify")
     elif not args.out:
@@ -26,22 +33,25 @@ def _cmd_export(args) -> int:
 
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.verify:
-        report = verify_bundle(args.verify, checkpoint=args.checkpoint, log=log)
+        report = verify_bundle(args.verify, checkpoint=args.checkpoint, log=log, digest=args.digest)
         print(json.dumps({"bundle": args.verify, "verification": report}, indent=2) if args.json
-              else f"{args.verify}: verified against {args.checkpoint}")
+              else f"{shown(args.verify)}: verified against {shown(args.checkpoint)}")
         return 0
     manifest = export_bundle(args.checkpoint, args.out, max_batch=args.max_batch,
                              force=args.force, verify=not args.no_verify, sampling=sampling, log=log,
                              ar_weights=args.ar_weights or ())
     summary = {"bundle": args.out, "graphs": sorted(manifest["graphs"]), "files": manifest["files"],
-               "verified": bool(manifest.get("verification", {}).get("passed"))}
+               "verified": bool(manifest.get("verification", {}).get("passed")), "digest": manifest.digest}
     if args.tensorrt:
         from ..export.tensorrt import build_engines
 
-        summary["engines"] = build_engines(args.out, precision=args.engine_precision, log=log)
+        engines = build_engines(args.out, precision=args.engine_precision, log=log, digest=manifest.digest)
+        summary.update(engines=dict(engines), digest=engines.digest)
     print(json.dumps(summary, indent=2) if args.json else
-          f"wrote {args.out}: {', '.join(summary['graphs'])} ({'verified' if summary['verified'] else 'NOT verified'})"
-          + (f"; TensorRT engines: {', '.join(summary['engines'])}" if args.tensorrt else ""))
+          f"wrote {shown(args.out)}: {', '.join(summary['graphs'])} "
+          f"({'verified' if summary['verified'] else 'NOT verified'})"
+          + (f"; TensorRT engines: {', '.join(summary['engines'])}" if args.tensorrt else "")
+          + f"; digest {summary['digest']} (pin it with --digest)")
     return 0
 
 
@@ -55,15 +65,19 @@ def _cmd_build_engines(args) -> int:
 
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.print_trtexec:
-        prepare_tensorrt(args.bundle, args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch, log=log)
-        lines = trtexec_commands(args.bundle, args.precision, args.timing_cache, args.workspace_gb)
-        print(json.dumps(lines, indent=2) if args.json else "\n".join(lines))
+        section = prepare_tensorrt(args.bundle, args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
+                                   log=log, digest=args.digest)
+        lines = trtexec_commands(args.bundle, args.precision, args.timing_cache, args.workspace_gb,
+                                 digest=section.digest)  # the manifest just written, no other
+        print(json.dumps({"commands": lines, "digest": section.digest}, indent=2) if args.json else
+              "\n".join(lines + [f"# bundle digest (sha256 of manifest.json): {section.digest}"]))
         return 0
     engines = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
-                            timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, log=log)
-    print(json.dumps(engines, indent=2) if args.json else
-          "\n".join(f"{g}: {m['file']} ({m['precision']}, TensorRT {m['tensorrt_version']}, {m['device']} "
-                    f"cc {m['compute_capability']})" for g, m in engines.items()))
+                            timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, log=log, digest=args.digest)
+    print(json.dumps({"engines": engines, "digest": engines.digest}, indent=2) if args.json else
+          "\n".join([f"{g}: {m['file']} ({m['precision']}, TensorRT {m['tensorrt_version']}, {m['device']} "
+                     f"cc {m['compute_capability']})" for g, m in engines.items()]
+                    + [f"bundle digest (sha256 of manifest.json): {engines.digest}"]))
     return 0
 
 
@@ -93,7 +107,8 @@ def _add_export_parser(sub) -> None:
                    help="also build TensorRT engines into the bundle (a GPU host with tensorrt and cuda-python)")
     p.add_argument("--engine-precision", dest="engine_precision", choices=PRECISIONS, default="fp16",
                    help="precision of the TensorRT engines' weight matmuls (default fp16; norms, softmax, logits fp32)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--digest", type=sha256_digest, metavar="SHA256", help=f"with --verify: {DIGEST_HELP}")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (with the new bundle's digest)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -119,5 +134,7 @@ def _add_build_engines_parser(sub) -> None:
     p.add_argument("--print-trtexec", dest="print_trtexec", action="store_true",
                    help="do not build: write and check the ONNX files engines are built from, list them in the manifest's "
                    "tensorrt section and print one trtexec command per graph (no TensorRT needed here)")
-    p.add_argument("--json", action="store_true", help="print the engines' manifest entries (or the trtexec commands) as JSON")
+    p.add_argument("--digest", type=sha256_digest, metavar="SHA256", help=DIGEST_HELP)
+    p.add_argument("--json", action="store_true",
+                   help="print the engines' manifest entries (or the trtexec commands) and the new digest as JSON")
     p.set_defaults(func=_cmd_build_engines)

@@ -18,8 +18,12 @@ def _check_import_args(args) -> None:
             raise CLIError("--hub fetches the folders itself; drop --ar (or drop --hub to import local folders)")
         if not args.preset:
             raise CLIError("--hub needs --preset NAME (the released pair, e.g. prologue-b-b)")
+        from .hub import DEFAULT_REPO, check_repo_id, check_revision
+
+        check_repo_id(args.hub or DEFAULT_REPO)  # huggingface_hub's own rules, before any work
+        check_revision(args.revision)  # a commit, branch, tag or refs/pr/N: never a path
     else:
-        given = [f"--{name.replace('_', '-')}" for name in HUB_ONLY if getattr(args, name)]
+        given = [f"--{name.replace('_', '-')}" for name in HUB_ONLY if getattr(args, name) not in (None, False)]
         if given:
             raise CLIError(f"{', '.join(given)} only apply with --hub")
         input_path(args.tokenizer, "--tokenizer", "dir")
@@ -30,7 +34,21 @@ def _check_import_args(args) -> None:
     output_dir(args.out)
 
 
+def _official_config(args):
+    """--official-config read strictly (bounded, no NaN, UTF-8, an object) and checked field by field
+    before anything is fetched or read; None without it."""
+    if not args.official_config:
+        return None
+    from ..official import config_from_official, read_official_config
+
+    data = read_official_config(args.official_config)
+    with_ar = not args.tokenizer_only if args.hub is not None else bool(args.ar or args.onestage)
+    config_from_official(data, with_ar=with_ar)
+    return data
+
+
 def _import(args):
+    official_config = _official_config(args)
     if args.hub is not None:
         from .hub import DEFAULT_REPO, import_from_hub, resolve_release
 
@@ -38,12 +56,12 @@ def _import(args):
         log = (lambda line: print(line, file=sys.stderr)) if args.json else print
         # --preset names the pair to fetch; its sizes are used unless --official-config gives them
         preset = None if args.official_config else args.preset
-        return import_from_hub(args.out, release, official_config=args.official_config, preset=preset,
+        return import_from_hub(args.out, release, official_config=official_config, preset=preset,
                                repo=args.hub or DEFAULT_REPO, revision=args.revision, cache_dir=args.cache_dir,
                                offline=args.offline, log=log)
     from ..official import import_official
 
-    return import_official(args.tokenizer, args.out, ar_dir=args.ar, official_config=args.official_config,
+    return import_official(args.tokenizer, args.out, ar_dir=args.ar, official_config=official_config,
                            preset=args.preset, onestage=args.onestage)
 
 
@@ -132,7 +150,7 @@ def add_parsers(sub) -> None:
     source.add_argument("--hub", nargs="?", const="", metavar="REPO",
                    help="fetch the release from the Hugging Face Hub (REPO defaults to Zyriix/prologue); "
                    "needs --preset; uses huggingface_hub's cache, token (HF_TOKEN / `hf auth login`) and progress bars")
-    p.add_argument("--revision", metavar="REV", help="with --hub: a branch, tag or commit hash to pin (default main)")
+    p.add_argument("--revision", metavar="REV", help="with --hub: a commit hash, a branch or tag name, or refs/pr/N (default main)")
     p.add_argument("--cache-dir", metavar="DIR", help="with --hub: the Hugging Face cache folder (default HF_HUB_CACHE)")
     p.add_argument("--offline", action="store_true",
                    help="with --hub: read the cache only, never the network (as HF_HUB_OFFLINE=1)")

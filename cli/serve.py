@@ -4,17 +4,47 @@ extra: Starlette + uvicorn). See docs/serve.md."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from ..runtime.contract import AR_WEIGHTS
 from ..runtime.generator import BACKENDS
-from .checks import CLIError, bundle_dir, input_path, non_negative_float, positive_int
+from .checks import CLIError, bundle_dir, input_path, non_negative_float, positive_int, sha256_digest
+
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?")
 
 
 def port_number(text: str) -> int:
     value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535], got {text!r}")
+    return value
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_count(text: str) -> int:
+    """`--threads`: at most the CPUs this process may use; more intra-op threads than CPUs only
+    contend for them, and thousands of them stall ONNX Runtime's first call (its pool starts them all)."""
+    value, cpus = positive_int(text), usable_cpus()
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most {cpus} (the CPUs this process may use), got {text!r}")
+    return value
+
+
+def allowed_host(text: str) -> str:
+    """`--allow-host`: a DNS name this server is reached by (no port, no scheme), or `*` for any."""
+    value = text.strip().lower()
+    if value != "*" and (len(value) > 253 or not HOST_NAME.fullmatch(value)):
+        raise argparse.ArgumentTypeError(f"must be a host name such as images.example.org (no scheme or port), "
+                                         f"or * for any, got {text!r}")
     return value
 
 
@@ -54,7 +84,7 @@ def check_listen(host: str, port: int) -> None:
 
 def _cmd_serve(args) -> int:
     from ..runtime.generator import Generator
-    from ..serve.app import ServeOptions, require_serve, serve
+    from ..serve.app import LOOPBACK_HOSTS, ServeOptions, require_serve, serve
 
     require_serve()  # before the bundle is loaded: a missing extra is one line naming the install
     bundle_dir(args.bundle)
@@ -63,14 +93,18 @@ def _cmd_serve(args) -> int:
     check_listen(args.host, args.port)
     options = ServeOptions(batch_window_ms=args.batch_window_ms, batching=not args.no_batching,
                            max_queue=args.max_queue, max_images=args.max_images).validate()
-    gen = Generator.from_bundle(args.bundle, backend=args.backend, threads=args.threads, ar_weights=args.ar_weights)
+    gen = Generator.from_bundle(args.bundle, backend=args.backend, threads=args.threads, ar_weights=args.ar_weights,
+                                digest=args.digest)
     if args.class_names:
         options.class_names = class_names(args.class_names, gen.bundle.num_classes)
     batching = f"batching {options.batch_window_ms:g} ms" if options.batching else "no batching"
-    print(f"prologue serve: {args.bundle} on http://{args.host}:{args.port}/ ({gen.backend_name}, {batching}, "
-          f"max batch {gen.max_batch}); Ctrl-C stops after the running requests", file=sys.stderr, flush=True)
+    hosts = "any Host (DNS rebinding is possible)" if "*" in args.allow_host else (
+        "Host: IP addresses, " + ", ".join(LOOPBACK_HOSTS + tuple(args.allow_host)))
+    print(f"prologue serve: {args.bundle} (sha256 {gen.bundle.digest}) on http://{args.host}:{args.port}/ "
+          f"({gen.backend_name}, {batching}, max batch {gen.max_batch}; {hosts}); Ctrl-C stops after the running "
+          "requests", file=sys.stderr, flush=True)
     try:
-        serve(gen, args.host, args.port, options, log_level=args.log_level)
+        serve(gen, args.host, args.port, options, log_level=args.log_level, allow_hosts=args.allow_host)
     finally:
         gen.close()
     return 0
@@ -80,12 +114,18 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP: a JSON API and a web page (needs the serve extra)")
     p.add_argument("--bundle", required=True, metavar="DIR", help="a bundle written by `prologue export`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-host", dest="allow_host", type=allowed_host, action="append", default=[], metavar="NAME",
+                   help="a DNS name clients reach this server by (repeatable); IP addresses and localhost always "
+                        "work, other names are refused (DNS rebinding); * allows any (see docs/serve.md)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="execution backend (default auto: the best ONNX Runtime provider available)")
     p.add_argument("--ar-weights", dest="ar_weights", default="fp32", choices=AR_WEIGHTS,
                    help="AR graph: fp32 (default) or a weight-only quantized one the bundle carries")
-    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: per graph size)")
+    p.add_argument("--digest", type=sha256_digest, metavar="SHA256",
+                   help="refuse the bundle unless its manifest.json has this sha256 (pins every file of it)")
+    p.add_argument("--threads", type=thread_count,
+                   help="ONNX Runtime intra-op threads, at most this machine's CPUs (default: per graph size)")
     p.add_argument("--batch-window-ms", dest="batch_window_ms", type=non_negative_float, default=10.0,
                    help="how long an idle server waits for more requests to share one AR loop (default 10)")
     p.add_argument("--no-batching", dest="no_batching", action="store_true",

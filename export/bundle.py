@@ -23,9 +23,10 @@ from ..model import PrologueModel
 from ..config import SamplingConfig
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
 from ..runtime.contract import AR_STEP, DEFAULT_MAX_BATCH, QUANTIZED_AR_WEIGHTS, ar_graph_name
-from ..runtime.files import publish_folder, recover_folder, sha256_file, shown, temp_folder, write_json_atomic
+from ..runtime.files import publish_folder, recover_folder, sha256_file, shown, temp_folder
 from .errors import ExportError
 from .graphs import contracts
+from .manifest import Published, write_manifest
 
 OPSET = 20
 GRAPH_PRECISION = "fp32"  # ONNX graphs are fp32; reduced precision is a TensorRT engine option
@@ -208,8 +209,9 @@ def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by
     return manifest
 
 
-def write_json(path: Path, obj) -> None:
-    write_json_atomic(path, obj, "bundle manifest", indent=2)  # strict JSON: read_json refuses NaN
+def write_json(path: Path, obj) -> str:
+    """The manifest, strict JSON (read_json refuses NaN), written atomically; returns its digest."""
+    return write_manifest(path, obj)
 
 
 def _still_a_bundle(out: Path) -> None:
@@ -219,8 +221,9 @@ def _still_a_bundle(out: Path) -> None:
 
 
 def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bool = False,
-                  verify: bool = True, sampling=None, log=print, ar_weights: typing.Sequence[str] = ()) -> dict:
-    """Export `checkpoint` to the bundle folder `out`; verifies it unless `verify=False`.
+                  verify: bool = True, sampling=None, log=print, ar_weights: typing.Sequence[str] = ()) -> Published:
+    """Export `checkpoint` to the bundle folder `out`; verifies it unless `verify=False`. Returns
+    the manifest, with `.digest`: the sha256 of the manifest.json written (what `--digest` pins).
 
     ar_weights: extra weight-only quantized AR graphs to add (`int8`, `int4`)."""
     unknown = sorted(set(ar_weights) - set(QUANTIZED_AR_WEIGHTS))
@@ -255,13 +258,13 @@ def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bo
             log(f"[export] {ar_graph_name(weights)} (weight-only {weights}) ...")
             files_by_graph[ar_graph_name(weights)] = quantize_ar_step(tmp, weights)
         manifest = build_manifest(model, tmp, graph_contracts, files_by_graph, max_batch, sampling)
-        write_json(tmp / MANIFEST, manifest)
+        digest = write_json(tmp / MANIFEST, manifest)
         if verify:
             from .verify import verify_bundle
 
-            report = verify_bundle(tmp, model=model, log=log)
+            report = verify_bundle(tmp, model=model, log=log, digest=digest)
             manifest["verification"] = report
-            write_json(tmp / MANIFEST, manifest)
+            digest = write_json(tmp / MANIFEST, manifest)
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)
@@ -269,4 +272,4 @@ def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    return Published(manifest, digest)

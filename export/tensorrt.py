@@ -17,26 +17,28 @@ ONNX and is tested on the CPU; building and running engines needs TensorRT and a
 
 from __future__ import annotations
 
+import copy
 import datetime
-import json
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 import typing
 from pathlib import Path
 
 import numpy as np
 
-from ..runtime.bundle import MANIFEST, Bundle
+from ..runtime.bundle import ENGINE_PRECISIONS, MANIFEST, Bundle, tensorrt_onnx_name  # noqa: F401 (re-exported)
 from ..runtime.contract import ENGINE_GRAPHS, profile_shapes
 from ..runtime.cuda import device_info
-from ..runtime.files import sha256_file, write_bytes_atomic, write_json_atomic
+from ..runtime.files import sha256_file, write_bytes_atomic
 from ..runtime.tensorrt_backend import engine_file_name
 from .errors import ExportError
+from .manifest import Published, manifest_text, write_manifest
 from .trt_support import OPERATORS_MD, TOPK_MAX_K, check_model
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ENGINE_PRECISIONS
 MIN_REDUCED_K = 16  # constant matmuls with a shorter reduction (the RoPE rotation) are not weights
 DEFAULT_WORKSPACE_GB = 8.0
 
@@ -176,10 +178,6 @@ def reduce_matmul_precision(model, precision: str, keep_output_dims: typing.Sequ
 # --------------------------------------------------------------------------- the ONNX engines are built from
 
 
-def tensorrt_onnx_name(graph: str, precision: str) -> str:
-    return f"{graph}.{precision}.trt.onnx"
-
-
 def cap_topk(model, limit: int = TOPK_MAX_K):
     """A copy whose TopK nodes keep at most `limit` (TensorRT's TopK takes K < 3840): each
     constant K above it gets its own initializer of `limit`. The ar_step graph's TopK keeps the
@@ -229,43 +227,107 @@ def check_for_tensorrt(model, what: str) -> None:
         raise ExportError(f"{what} is not buildable by TensorRT 10 ({OPERATORS_MD}):\n  {shown}")
 
 
-def prepare_tensorrt(bundle_path, precision: str = "fp16", max_batch: typing.Optional[int] = None,
-                     opt_batch: typing.Optional[int] = None, graphs: typing.Optional[typing.Sequence[str]] = None,
-                     log=print) -> dict:
-    """Write into the bundle the exact ONNX files its engines are built from, check each against
-    TensorRT's operator table, and list them in the manifest's `tensorrt` section (per precision,
-    per graph: file, source graph, profile, what was rewritten). A graph that needs no rewrite
-    (no `If`, fp32) is built from the bundle's own file. Needs onnx, not TensorRT."""
+def _tensors(graph):
+    """Every tensor a graph holds: initializers and node attributes, inside subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                yield from _tensors(sub)
+
+
+def verified_model(bundle: Bundle, graph: str):
+    """The ONNX model of `graph` made from the bytes `Bundle.read_verified` checked against the
+    manifest, never from the file read again; its external weights (`<file>.data`) are read and
+    checked the same way and placed in the model in memory, as the ONNX Runtime backend hands them
+    to ONNX Runtime. A graph swapped after `Bundle()` is refused, never vouched for."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    file = bundle.graphs[graph]["file"]
+    model = onnx.load_model_from_string(bundle.read_verified(file))
+    external = [t for t in _tensors(model.graph) if uses_external_data(t)]
+    if not external:
+        return model
+    name = file + ".data"
+    if name not in bundle.files:
+        raise ExportError(f"{bundle.path / file} keeps weights outside the graph, but the bundle does not vouch for "
+                          f"{name}; re-export the bundle")
+    data = bundle.read_verified(name)
+    for tensor in external:
+        info = {e.key: e.value for e in tensor.external_data}
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info.get("length", len(data) - offset))
+        except ValueError:
+            offset = length = -1
+        if info.get("location") != name or offset < 0 or length < 0 or offset + length > len(data):
+            raise ExportError(f"{bundle.path / file}: tensor {tensor.name!r} points outside the checked {name}; "
+                              "re-export the bundle")
+        tensor.raw_data = data[offset:offset + length]
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
+def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    bundle = Bundle(bundle_path)  # verifies every file before we add to it
+
+
+def _staging(bundle: Bundle) -> Path:
+    """An exclusively created, private folder beside the bundle (same file system: files move in by rename)."""
+    return Path(tempfile.mkdtemp(prefix=f".{bundle.path.name[:64]}.tensorrt-", dir=bundle.path.parent))
+
+
+def _stage_tensorrt(bundle: Bundle, precision: str, max_batch, opt_batch, graphs, staging: Path,
+                    log) -> typing.Tuple[dict, typing.List[str]]:
+    """Write into `staging` the ONNX files the engines are built from (from the verified bytes),
+    check each against TensorRT's operator table; returns (the `tensorrt.<precision>` section, the
+    files written). Nothing in the bundle changes."""
     max_batch = bundle.max_batch if max_batch is None else max_batch
     graphs = [g for g in (graphs or ENGINE_GRAPHS) if g in bundle.graphs]
     if not graphs:
         raise ExportError(f"{bundle.path} has none of the graphs {', '.join(ENGINE_GRAPHS)}")
-    import onnx
-
-    vocab_size = bundle.vocab.vocab_size
-    staging = Path(tempfile.mkdtemp(prefix=".tensorrt-", dir=bundle.path.parent))
     entries, files = {}, []
+    for graph in graphs:
+        source = bundle.graphs[graph]["file"]
+        profile = engine_profile(bundle.graphs[graph], max_batch, opt_batch)  # a bad batch before any work
+        model, facts = tensorrt_model(verified_model(bundle, graph), precision, bundle.vocab.vocab_size)
+        check_for_tensorrt(model, f"{graph} ({precision})")
+        name = source
+        if facts["inlined_ifs"] or facts["reduced_matmuls"] or facts.get("top_k_capped"):
+            name = tensorrt_onnx_name(graph, precision)
+            files += _save(model, staging / name)
+        entries[graph] = {"onnx": name, "source": source, **facts, "profile": profile}
+        log(f"[tensorrt] {graph} ({precision}): {name}, {facts['inlined_ifs']} If inlined, "
+            f"{facts['reduced_matmuls']} weight matmuls in {precision}; TensorRT operator check passed")
+    return {"operators_table": OPERATORS_MD, "max_batch": max_batch, "graphs": entries}, files
+
+
+def prepare_tensorrt(bundle_path, precision: str = "fp16", max_batch: typing.Optional[int] = None,
+                     opt_batch: typing.Optional[int] = None, graphs: typing.Optional[typing.Sequence[str]] = None,
+                     log=print, digest: typing.Optional[str] = None) -> Published:
+    """Write into the bundle the exact ONNX files its engines are built from, check each against
+    TensorRT's operator table, and list them in the manifest's `tensorrt` section (per precision,
+    per graph: file, source graph, profile, what was rewritten). A graph that needs no rewrite
+    (no `If`, fp32) is built from the bundle's own file. Needs onnx, not TensorRT.
+
+    All or nothing: the files are made from the verified bytes in a staging folder and moved in
+    with the manifest written last (`_install`). Returns the section, with `.digest` (the new
+    manifest's sha256); `digest` pins the bundle read (`Bundle(path, digest=...)`)."""
+    _check_precision(precision)
+    bundle = Bundle(bundle_path, digest=digest)  # verifies every file before we add to it
+    staging = _staging(bundle)
     try:
-        for graph in graphs:
-            source = bundle.graphs[graph]["file"]
-            model, facts = tensorrt_model(onnx.load(str(bundle.graph_file(graph))), precision, vocab_size)
-            check_for_tensorrt(model, f"{graph} ({precision})")
-            name = source
-            if facts["inlined_ifs"] or facts["reduced_matmuls"] or facts.get("top_k_capped"):
-                name = tensorrt_onnx_name(graph, precision)
-                files += _save(model, staging / name)
-            entries[graph] = {"onnx": name, "source": source, **facts,
-                              "profile": engine_profile(bundle.graphs[graph], max_batch, opt_batch)}
-            log(f"[tensorrt] {graph} ({precision}): {name}, {facts['inlined_ifs']} If inlined, "
-                f"{facts['reduced_matmuls']} weight matmuls in {precision}; TensorRT operator check passed")
-        section = {"operators_table": OPERATORS_MD, "max_batch": max_batch, "graphs": entries}
-        _install(bundle.path, staging, files, lambda m: m.setdefault("tensorrt", {}).__setitem__(precision, section))
+        section, files = _stage_tensorrt(bundle, precision, max_batch, opt_batch, graphs, staging, log)
+        written = _install(bundle, staging, files, lambda m: m.setdefault("tensorrt", {}).__setitem__(precision, section))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return section
+    return Published(section, written)
 
 
 def _save(model, path: Path) -> typing.List[str]:
@@ -278,12 +340,13 @@ def _save(model, path: Path) -> typing.List[str]:
 
 
 def trtexec_commands(bundle_path, precision: str = "fp16", timing_cache=None,
-                     workspace_gb: float = DEFAULT_WORKSPACE_GB) -> typing.List[str]:
+                     workspace_gb: float = DEFAULT_WORKSPACE_GB, digest: typing.Optional[str] = None) -> typing.List[str]:
     """`trtexec` command lines that build the bundle's engines from the files of its `tensorrt`
     section (`prepare_tensorrt` writes them), one per graph, with the same profile, strong typing,
-    workspace and timing cache as `build_engines`."""
-    bundle = Bundle(bundle_path, check_hashes=False)  # only names and profiles are read; nothing is run
-    section = bundle.manifest.get("tensorrt", {}).get(precision)
+    workspace and timing cache as `build_engines`; `digest` pins the manifest read (give the one
+    `prepare_tensorrt` returned: the commands are then those of the section it wrote)."""
+    bundle = Bundle(bundle_path, check_hashes=False, digest=digest)  # only names and profiles are read; nothing runs
+    section = bundle.tensorrt.get(precision)
     if not section:
         raise ExportError(f"{bundle.path} has no TensorRT {precision} files yet: run prologue build-engines "
                           f"{bundle.path} --precision {precision} --print-trtexec")
@@ -369,28 +432,32 @@ def _build_one(trt, logger, onnx_path: Path, profile: dict, cache_path: Path, wo
 
 def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Optional[int] = None,
                   opt_batch: typing.Optional[int] = None, timing_cache=None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
-                  graphs: typing.Optional[typing.Sequence[str]] = None, log=print) -> dict:
-    """Build and add engines to the bundle at `bundle_path`; returns the manifest's `engines`.
+                  graphs: typing.Optional[typing.Sequence[str]] = None, log=print,
+                  digest: typing.Optional[str] = None) -> Published:
+    """Build and add engines to the bundle at `bundle_path`; returns the manifest's `engines`, with
+    `.digest` (the sha256 of the manifest written); `digest` pins the bundle read.
 
-    First `prepare_tensorrt` (the files engines are built from, checked against TensorRT's
-    operator table), then one engine per graph from exactly those files."""
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    trt = _tensorrt()  # before writing anything
-    section = prepare_tensorrt(bundle_path, precision, max_batch, opt_batch, graphs, log=log)  # verifies the bundle
-    folder = Path(bundle_path)
+    The ONNX files engines are built from (`_stage_tensorrt`: made from the verified bytes, checked
+    against TensorRT's operator table) and the engines built from exactly those staged files go into
+    a staging folder; only when every engine is built are they moved in, with the manifest written
+    last (`_install`). On any failure the bundle is as it was."""
+    _check_precision(precision)
+    trt = _tensorrt()  # before reading anything
+    bundle = Bundle(bundle_path, digest=digest)
     info = device_info()
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
     logger = trt.Logger(trt.Logger.WARNING)
-    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=folder.parent))
+    staging = _staging(bundle)
     engines = {}
     try:
+        section, files = _stage_tensorrt(bundle, precision, max_batch, opt_batch, graphs, staging, log)
         for graph, entry in section["graphs"].items():
             log(f"[engines] building {graph} ({precision}, batch up to {section['max_batch']}) ...")
-            engine, cache = _build_one(trt, logger, folder / entry["onnx"], entry["profile"], cache_path,
-                                       workspace_gb, graph)
+            engine, cache = _build_one(trt, logger, _build_input(bundle, staging, entry), entry["profile"],
+                                       cache_path, workspace_gb, graph)
             name = engine_file_name(graph, precision)
             (staging / name).write_bytes(engine)
+            files.append(name)
             write_bytes_atomic(cache_path, cache, "TensorRT timing cache")
             engines[graph] = {
                 "file": name, "onnx": entry["onnx"], "precision": precision, "strongly_typed": True,
@@ -399,34 +466,105 @@ def build_engines(bundle_path, precision: str = "fp16", max_batch: typing.Option
                 "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 **({"top_k_max": entry["top_k_max"]} if "top_k_max" in entry else {}),
             }
-        install_engines(folder, staging, engines)
+
+        def update(manifest: dict) -> None:
+            manifest.setdefault("tensorrt", {})[precision] = section
+            manifest["engines"] = {**manifest.get("engines", {}), **engines}
+
+        written = _install(bundle, staging, files, update)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return engines
+    return Published(engines, written)
 
 
-def _install(bundle_path: Path, staging: Path, names: typing.Sequence[str], update) -> None:
-    """Move files from `staging` into the bundle, vouch for them in the manifest, apply
-    `update(manifest)`, and write the manifest last, atomically."""
-    manifest = json.loads((bundle_path / MANIFEST).read_text())
-    for name in names:
-        os.replace(staging / name, bundle_path / name)
-        file = bundle_path / name
-        manifest["files"][name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
-    update(manifest)
+def _build_input(bundle: Bundle, staging: Path, entry: dict) -> Path:
+    """The staged file an engine is built from: the `.trt.onnx` staged for it, or, for a graph with
+    nothing to rewrite, a staged copy of the bundle's verified bytes (and external weights): TensorRT
+    never reads a bundle file that was not checked."""
+    if entry["onnx"] != entry["source"]:
+        return staging / entry["onnx"]
+    folder = staging / "sources"
+    folder.mkdir(exist_ok=True)
+    for name in (entry["source"], entry["source"] + ".data"):
+        if name in bundle.files:
+            (folder / name).write_bytes(bundle.read_verified(name))
+    return folder / entry["source"]
+
+
+def _stale_files(manifest: dict) -> typing.List[str]:
+    """Engines and TensorRT ONNX files (with their `.data`) that no entry of `manifest` references
+    any more: a replaced engine or ONNX copy."""
     referenced = {g["file"] for g in manifest["graphs"].values()} | {e["file"] for e in manifest.get("engines", {}).values()}
     referenced |= {e["onnx"] for s in manifest.get("tensorrt", {}).values() for e in s["graphs"].values()}
-    for name in list(manifest["files"]):  # files an update left behind (a replaced engine or ONNX copy)
+    stale = []
+    for name in manifest["files"]:
         base = name[:-len(".data")] if name.endswith(".data") else name
         if base not in referenced and (name.endswith(".engine") or ".trt.onnx" in name):
-            manifest["files"].pop(name)
-            (bundle_path / name).unlink(missing_ok=True)
-    write_json_atomic(bundle_path / MANIFEST, manifest, "bundle manifest", indent=2)
+            stale.append(name)
+    return stale
 
 
-def install_engines(bundle_path, staging: Path, engines: dict) -> None:
-    """Move built engine files from `staging` into the bundle and record them in the manifest
-    (written last, atomically). Engines of the same graphs built before are replaced."""
-    bundle_path = Path(bundle_path)
-    _install(bundle_path, staging, [m["file"] for m in engines.values()],
-             lambda m: m.__setitem__("engines", {**m.get("engines", {}), **engines}))
+def _plain_file(folder: Path, name: str) -> bool:
+    """`name` is a single path component naming a regular file (not a link) directly in `folder`."""
+    if not name or name in (".", "..", MANIFEST) or Path(name).name != name or "/" in name or "\\" in name:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(folder / name).st_mode)
+    except OSError:
+        return False
+
+
+def _install(bundle: Bundle, staging: Path, names: typing.Sequence[str], update) -> str:
+    """Move the files `names` from `staging` into the bundle, vouch for them in a copy of the
+    manifest that `bundle` verified (never the file read again), apply `update(manifest)`, drop the
+    files nothing references any more, and write the manifest last, atomically; returns its digest.
+
+    Files it replaces and files it drops (only those the verified manifest listed and that are plain
+    files in the bundle folder: no path component, no link) are first moved aside into `staging`; if
+    anything fails before the manifest is written they are put back and the new files taken out, so
+    the bundle is as it was."""
+    folder, manifest = bundle.path, copy.deepcopy(bundle.manifest)
+    for name in names:
+        manifest["files"][name] = {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+    update(manifest)
+    stale = [n for n in _stale_files(manifest) if n not in names]
+    for name in stale:
+        manifest["files"].pop(name)
+    manifest_text(manifest, folder / MANIFEST)  # unwritable JSON is refused before anything moves
+    aside = Path(tempfile.mkdtemp(prefix="previous-", dir=staging))
+    moved, saved = [], []
+    try:
+        for name in names:
+            if os.path.lexists(folder / name):
+                os.replace(folder / name, aside / name)
+                saved.append(name)
+            os.replace(staging / name, folder / name)
+            moved.append(name)
+        for name in stale:
+            if _plain_file(folder, name):
+                os.replace(folder / name, aside / name)
+                saved.append(name)
+        return write_manifest(folder / MANIFEST, manifest)
+    except BaseException:
+        for name in moved:
+            _quietly(os.replace, folder / name, staging / name)
+        for name in saved:
+            _quietly(os.replace, aside / name, folder / name)
+        raise
+
+
+def _quietly(call, *args) -> None:
+    """A rollback step: its own failure must not hide the error on its way out."""
+    try:
+        call(*args)
+    except OSError:
+        pass
+
+
+def install_engines(bundle, staging: Path, engines: dict) -> str:
+    """Move built engine files from `staging` into the bundle (a `Bundle`, or its folder, which is
+    verified first) and record them in the manifest (written last, atomically); returns the new
+    manifest's digest. Engines of the same graphs built before are replaced."""
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    return _install(bundle, staging, [m["file"] for m in engines.values()],
+                    lambda m: m.__setitem__("engines", {**m.get("engines", {}), **engines}))

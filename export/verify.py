@@ -25,7 +25,7 @@ from ..runtime.loop import Noise, TokenLoop
 from ..runtime.onnx_backend import OrtBackend
 from ..sampling import sample
 from ..runtime.contract import AR_STEP, DECODER, PROLOGUE_GENERATOR, cache_feeds, step_feeds
-from ..runtime.settings import SamplingConfig
+from ..runtime.settings import SamplingConfig, max_top_k
 from ..tokenizer import uint8_to_images
 from .graphs import ARStepContract, DecoderModule, PrologueGeneratorModule
 
@@ -43,7 +43,7 @@ def check_dynamic_axes(bundle: Bundle) -> dict:
 
     result = {}
     for name, graph in bundle.graphs.items():
-        proto = onnx.load(str(bundle.graph_file(name)), load_external_data=False)
+        proto = onnx.load_model_from_string(bundle.read_verified(graph["file"]))  # the checked bytes; weights unneeded
         declared = {s["name"]: s["shape"] for s in graph["inputs"] + graph["outputs"]}
         values = list(proto.graph.input) + list(proto.graph.output)
         for value in values:
@@ -155,12 +155,18 @@ def check_ar_step(model: PrologueModel, backend: OrtBackend, tol: dict, rng: np.
     return report
 
 
+VERIFY_TOP_K = 20  # the top-k of the no-CFG case; at most what the graph keeps (`max_top_k`: the smallest codebook)
+
+
 def generation_cases(model: PrologueModel) -> typing.List[typing.Tuple[str, dict, bool]]:
-    cases = [("cfg_split" if model.config.vocab().has_prologue else "cfg_cosine",
+    vocab = model.config.vocab()
+    top_k = min(VERIFY_TOP_K, max_top_k(vocab))  # a 16-code prologue codebook keeps 16
+    cases = [("cfg_split" if vocab.has_prologue else "cfg_cosine",
               {"semantic_cfg_schedule": "constant", "semantic_cfg_scale": 0.7, "visual_cfg_schedule": "cosine",
-               "visual_cfg_scale": 3.0, "visual_cfg_power": 0.5} if model.config.vocab().has_prologue
+               "visual_cfg_scale": 3.0, "visual_cfg_power": 0.5} if vocab.has_prologue
               else {"cfg": 4.0, "cfg_schedule": "cosine", "cfg_power": 1.5}, False),
-             ("no_cfg_temperatures_topk", {"cfg": 0.0, "semantic_temperature": 0.8, "temperature": 0.9, "topK": 20}, False)]
+             ("no_cfg_temperatures_topk",
+              {"cfg": 0.0, "semantic_temperature": 0.8, "temperature": 0.9, "topK": top_k}, False)]
     if model.config.vocab().has_prologue:
         cases.append(("fixed_prologue", {"cfg": 2.0}, True))
     return cases
@@ -205,15 +211,17 @@ def quantized_agreement(model: PrologueModel, bundle: Bundle, graph: str, seed: 
             for name, _, ref, got in _generations(model, bundle, backend, classes, seed)}
 
 
-def verify_bundle(bundle_dir, model: typing.Optional[PrologueModel] = None, checkpoint=None, log=print) -> dict:
-    """Verify a bundle against its checkpoint; returns the report (also stored in the manifest)."""
+def verify_bundle(bundle_dir, model: typing.Optional[PrologueModel] = None, checkpoint=None, log=print,
+                  digest: typing.Optional[str] = None) -> dict:
+    """Verify a bundle against its checkpoint; returns the report (also stored in the manifest).
+    `digest`: the sha256 its manifest must have (`Bundle(path, digest=...)`)."""
     if model is None:
         if checkpoint is None:
             raise VerificationError("verification needs the checkpoint the bundle came from (--checkpoint CKPT)")
         model = load_checkpoint(checkpoint)
     model.eval()
     try:
-        bundle = Bundle(bundle_dir)
+        bundle = Bundle(bundle_dir, digest=digest)
     except BundleError as exc:
         raise VerificationError(str(exc)) from None
     if migrate_config(bundle.manifest["model"]) != model.config.to_dict():  # a version-1 config is the same model

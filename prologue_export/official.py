@@ -11,20 +11,26 @@ Key mapping: our submodules keep the release's names below the top-level prefix,
 is a prefix rename (`OFFICIAL_PREFIXES`). `module.` / `_orig_mod.` wrappers are stripped; the
 legacy and constant entries the release's loaders drop are ignored; anything else unknown is an
 error. Sizes that tensor shapes reveal are read off them and must agree with the configuration
-(from `--official-config` or `--preset`): a contradiction is an error, never a silent fix.
+(from `--official-config` or `--preset`): a contradiction is an error, never a silent fix. All of
+that is decided from the files' safetensors headers (names, shapes, dtypes, sizes) before any
+tensor data is read; `--official-config` is strict JSON (`runtime.files.read_json`) checked field
+by field (`config_from_official`).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import typing
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_state_strict, read_tensors, save_checkpoint
+from .checkpoint import (CheckpointError, TensorInfo, check_state, dtype_name, load_state_strict, read_header,
+                         read_tensors, save_checkpoint)
 from .model import PrologueModel
 from .config import ARConfig, ConfigError, ModelConfig, TokenizerConfig, TransformerSize, model_preset
+from .runtime.errors import short_repr
+from .runtime.files import FileFormatError, read_json, shown
 
 # official top-level prefix -> ours
 TOKENIZER_PREFIXES = {
@@ -48,6 +54,12 @@ AR_SLOT = "model.safetensors"
 # `prologue-onestage-joint`: the paper's OneStage row uses the non-EMA tokenizer and the
 # class-conditional AR trained jointly, stored in the tokenizer folder itself.
 ONESTAGE_SLOTS = ("model.safetensors", "model_1.safetensors", "model_5.safetensors")
+
+# The release's weights are float32 (OFFICIAL_MODEL.md §1); bfloat16 / float16 copies are widened
+# to float32 (exactly). The ignored legacy/constant entries (`pos_select_mask`: X x K_v floats, 16 MiB
+# in the largest release) are read but dropped: at most this many bytes of them per file.
+OFFICIAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_IGNORED_BYTES = 64 * 1024**2
 
 
 class OfficialImportError(CheckpointError):
@@ -80,72 +92,103 @@ def map_key(key: str, component: str) -> typing.Optional[str]:
     raise OfficialImportError(f"unexpected {component} tensor {key!r}: not part of the released model layout")
 
 
-def map_state(state: typing.Dict[str, torch.Tensor], component: str, source: str) -> typing.Dict[str, torch.Tensor]:
-    out = {}
-    for key, tensor in state.items():
+def map_names(keys: typing.Iterable[str], component: str, source: str) -> typing.Dict[str, str]:
+    """Official key -> our key of every entry that is not ignored."""
+    out: typing.Dict[str, str] = {}
+    taken: typing.Set[str] = set()  # a set: a header of 100k names must not cost 100k^2
+    for key in keys:
         ours = map_key(key, component)
         if ours is None:
             continue
-        if ours in out:
+        if ours in taken:
             raise OfficialImportError(f"{source}: tensor {key!r} appears twice (with and without a wrapper prefix)")
-        out[ours] = tensor.float() if tensor.is_floating_point() else tensor
+        out[key] = ours
+        taken.add(ours)
     return out
+
+
+def map_state(state: typing.Dict[str, torch.Tensor], component: str, source: str) -> typing.Dict[str, torch.Tensor]:
+    return {ours: state[key].float() if state[key].is_floating_point() else state[key]
+            for key, ours in map_names(state, component, source).items()}
+
+
+def map_header(file: Path, component: str) -> typing.Dict[str, TensorInfo]:
+    """The mapped header of a released file (our key -> `TensorInfo`), refused before any read if a
+    weight's dtype is not `OFFICIAL_DTYPES` or the ignored entries exceed `MAX_IGNORED_BYTES`."""
+    return map_table(read_header(file), file, component)
+
+
+def map_table(table: typing.Dict[str, TensorInfo], file: Path, component: str) -> typing.Dict[str, TensorInfo]:
+    """`map_header` of a header already read (`read_header`, or `read_tensors`' check)."""
+    names = map_names(table, component, str(file))
+    ignored = sum(info.end - info.begin for key, info in table.items() if key not in names)
+    if ignored > MAX_IGNORED_BYTES:
+        raise OfficialImportError(f"{shown(file)}: its ignored legacy entries hold {ignored} bytes "
+                                  f"(at most {MAX_IGNORED_BYTES // 1024**2} MiB); not a released file")
+    for key in names:
+        if table[key].dtype not in OFFICIAL_DTYPES:
+            raise OfficialImportError(f"{shown(file)}: tensor {short_repr(key)} is {dtype_name(table[key].dtype)}; the released "
+                                      "weights are float32 (bfloat16 and float16 are widened to float32)")
+    return {ours: table[key] for key, ours in names.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # official resolved config -> ModelConfig
 
 
-def config_from_official(data: dict, with_ar: bool = True) -> ModelConfig:
-    """Our ModelConfig from the release's resolved config (as in `fixture_a/config.json`)."""
-    rc = data.get("resolved_config", data)
+_MISSING = object()
+MAX_LIST = 16  # rope_axes_dim: three sizes
+_KINDS = {  # type -> (what the message says, test)
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: (type(v) is int and abs(v) < 1e300) or (type(v) is float and math.isfinite(v))),
+    str: ("a string", lambda v: type(v) is str), bool: ("true or false", lambda v: type(v) is bool),
+    list: (f"a list of at most {MAX_LIST} integers", lambda v: type(v) is list and len(v) <= MAX_LIST
+           and all(_KINDS[int][1](x) for x in v)),
+    dict: ("an object", lambda v: isinstance(v, dict)), None: ("anything", lambda v: True),
+}
+
+
+class _Fields:
+    """One object of the release's resolved config, read field by field: `get(key, kind)` checks the
+    type (a ConfigError naming the field, e.g. `Encoder.dim`); a missing required key is a KeyError."""
+
+    def __init__(self, data, path: str = ""):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path.rstrip('.') or 'the config'} must be an object, got {type(data).__name__}")
+        self.data, self.path = data, path
+
+    def get(self, key: str, kind: typing.Optional[type] = None, default=_MISSING):
+        if key not in self.data and default is _MISSING:
+            raise KeyError(self.path + key)
+        value = self.data.get(key, default)
+        if not _KINDS[kind][1](value):
+            raise ConfigError(f"{self.path}{key} must be {_KINDS[kind][0]}, got {short_repr(value, 60)}")
+        return float(value) if kind is float else value
+
+    def section(self, key: str, default=_MISSING) -> "_Fields":
+        return _Fields(self.get(key, dict, default), f"{self.path}{key}.")
+
+    def size(self) -> TransformerSize:
+        return TransformerSize(self.get("dim", int), self.get("layer_num", int), self.get("heads", int))
+
+
+def read_official_config(path) -> dict:
+    """The release's resolved config file as strict JSON (`runtime.files.read_json`: bounded size and
+    nesting, no NaN, UTF-8, an object); a one-line OfficialImportError otherwise."""
     try:
+        return read_json(path, f"the official config {shown(path)}")
+    except FileFormatError as exc:
+        raise OfficialImportError(str(exc)) from None
+
+
+def config_from_official(data: dict, with_ar: bool = True) -> ModelConfig:
+    """Our ModelConfig from the release's resolved config (as in `fixture_a/config.json`), every field
+    read with its type checked and the result validated (`ModelConfig.validate`: ranges)."""
+    try:
+        top = _Fields(data)
+        rc = top.section("resolved_config") if "resolved_config" in top.data else top
         _check_supported(rc, with_ar)
-        enc, dec = rc["Encoder"], rc["Decoder"]
-        if not rc.get("Prologue", False):
-            variant = "2d"
-        elif "SemanticEncoder" in rc or rc.get("share_semantic_encoder") is False:
-            variant = "post"
-        else:
-            variant = "prologue"
-        grid_theta = float(dec["rope_theta"] if dec["rope_input_type"] == "hw" else dec["rope_ctx_theta"])
-        seq_theta = float(enc["rope_theta"] if enc.get("context_type") == "concat" else 10000.0)
-        z_len = int(rc["z_len"]) if variant != "2d" else 0
-        sq = rc.get("SemanticQuantizer", {})
-        tok = TokenizerConfig(
-            variant=variant,
-            image_size=int(rc["image_size"]),
-            patch_size=int(rc["patch_size"]),
-            channels=int(rc["num_channels"]),
-            encoder=TransformerSize(int(enc["dim"]), int(enc["layer_num"]), int(enc["heads"])),
-            decoder=TransformerSize(int(dec["dim"]), int(dec["layer_num"]), int(dec["heads"])),
-            visual_codebook_size=int(rc["Quantizer"]["codebook_size"]),
-            prologue_codebook_size=int(sq["codebook_size"]) if variant != "2d" else 0,
-            num_prologue_tokens=z_len,
-            prologue_encoder=(
-                TransformerSize(int(rc["SemanticEncoder"]["dim"]), int(rc["SemanticEncoder"]["layer_num"]),
-                                int(rc["SemanticEncoder"]["heads"]))
-                if variant == "post" else None
-            ),
-            code_dim=int(rc["z_dim"]),
-            cond_dim=int(rc["cond_emb_dim"]),
-            mlp_ratio=str(enc["mlp_ratio"]),
-            prologue_encoder_mlp_ratio=str(rc["SemanticEncoder"]["mlp_ratio"]) if variant == "post" else "11/4",
-            rope_axes=[int(a) for a in enc["rope_axes_dim"]],
-            rope_theta_grid=grid_theta,
-            rope_theta_seq=seq_theta,
-            prologue_softmax_temperature=float(sq.get("temperature", 0.1)) if variant != "2d" else 0.1,
-            vq_beta=float(rc["Quantizer"].get("vq_beta", 0.25)),
-        )
-        ar = None
-        if with_ar:
-            a = rc["ARModel"]
-            ar = ARConfig(
-                dim=int(a["dim"]), layers=int(a["layer_num"]), heads=int(a["heads"]),
-                mlp_ratio=str(a["mlp_ratio"]), rope_axes=[int(x) for x in a["rope_axes_dim"]],
-                rope_theta=float(a["rope_theta"]), cond_dim=int(a.get("cond_dim", rc["cond_emb_dim"])),
-            )
-        return ModelConfig(num_classes=int(rc["num_classes"]) - 1, tokenizer=tok, ar=ar).validate()
+        return _model_config(rc, with_ar).validate()
     except ConfigError as exc:
         raise OfficialImportError(f"the official config does not describe a valid model: {exc}") from None
     except KeyError as exc:
@@ -153,52 +196,96 @@ def config_from_official(data: dict, with_ar: bool = True) -> ModelConfig:
                            "(a JSON like fixture_a/config.json or official_keys/*.json)") from None
 
 
-def _check_supported(rc: dict, with_ar: bool) -> None:
-    def need(where: str, value, expected):
-        if value != expected:
-            raise OfficialImportError(f"unsupported official config: {where} = {value!r} (this package implements {expected!r})")
+def _model_config(rc: _Fields, with_ar: bool) -> ModelConfig:
+    enc, dec = rc.section("Encoder"), rc.section("Decoder")
+    if not rc.get("Prologue", bool, False):
+        variant = "2d"
+    elif "SemanticEncoder" in rc.data or rc.get("share_semantic_encoder", bool, True) is False:
+        variant = "post"
+    else:
+        variant = "prologue"
+    grid_theta = dec.get("rope_theta", float) if dec.get("rope_input_type") == "hw" else dec.get("rope_ctx_theta", float)
+    seq_theta = enc.get("rope_theta", float) if enc.get("context_type", None, None) == "concat" else 10000.0
+    sq = rc.section("SemanticQuantizer", {})
+    post = rc.section("SemanticEncoder") if variant == "post" else None
+    q = rc.section("Quantizer")
+    tok = TokenizerConfig(
+        variant=variant, image_size=rc.get("image_size", int), patch_size=rc.get("patch_size", int),
+        channels=rc.get("num_channels", int), encoder=enc.size(), decoder=dec.size(),
+        visual_codebook_size=q.get("codebook_size", int),
+        prologue_codebook_size=sq.get("codebook_size", int) if variant != "2d" else 0,
+        num_prologue_tokens=rc.get("z_len", int) if variant != "2d" else 0,
+        prologue_encoder=post.size() if post else None, code_dim=rc.get("z_dim", int),
+        cond_dim=rc.get("cond_emb_dim", int), mlp_ratio=enc.get("mlp_ratio", str),
+        prologue_encoder_mlp_ratio=post.get("mlp_ratio", str) if post else "11/4",
+        rope_axes=enc.get("rope_axes_dim", list), rope_theta_grid=grid_theta, rope_theta_seq=seq_theta,
+        prologue_softmax_temperature=sq.get("temperature", float, 0.1) if variant != "2d" else 0.1,
+        vq_beta=q.get("vq_beta", float, 0.25),
+    )
+    ar = None
+    if with_ar:
+        a = rc.section("ARModel")
+        size = a.size()
+        ar = ARConfig(dim=size.dim, layers=size.layers, heads=size.heads, mlp_ratio=a.get("mlp_ratio", str),
+                      rope_axes=a.get("rope_axes_dim", list), rope_theta=a.get("rope_theta", float),
+                      cond_dim=a.get("cond_dim", int, rc.get("cond_emb_dim", int)))
+    return ModelConfig(num_classes=rc.get("num_classes", int) - 1, tokenizer=tok, ar=ar)
 
-    need("norm_layer", rc.get("norm_layer", "RMSNorm"), "RMSNorm")
-    need("ffn_type", rc.get("ffn_type", "geglu"), "geglu")
-    need("rope", rc.get("rope", True), True)
-    need("abs_pos", rc.get("abs_pos", False), False)
-    need("ae_no_label", rc.get("ae_no_label", True), True)
-    if rc.get("Prologue", False) and not rc.get("use_eos", True):
+
+def _check_supported(rc: _Fields, with_ar: bool) -> None:
+    def need(where: str, value, expected):
+        if type(value) is not type(expected) or value != expected:
+            raise OfficialImportError(f"unsupported official config: {where} = {short_repr(value, 60)} "
+                                      f"(this package implements {expected!r})")
+
+    need("norm_layer", rc.get("norm_layer", None, "RMSNorm"), "RMSNorm")
+    need("ffn_type", rc.get("ffn_type", None, "geglu"), "geglu")
+    need("rope", rc.get("rope", None, True), True)
+    need("abs_pos", rc.get("abs_pos", None, False), False)
+    need("ae_no_label", rc.get("ae_no_label", None, True), True)
+    prologue = rc.get("Prologue", bool, False)
+    if prologue and not rc.get("use_eos", bool, True):
         raise OfficialImportError("unsupported official config: Prologue without use_eos")
-    enc = rc.get("Encoder", {})
-    if not rc.get("Prologue", False) and enc.get("context_type") == "concat":
+    enc = rc.section("Encoder", {})
+    if not prologue and enc.get("context_type", None, None) == "concat":
         raise OfficialImportError("the 1-D baseline tokenizer (`1d-tokenizer`) is not supported by this package")
     # The release reads this flag only when `Prologue` is true (`Prologue and not
     # share_semantic_codebook`, models.py:710, 717, 862, 906): the 2d / 1d configs ship it as
     # True, and it changes nothing there.
-    if rc.get("Prologue", False) and rc.get("share_semantic_codebook", False):
+    if prologue and rc.get("share_semantic_codebook", bool, False):
         raise OfficialImportError("unsupported official config: share_semantic_codebook = True")
     if with_ar:
-        a = rc.get("ARModel", {})
-        need("ARModel.conditional_injection", a.get("conditional_injection", "llamagen"), "llamagen")
-        need("ARModel.tied_embedding", a.get("tied_embedding", False), False)
-        need("ARModel.input_layer", a.get("input_layer", False), False)
+        a = rc.section("ARModel", {})
+        need("ARModel.conditional_injection", a.get("conditional_injection", None, "llamagen"), "llamagen")
+        need("ARModel.tied_embedding", a.get("tied_embedding", None, False), False)
+        need("ARModel.input_layer", a.get("input_layer", None, False), False)
 
 
 # ---------------------------------------------------------------------------------------------
 # facts readable from tensor shapes
 
 
-def shape_facts(tok: typing.Dict[str, torch.Tensor], ar: typing.Optional[typing.Dict[str, torch.Tensor]]) -> typing.Dict[str, typing.Any]:
-    """Sizes that the (mapped) tensors reveal, keyed by config field path."""
+def shape_facts(tok: typing.Mapping[str, typing.Any], ar: typing.Optional[typing.Mapping[str, typing.Any]]) -> typing.Dict[str, typing.Any]:
+    """Sizes that the (mapped) tensors or `TensorInfo`s reveal, keyed by config field path."""
     facts: typing.Dict[str, typing.Any] = {}
+
+    def shape(state, key: str, rank: int) -> typing.Tuple[int, ...]:
+        found = tuple(state[key].shape)
+        if len(found) != rank or 0 in found:
+            raise OfficialImportError(f"tensor {key!r} has shape {list(found)}; the released layout has {rank} "
+                                      "non-zero sizes there")
+        return found
 
     def stack(prefix: str, field: str, state):
         if f"{prefix}.cond_proj.0.weight" not in state:
             return
-        layers = {int(k.split(".")[2]) for k in state if k.startswith(f"{prefix}.layers.")}
-        dim = state[f"{prefix}.cond_proj.0.weight"].shape  # [C, N]
-        q_norm = state.get(f"{prefix}.layers.0.attn1.q_norm.weight")
-        width = state[f"{prefix}.layers.0.attn1.to_q.weight"].shape[0] if layers else None
+        layers = {k.split(".")[2] for k in state if k.startswith(f"{prefix}.layers.")}
+        dim = shape(state, f"{prefix}.cond_proj.0.weight", 2)  # [C, N]
         facts[f"{field}.layers"] = len(layers)
-        if width is not None:
+        if all(f"{prefix}.layers.0.attn1.{name}.weight" in state for name in ("to_q", "q_norm")):
+            width = shape(state, f"{prefix}.layers.0.attn1.to_q.weight", 2)[0]
             facts[f"{field}.dim"] = width
-            facts[f"{field}.heads"] = width // q_norm.shape[0]
+            facts[f"{field}.heads"] = width // shape(state, f"{prefix}.layers.0.attn1.q_norm.weight", 1)[0]
         facts[f"{field}.cond_dim"] = dim[0]
         facts[f"{field}.num_classes"] = dim[1] - 1
 
@@ -206,24 +293,24 @@ def shape_facts(tok: typing.Dict[str, torch.Tensor], ar: typing.Optional[typing.
     stack("decoder", "tokenizer.decoder", tok)
     stack("prologue_encoder", "tokenizer.prologue_encoder", tok)
     if "visual_quantizer.embedding.weight" in tok:
-        k, z = tok["visual_quantizer.embedding.weight"].shape
+        k, z = shape(tok, "visual_quantizer.embedding.weight", 2)
         facts["tokenizer.visual_codebook_size"] = k
         facts["tokenizer.code_dim"] = z
     if "encoder.input_layer.weight" in tok:
-        facts["tokenizer.patch_dim"] = tok["encoder.input_layer.weight"].shape[1]
+        facts["tokenizer.patch_dim"] = shape(tok, "encoder.input_layer.weight", 2)[1]
     has_pq = "prologue_quantizer.embedding.weight" in tok
     facts["tokenizer.variant"] = "post" if "prologue_encoder.cond_proj.0.weight" in tok else ("prologue" if has_pq else "2d")
     if has_pq:
-        facts["tokenizer.prologue_codebook_size"] = tok["prologue_quantizer.embedding.weight"].shape[0]
-        q = tok.get("encoder.learnable_query", tok.get("prologue_encoder.learnable_query"))
-        if q is not None:
-            facts["tokenizer.num_prologue_tokens"] = q.shape[1]
+        facts["tokenizer.prologue_codebook_size"] = shape(tok, "prologue_quantizer.embedding.weight", 2)[0]
+        query = next((k for k in ("encoder.learnable_query", "prologue_encoder.learnable_query") if k in tok), None)
+        if query is not None:
+            facts["tokenizer.num_prologue_tokens"] = shape(tok, query, 3)[1]
     if ar is not None:
         stack("transformer", "ar", ar)
         if "token_emb.weight" in ar:
-            facts["ar.vocab_size"] = ar["token_emb.weight"].shape[0]
+            facts["ar.vocab_size"] = shape(ar, "token_emb.weight", 2)[0]
         if "class_emb.weight" in ar:
-            facts["ar.num_classes"] = ar["class_emb.weight"].shape[0] - 1
+            facts["ar.num_classes"] = shape(ar, "class_emb.weight", 2)[0] - 1
     return facts
 
 
@@ -256,7 +343,7 @@ def compare_facts(found: dict, configured: dict, what: str) -> None:
     clashes = [f"{k}: files say {found[k]!r}, {what} says {configured[k]!r}"
                for k in sorted(found) if k in configured and found[k] != configured[k]]
     if clashes:
-        raise OfficialImportError("the released files contradict the configuration:\n  " + "\n  ".join(clashes))
+        raise OfficialImportError("the released files contradict the configuration: " + "; ".join(clashes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +385,12 @@ def slot_files(tokenizer_dir, ar_dir=None, onestage: bool = False) -> typing.Lis
             for folder, name, component, holds in inference_slots(onestage or ar_dir is not None, onestage)]
 
 
-def read_official(tokenizer_dir, ar_dir=None, onestage: bool = False) -> typing.Tuple[dict, typing.Optional[dict]]:
-    """Mapped tokenizer (EMA encoder + EMA decoder) and AR (non-EMA) tensors.
-
-    onestage: the OneStage folder's slots instead (non-EMA encoder/decoder, AR in `model_5`).
-    """
-    tok: typing.Dict[str, torch.Tensor] = {}
+def _by_component(tokenizer_dir, ar_dir, onestage: bool, read) -> typing.Tuple[dict, typing.Optional[dict]]:
+    """`read(file, component)` of every slot, the tokenizer's slots merged (they may not overlap)."""
+    tok: typing.Dict[str, typing.Any] = {}
     ar = None
     for file, component, _holds in slot_files(tokenizer_dir, ar_dir, onestage):
-        part = map_state(read_tensors(file), component, str(file))
+        part = read(file, component)
         if component == "ar":
             ar = part
             continue
@@ -315,6 +399,34 @@ def read_official(tokenizer_dir, ar_dir=None, onestage: bool = False) -> typing.
             raise OfficialImportError(f"{file} repeats tensors of another slot: {sorted(overlap)[:4]}")
         tok.update(part)
     return tok, ar
+
+
+def read_official_headers(tokenizer_dir, ar_dir=None, onestage: bool = False) -> typing.Tuple[dict, typing.Optional[dict]]:
+    """What `read_official` returns, as `TensorInfo`s from the headers alone (no tensor data read)."""
+    return _by_component(tokenizer_dir, ar_dir, onestage, map_header)
+
+
+def read_official(tokenizer_dir, ar_dir=None, onestage: bool = False,
+                  checked: typing.Optional[typing.Tuple[dict, typing.Optional[dict]]] = None
+                  ) -> typing.Tuple[dict, typing.Optional[dict]]:
+    """Mapped tokenizer (EMA encoder + EMA decoder) and AR (non-EMA) tensors, as float32.
+
+    onestage: the OneStage folder's slots instead (non-EMA encoder/decoder, AR in `model_5`).
+    checked: what `read_official_headers` returned and the model was checked against; each file's
+    header is read again from the open file and must map to exactly that before any tensor data is
+    read from it (a file swapped since its header was checked is refused, never read).
+    """
+    def read(file: Path, component: str) -> dict:
+        def check(table: typing.Dict[str, TensorInfo]) -> None:
+            mapped = map_table(table, file, component)
+            if checked is not None:
+                before = checked[1] if component == "ar" else checked[0]
+                if before is None or any(before.get(key) != info for key, info in mapped.items()):
+                    raise OfficialImportError(f"{shown(file)} changed since its header was checked; import again")
+
+        return map_state(read_tensors(file, check=check), component, str(file))
+
+    return _by_component(tokenizer_dir, ar_dir, onestage, read)
 
 
 def folder_source(tokenizer_dir, ar_dir=None, onestage: bool = False) -> dict:
@@ -340,19 +452,14 @@ def import_official(
     source: provenance to record in config.json (`cli/hub.py` passes repo, commit, sha256); by
     default the folders' files with their sha256.
     """
-    tok_state, ar_state = read_official(tokenizer_dir, ar_dir, onestage=onestage)
-    with_ar = ar_state is not None
+    with_ar = onestage or ar_dir is not None
     configs = []
     if official_config is not None:
-        data = official_config
-        if not isinstance(data, dict):
-            try:
-                data = json.loads(Path(official_config).read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise OfficialImportError(f"cannot read the official config {official_config}: {exc}") from None
+        data = official_config if isinstance(official_config, dict) else read_official_config(official_config)
         configs.append(("the official config", config_from_official(data, with_ar=with_ar)))
+    tok_info, ar_info = read_official_headers(tokenizer_dir, ar_dir, onestage=onestage)
     if preset is not None:
-        found_classes = shape_facts(tok_state, None).get("tokenizer.encoder.num_classes")
+        found_classes = shape_facts(tok_info, None).get("tokenizer.encoder.num_classes")
         cfg = model_preset(preset, num_classes=found_classes)
         if not with_ar:
             cfg.ar = None
@@ -360,7 +467,7 @@ def import_official(
     if not configs:
         raise OfficialImportError("sizes such as heads, RoPE axes and image geometry are not in the tensors: "
                            "pass --official-config FILE (the resolved config JSON) or --preset NAME")
-    found = shape_facts(tok_state, ar_state)
+    found = shape_facts(tok_info, ar_info)
     for what, cfg in configs:
         compare_facts(found, config_facts(cfg), what)
     if len(configs) == 2 and configs[0][1].to_dict() != configs[1][1].to_dict():
@@ -370,10 +477,15 @@ def import_official(
     config = configs[0][1]
     with torch.device("meta"):
         model = PrologueModel(config)
+    parts = [(model.tokenizer, tok_info, f"tokenizer files in {tokenizer_dir}")]
+    if with_ar:
+        parts.append((model.ar, ar_info, f"AR file in {tokenizer_dir if onestage else ar_dir}"))
     try:
-        load_state_strict(model.tokenizer, tok_state, f"tokenizer files in {tokenizer_dir}")
-        if with_ar:
-            load_state_strict(model.ar, ar_state, f"AR file in {tokenizer_dir if onestage else ar_dir}")
+        for module, info, where in parts:  # names, shapes and dtypes, before any tensor is read
+            check_state(module, info, where, OFFICIAL_DTYPES)
+        tok_state, ar_state = read_official(tokenizer_dir, ar_dir, onestage=onestage, checked=(tok_info, ar_info))
+        for (module, _info, where), state in zip(parts, (tok_state, ar_state)):
+            load_state_strict(module, state, where)
     except CheckpointError as exc:
         raise OfficialImportError(f"the released files do not fit the configured model: {exc}") from None
     model.eval()

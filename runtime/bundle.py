@@ -9,7 +9,16 @@ Hostile input (docs/runtime.md): the manifest is strict JSON read with `parse_js
 Infinity, at most 16 MiB, 32 levels deep) and validated field by field, with these bounds
 (`LIMITS`): max_batch <= 4096, ar layers / heads <= 1024, head_dim <= 4096, sequence lengths
 <= 65536, codebooks <= 2^20 entries, image size <= 4096 with 1..4 channels, num_classes <= 10^6,
-at most 1024 files of at most 1 TiB each, file names a single path component (bundles are flat).
+at most 1024 files of at most 1 TiB each, file names a single path component (bundles are flat),
+and a KV cache of at most `MAX_KV_CACHE_BYTES` (64 GiB) for the max batch, checked before anything
+is allocated. The `tensorrt` section (the ONNX files engines are built from) is checked as strictly:
+precisions, graph names, file names (the graph's own file or `<graph>.<precision>.trt.onnx`, listed
+in `files`), counts and profiles (every input of the graph, min <= opt <= max, the contract's static
+sizes), so `prologue build-engines` and `--print-trtexec` never meet a malformed one.
+
+Outputs are checked against the contract too (`check_outputs`, `check_tokens`): a graph whose
+output has another shape or dtype than the contract gives for the call's sizes, or whose sampled
+tokens lie outside the vocabulary, is a one-line `BundleError` naming the graph.
 
 A loaded bundle is immutable for its users: `read_verified(name)` reads a file once (never
 through a symlink), checks its size and sha256 against the manifest and returns those bytes, so
@@ -20,6 +29,7 @@ after `Bundle(...)` is refused when it is read, never run.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import stat
@@ -27,7 +37,7 @@ import typing
 from pathlib import Path
 
 from .contract import (AR_STEP, DECODER, DEFAULT_MAX_BATCH, ENGINE_GRAPHS, GRAPHS, PROLOGUE_GENERATOR, ar_step_axes,
-                       ar_step_io, batch_axes, decoder_io, prologue_generator_io, static_axes)
+                       ar_step_io, batch_axes, decoder_io, prologue_generator_io, resolve_shape, static_axes)
 from .errors import PrologueError, short_repr
 from .files import FileFormatError, MAX_JSON_BYTES, parse_json
 from .settings import ConfigError, SamplingConfig, VocabLayout
@@ -39,6 +49,13 @@ FORMAT_VERSION = 2  # 2: ar_step takes its KV cache per layer (k_cache_0 ..)
 LIMITS = {"max_batch": 4096, "layers": 1024, "heads": 1024, "head_dim": 4096, "seq_len": 65536,
           "codebook": 1 << 20, "image_size": 4096, "channels": 4, "num_classes": 10**6,
           "files": 1024, "file_bytes": 1 << 40, "name_chars": 255, "tensors": 4096, "rank": 8, "dim": 2**31 - 1}
+# The K and V caches of one generation of the max batch with CFG (2 x max_batch rows), float32: 2 x 4 x
+# layers x rows x heads x max_seq_len x head_dim bytes. The largest released model (prologue-*-xl: 32 layers,
+# 20 heads of 64, T = 273) needs 89 MB a row, 1.4 GB at the default max batch 8 and reaches this bound at
+# max batch 384; each dimension within LIMITS can still multiply to petabytes, refused before any allocation.
+MAX_KV_CACHE_BYTES = 64 * 1024**3
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")  # TensorRT engines: the precision of their weight matmuls
+MAX_NODE_COUNT = 10**7  # counts of rewritten nodes recorded in the tensorrt section
 DTYPES = ("int64", "int32", "float32", "float16", "bfloat16", "uint8", "int8", "bool")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "an integer",
@@ -47,6 +64,16 @@ _JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/f
 
 class BundleError(PrologueError, RuntimeError):
     """A bundle that cannot be trusted or used as it is."""
+
+
+def tensorrt_onnx_name(graph: str, precision: str) -> str:
+    """The file a `precision` TensorRT engine of `graph` is built from when the graph needs rewriting."""
+    return f"{graph}.{precision}.trt.onnx"
+
+
+def kv_cache_bytes(ar: dict, rows: int) -> int:
+    """Bytes of one generation's K and V caches (float32) of `rows` rows for the manifest's `ar` sizes."""
+    return 2 * 4 * rows * math.prod(int(ar[k]) for k in ("layers", "heads", "max_seq_len", "head_dim"))
 
 
 def _show(value) -> str:
@@ -112,6 +139,7 @@ class Bundle:
         manifest.json (`Bundle(...).digest`), which pins the whole bundle: the manifest is the root
         of trust, and it vouches for every other file."""
         self.path = Path(path)
+        self._outputs: typing.Dict[str, dict] = {}  # graph -> its output specs (`check_output`)
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
             raise BundleError(f"bundle folder {self.path} does not exist")
@@ -134,6 +162,7 @@ class Bundle:
         self._validate_files(f)
         self._validate_graphs(f)
         self._validate_engines(f)
+        self._validate_tensorrt(f)
         if check_hashes:
             self.verify_files(present)
 
@@ -222,6 +251,11 @@ class Bundle:
                 ("max_seq_len", seq))}
             if self.ar["max_seq_len"] != self.vocab.seq_len:
                 f.fail("ar.max_seq_len", f"must equal vocab.seq_len ({self.vocab.seq_len}), got {self.ar['max_seq_len']}")
+            cache = kv_cache_bytes(self.ar, 2 * self.max_batch)
+            if cache > MAX_KV_CACHE_BYTES:
+                f.fail("ar", f"sizes give a KV cache of {cache / 1024**3:.3g} GiB for max_batch {self.max_batch} "
+                       f"(layers x 2 x max_batch rows x heads x max_seq_len x head_dim x 8 bytes), more than "
+                       f"{MAX_KV_CACHE_BYTES // 1024**3} GiB")
         defaults = f.get(m, "sampling_defaults", "sampling_defaults", dict)
         try:
             self.sampling_defaults = SamplingConfig.from_dict(defaults)
@@ -328,9 +362,10 @@ class Bundle:
 
     def _check_contract(self, f: _Fields, name: str) -> None:
         """The manifest's contract of a graph must be the runtime's: the same tensor names and
-        dtypes, ranks, and static sizes (a dimension the manifest leaves dynamic where the runtime
-        feeds a fixed size is accepted; the graph itself is checked against the manifest when it is
-        loaded, `check_signature`); dynamic axes within the runtime's ranges."""
+        dtypes, and the same shapes (static sizes equal, dynamic dimensions named by the runtime's
+        axis: engine profiles and output checks are derived from them; the graph itself is checked
+        against the manifest when it is loaded, `check_signature`); dynamic axes within the
+        runtime's ranges."""
         graph, (inputs, outputs, axes) = self.graphs[name], self.expected_contract(name)
         for key, expected in (("inputs", inputs), ("outputs", outputs)):
             declared = {s["name"]: s for s in graph[key]}
@@ -342,8 +377,7 @@ class Bundle:
                 got, field = declared[spec.name], f"graphs.{name}.{key}.{spec.name}"
                 if got["dtype"] != spec.dtype:
                     f.fail(f"{field}.dtype", f"is {got['dtype']}, the runtime's contract says {spec.dtype}")
-                if len(got["shape"]) != len(spec.shape) or any(
-                        isinstance(g, int) and (isinstance(w, str) or g != w) for g, w in zip(got["shape"], spec.shape)):
+                if len(got["shape"]) != len(spec.shape) or any(g != w for g, w in zip(got["shape"], spec.shape)):
                     f.fail(f"{field}.shape", f"is {got['shape']}, the runtime's contract says {spec.shape}")
         declared_axes = graph.get("dynamic_axes", {})
         for axis, r in declared_axes.items():
@@ -367,6 +401,64 @@ class Bundle:
             f.get(meta, "profile", f"{field}.profile", dict, required=False)
         # the largest batch every TensorRT engine's profile takes (None without engines)
         self.engine_max_batch = min(batches) if batches else None
+
+    def _validate_tensorrt(self, f: _Fields) -> None:
+        """`tensorrt.<precision>`: the ONNX files engines are built from (`prologue build-engines`)."""
+        self.tensorrt = f.get(self.manifest, "tensorrt", "tensorrt", dict, required=False) or {}
+        for precision, section in self.tensorrt.items():
+            if precision not in ENGINE_PRECISIONS:
+                f.fail(f"tensorrt[{_show(precision)}]", f"is not an engine precision ({', '.join(ENGINE_PRECISIONS)})")
+            field = f"tensorrt.{precision}"
+            if not isinstance(section, dict):
+                f.fail(field, f"must be an object, got {_show(section)}")
+            f.str_(section, "operators_table", f"{field}.operators_table")
+            f.int_(section, "max_batch", f"{field}.max_batch", 1, LIMITS["max_batch"])
+            graphs = f.get(section, "graphs", f"{field}.graphs", dict)
+            if not graphs:
+                f.fail(f"{field}.graphs", "lists no graph")
+            for graph, entry in graphs.items():
+                if graph not in ENGINE_GRAPHS or graph not in self.graphs:
+                    f.fail(f"{field}.graphs[{_show(graph)}]", "is not a graph of this bundle that engines are built "
+                           f"for ({', '.join(g for g in ENGINE_GRAPHS if g in self.graphs)})")
+                self._validate_tensorrt_entry(f, f"{field}.graphs.{graph}", precision, graph, entry)
+
+    def _validate_tensorrt_entry(self, f: _Fields, field: str, precision: str, graph: str, entry) -> None:
+        if not isinstance(entry, dict):
+            f.fail(field, f"must be an object, got {_show(entry)}")
+        own = self.graphs[graph]["file"]
+        if f.str_(entry, "source", f"{field}.source") != own:
+            f.fail(f"{field}.source", f"must be the graph's file {own!r}, got {_show(entry['source'])}")
+        onnx = f.str_(entry, "onnx", f"{field}.onnx")
+        if onnx not in (own, tensorrt_onnx_name(graph, precision)):
+            f.fail(f"{field}.onnx", f"must be {own!r} or {tensorrt_onnx_name(graph, precision)!r}, got {_show(onnx)}")
+        if onnx not in self.files:
+            f.fail(f"{field}.onnx", f"names {onnx!r}, which is not listed in files")
+        for key in ("inlined_ifs", "reduced_matmuls"):
+            f.int_(entry, key, f"{field}.{key}", 0, MAX_NODE_COUNT)
+        f.int_(entry, "top_k_max", f"{field}.top_k_max", 1, LIMITS["dim"], required=False)
+        f.get(entry, "top_k_capped", f"{field}.top_k_capped", bool, required=False)
+        self._validate_profile(f, f"{field}.profile", graph, f.get(entry, "profile", f"{field}.profile", dict))
+
+    def _validate_profile(self, f: _Fields, field: str, graph: str, profile: dict) -> None:
+        """min/opt/max of every input of `graph`: its rank, its static sizes, min <= opt <= max."""
+        specs = {s["name"]: s["shape"] for s in self.graphs[graph]["inputs"]}
+        if set(profile) != set(specs):
+            missing, extra = sorted(set(specs) - set(profile))[:3], sorted(set(profile) - set(specs))[:3]
+            f.fail(field, f"must give every input of {graph} (missing {missing}, unexpected {[_show(e) for e in extra]})")
+        for name, shapes in profile.items():
+            where, spec = f"{field}.{name}", specs[name]
+            if not isinstance(shapes, dict) or set(shapes) != {"min", "opt", "max"}:
+                f.fail(where, f"must be an object with min, opt and max, got {_show(shapes)}")
+            dims = [shapes[k] for k in ("min", "opt", "max")]
+            for key, shape in zip(("min", "opt", "max"), dims):
+                if not isinstance(shape, list) or len(shape) != len(spec) or not all(
+                        type(d) is int and 1 <= d <= LIMITS["dim"] for d in shape):
+                    f.fail(f"{where}.{key}", f"must be {len(spec)} sizes in [1, 2^31), got {_show(shape)}")
+            for i, (lo, opt, hi) in enumerate(zip(*dims)):
+                static = isinstance(spec[i], int)
+                if not lo <= opt <= hi or (static and not lo == hi == spec[i]):
+                    rule = f"equal the static size {spec[i]}" if static else "have min <= opt <= max"
+                    f.fail(where, f"dimension {i} must {rule}, got {lo}, {opt}, {hi}")
 
     @property
     def null_class(self) -> int:
@@ -415,6 +507,47 @@ class Bundle:
             raise BundleError(f"{file} does not match the sha256 in the manifest: the file was modified; "
                               "re-export the bundle")
         return data
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _output_specs(self, graph: str) -> typing.Dict[str, typing.Any]:
+        if graph not in self._outputs:
+            self._outputs[graph] = {s.name: s for s in self.expected_contract(graph)[1]}
+        return self._outputs[graph]
+
+    def check_output(self, graph: str, name: str, shape, dtype: typing.Optional[str], sizes: dict) -> None:
+        """Refuse an output of `graph` whose shape (or dtype, where given) is not the contract's for
+        the call's `sizes` (`batch`, `rows`, `new_tokens`): one line naming the graph, never an
+        image of the wrong size or a numpy error further on."""
+        spec = self._output_specs(graph)[name]
+        want = resolve_shape(spec.shape, sizes)
+        got = tuple(int(d) for d in shape)
+        if got != want or (dtype is not None and dtype != spec.dtype):
+            said = f"{list(got)}" + (f" {dtype}" if dtype is not None else "")
+            raise BundleError(f"the {graph} graph of {self.path} returned {name} {said}, its contract says "
+                              f"{list(want)} {spec.dtype}: the graph does not match its manifest (re-export the bundle)")
+
+    def check_outputs(self, graph: str, outputs: typing.Dict[str, typing.Any], sizes: dict) -> None:
+        """`check_output` of every `name: array` in `outputs`."""
+        for name, array in outputs.items():
+            if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+                raise BundleError(f"the {graph} graph of {self.path} returned {name} as {type(array).__name__}, "
+                                  "not an array (re-export the bundle)")
+            self.check_output(graph, name, array.shape, array.dtype.name, sizes)
+
+    def check_tokens(self, graph: str, tokens, batch: int) -> None:
+        """Sampled tokens of `graph` (an ar_step graph): int64 `[batch]` in [0, V)."""
+        self.check_outputs(graph, {"next_tokens": tokens}, {"batch": batch})
+        V = self.vocab.vocab_size
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+            raise BundleError(f"the {graph} graph of {self.path} sampled tokens outside the vocabulary [0, {V}) "
+                              f"(range [{int(tokens.min())}, {int(tokens.max())}]); re-export the bundle")
+
+    def check_ids(self, graph: str, name: str, ids, limit: int) -> None:
+        """Codebook ids a graph returned (the prologue generator's): every one in [0, limit)."""
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+            raise BundleError(f"the {graph} graph of {self.path} returned {name} outside [0, {limit}) (range "
+                              f"[{int(ids.min())}, {int(ids.max())}]); re-export the bundle")
 
     def graph_file(self, name: str) -> Path:
         if name not in self.graphs:

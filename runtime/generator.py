@@ -17,7 +17,7 @@ import typing
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
+from .bundle import MAX_KV_CACHE_BYTES, Bundle, BundleError, kv_cache_bytes
 from .contract import AR_STEP, AR_WEIGHTS, DECODER, PROLOGUE_GENERATOR, ar_graph_name
 from .images import ImageError, as_hwc, as_nchw, check_images
 from .loop import (MAX_IMAGES_PER_CALL, InputError, Noise, TokenLoop, close_if_any, as_array, check_class_ids, check_count,
@@ -109,8 +109,15 @@ class Generator:
         """threads: intra-op threads of the ONNX Runtime sessions (default: one for a graph under
         8 MB, all logical CPUs for larger ones);
         ar_weights: `fp32`, or a weight-only quantized AR graph the bundle carries (`int8`, `int4`);
-        digest: the sha256 of the bundle's manifest.json to pin it (`Bundle(path).digest`)."""
-        bundle = Bundle(path, digest=digest)
+        digest: the sha256 of the bundle's manifest.json to pin it (`Bundle(path).digest`).
+        `path` may be a loaded `Bundle` (its digest is then compared with `digest`, if given)."""
+        if isinstance(path, Bundle):
+            bundle = path
+            if digest is not None and digest != bundle.digest:
+                raise BundleError(f"{bundle.path / 'manifest.json'} has sha256 {bundle.digest}, not the expected "
+                                  f"{digest}: this is not the bundle you pinned")
+        else:
+            bundle = Bundle(path, digest=digest)
         return cls(bundle, make_backend(bundle, backend, providers, threads, ar_weights))
 
     def close(self) -> None:
@@ -176,7 +183,15 @@ class Generator:
         if static and batch > self.max_batch:
             raise InputError(f"batch {batch} is larger than this bundle's graphs take ({self.max_batch}: exported with "
                              "--max-batch 1); generate one image per call or re-export with prologue export --max-batch N")
-        return self.backend.ar_state(rows, batch, self.bundle.ar_cache_shape(rows))
+        cache = kv_cache_bytes(self.bundle.ar, rows)
+        if cache > MAX_KV_CACHE_BYTES:  # a stepwise `start` holds its whole batch in one cache
+            raise InputError(f"a batch of {batch} needs a KV cache of {cache / 1024**3:.3g} GiB, more than "
+                             f"{MAX_KV_CACHE_BYTES // 1024**3} GiB: generate in smaller batches")
+        try:
+            return self.backend.ar_state(rows, batch, self.bundle.ar_cache_shape(rows))
+        except MemoryError:  # within the bound but more than this machine has
+            raise InputError(f"a batch of {batch} needs a KV cache of {cache / 1024**3:.3g} GiB, more memory than this "
+                             "machine could allocate: generate in smaller batches") from None
 
     def sample_tokens(self, class_ids, seed=None, uniform=None, prologue_ids=None, sampling=None, progress=None,
                       **overrides) -> np.ndarray:
@@ -267,8 +282,11 @@ class Generator:
             raise InputError(f"visual_ids must hold 1 to {MAX_IMAGES_PER_CALL} rows (images per call), got {len(ids)}")
         if ids.size and (ids.min() < 0 or ids.max() >= v.visual_codebook_size):
             raise InputError(f"visual ids must lie in [0, {v.visual_codebook_size})")
-        out = [self.backend.run(DECODER, {"visual_ids": chunk.astype(np.int64)}, ["image"])[0]
-               for chunk in self._chunks(ids)]
+        out = []
+        for chunk in self._chunks(ids):
+            image = self.backend.run(DECODER, {"visual_ids": chunk.astype(np.int64)}, ["image"])[0]
+            self.bundle.check_outputs(DECODER, {"image": image}, {"batch": len(chunk)})  # the manifest's shape, uint8
+            out.append(image)
         return as_hwc(np.concatenate(out))
 
     def encode(self, images) -> typing.Tuple[np.ndarray, np.ndarray]:
@@ -276,7 +294,15 @@ class Generator:
         images = check_images(as_array(images, "images"), self.bundle.image_size, self.bundle.channels)
         if len(images) > MAX_IMAGES_PER_CALL:
             raise InputError(f"{len(images)} images: at most {MAX_IMAGES_PER_CALL} per call; split the request")
-        parts = [self.backend.run(PROLOGUE_GENERATOR, {"image": as_nchw(chunk)}) for chunk in self._chunks(images)]
+        v, parts = self.bundle.vocab, []
+        for chunk in self._chunks(images):
+            prologue, visual = self.backend.run(PROLOGUE_GENERATOR, {"image": as_nchw(chunk)},
+                                                ["prologue_ids", "visual_ids"])
+            self.bundle.check_outputs(PROLOGUE_GENERATOR, {"prologue_ids": prologue, "visual_ids": visual},
+                                      {"batch": len(chunk)})
+            self.bundle.check_ids(PROLOGUE_GENERATOR, "prologue_ids", prologue, max(1, v.prologue_codebook_size))
+            self.bundle.check_ids(PROLOGUE_GENERATOR, "visual_ids", visual, v.visual_codebook_size)
+            parts.append((prologue, visual))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def reconstruct(self, images) -> np.ndarray:

@@ -131,8 +131,10 @@ def check_images(images, size: int, channels: int) -> np.ndarray:
 
 
 def grid(images: np.ndarray, nrow: int) -> np.ndarray:
-    """uint8 `[N, H, W, C]` -> one `[rows*(H+1)+1, nrow*(W+1)+1, C]` grid with white gaps."""
+    """uint8 `[N, H, W, C]` -> one `[rows*(H+1)+1, nrow*(W+1)+1, C]` grid with white gaps; `nrow`
+    (columns) is at most N, so the canvas never outgrows the images (`--nrow 100000`)."""
     n, h, w, c = images.shape
+    nrow = max(1, min(int(nrow), n))
     rows = math.ceil(n / nrow)
     canvas = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, dtype=np.uint8)
     for i in range(n):
@@ -165,4 +167,7 @@ def as_nchw(images_nhwc: np.ndarray) -> np.ndarray:
 
 
 def grid_columns(n: int, requested: typing.Optional[int] = None) -> int:
-    return requested or min(n, max(1, int(math.ceil(math.sqrt(n)))))
+    """Columns of a grid of `n` images: `requested` (at most n), else about sqrt(n)."""
+    if requested:
+        return max(1, min(int(requested), n))
+    return min(n, max(1, int(math.ceil(math.sqrt(n)))))

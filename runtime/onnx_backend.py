@@ -20,6 +20,7 @@ import numpy as np
 from .bundle import Bundle, BundleError, check_signature
 from .contract import AR_STEP, cache_feeds, cache_input_names, profile_shapes
 from .cuda import CudaUnavailable, check, copy_new_kv, cudart, layer_stride, release_all
+from .errors import PrologueError
 from .loop import HostKVState, InputError
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(uint8)": "uint8",
@@ -30,6 +31,14 @@ PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExec
 ORT_INSTALL_HINT = ("pip install 'prologue-export[cpu]' (CPU), or on a GPU host 'prologue-export[gpu-cu12]' "
                     "(nvidia-smi shows CUDA 12.x) or 'prologue-export[gpu-cu13]' (CUDA 13.x); exactly one of them per "
                     "environment (onnxruntime and onnxruntime-gpu overwrite each other's files)")
+
+
+def run_failed(bundle: Bundle, graph: str, exc: BaseException) -> BundleError:
+    """An ONNX Runtime failure while running `graph` (a node that fails on these inputs, a shape the
+    graph cannot take) as one line naming the graph: the graph does not do what its manifest says."""
+    message = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return BundleError(f"the {graph} graph of {bundle.path} failed in ONNX Runtime: {message}; the graph does not "
+                       "do what its manifest says (re-export the bundle)")
 
 
 def _ort():
@@ -239,12 +248,23 @@ class OrtBackend:
         self.providers = [p for p in self.providers if p not in missing] or ["CPUExecutionProvider"]
 
     def run(self, graph: str, feeds: typing.Dict[str, np.ndarray], outputs: typing.Optional[typing.List[str]] = None):
-        return self.session(graph).run(outputs, feeds)
+        session = self.session(graph)
+        try:
+            return session.run(outputs, feeds)
+        except Exception as exc:  # ONNX Runtime raises its own types (Fail, RuntimeException, InvalidArgument, ...)
+            if isinstance(exc, PrologueError):
+                raise
+            raise run_failed(self.bundle, graph, exc) from None
 
     def ar_step(self, feeds: typing.Dict[str, np.ndarray], k_cache, v_cache):
-        """One `ar_step` call with host caches `[L, rows, H, S, d]` (fed per layer, without copies)."""
+        """One `ar_step` call with host caches `[L, rows, H, S, d]` (fed per layer, without copies);
+        its outputs checked against the contract (`Bundle.check_outputs`, `check_tokens`) before the
+        host writes the new slice into the cache."""
         next_tokens, k_new, v_new = self.run(self.ar_graph, {**feeds, **cache_feeds(k_cache, v_cache)},
                                              ["next_tokens", "k_new", "v_new"])
+        sizes = step_sizes(feeds)
+        self.bundle.check_outputs(self.ar_graph, {"k_new": k_new, "v_new": v_new}, sizes)
+        self.bundle.check_tokens(self.ar_graph, next_tokens, sizes["batch"])
         return next_tokens, k_new, v_new
 
     @property
@@ -260,6 +280,12 @@ class OrtBackend:
             except CudaUnavailable:
                 pass
         return HostKVState(self.ar_step, cache_shape)
+
+
+def step_sizes(feeds: typing.Dict[str, np.ndarray]) -> typing.Dict[str, int]:
+    """The axis sizes of one ar_step call (`rows`, `new_tokens`, `batch`) from its step feeds."""
+    rows, n = feeds["input_ids"].shape
+    return {"rows": int(rows), "new_tokens": int(n), "batch": int(feeds["uniform"].shape[0])}
 
 
 class OrtDeviceState:
@@ -288,6 +314,7 @@ class OrtDeviceState:
         self.cudart = cudart()  # CudaUnavailable without cuda-python
         ort = _ort()
         self.session = backend.session(backend.ar_graph)
+        self.bundle, self.graph = backend.bundle, backend.ar_graph  # outputs checked against its contract
         self.shape, self.stride = cache_shape, layer_stride(cache_shape, 4)
         self.names = cache_input_names(cache_shape[0])
         self.k_cache = self.v_cache = self.binding = self.stream = None
@@ -336,11 +363,19 @@ class OrtDeviceState:
         io.bind_output("next_tokens", "cpu")
         for name in ("k_new", "v_new", "logits"):
             io.bind_output(name, "cuda", 0)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:  # ONNX Runtime's own types
+            raise run_failed(self.bundle, self.graph, exc) from None
         next_tokens, k_new, v_new = io.get_outputs()[:3]
+        sizes = step_sizes(feeds)
+        for name, value in (("k_new", k_new), ("v_new", v_new)):  # before the device copy reads them
+            self.bundle.check_output(self.graph, name, value.shape(), None, sizes)
+        next_tokens = next_tokens.numpy()
+        self.bundle.check_tokens(self.graph, next_tokens, sizes["batch"])
         n, position = int(feeds["input_ids"].shape[1]), int(feeds["start_pos"][0])
         for cache, new in ((self.k_cache, k_new), (self.v_cache, v_new)):
             copy_new_kv(self.cudart, cache.data_ptr(), new.data_ptr(), self.shape, position, n, 4, self.stream,
                         stride=self.stride)
         check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize (the new K/V in the cache)")
-        return next_tokens.numpy()
+        return next_tokens

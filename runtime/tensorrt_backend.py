@@ -99,7 +99,11 @@ def set_address(context, graph: str, name: str, ptr: int) -> None:
 def execute(context, graph: str, stream) -> None:
     """`IExecutionContext.execute_async_v3(stream_handle: int)`, which returns False when it cannot
     enqueue; the stream goes as its native handle (`cuda.native_handle`)."""
-    if not context.execute_async_v3(native_handle(stream)):
+    try:
+        ok = context.execute_async_v3(native_handle(stream))
+    except Exception as exc:  # the binding raises for some failures instead of returning False
+        raise BundleError(f"TensorRT failed to run the {graph} engine: {' '.join(str(exc).split())[:300]}") from None
+    if not ok:
         raise BundleError(f"TensorRT failed to run the {graph} engine (execute_async_v3 returned False); "
                           "the TensorRT log above says why")
 
@@ -335,6 +339,7 @@ class DeviceARState:
         for name, value in feeds.items():
             self.buffers[name].upload(np.ascontiguousarray(value, dtype=self.b._dtype(self.engine, name)), self.stream)
         self._set_shapes(n)
+        self._check_output_shapes(n)
         if n == 1 and self.cuda_graph and self.decode_steps >= 1 and self.graph_exec is None:
             self._capture()  # after one eager decode step with these shapes
         if n == 1 and self.graph_exec is not None:
@@ -348,7 +353,16 @@ class DeviceARState:
                         stride=self.stride)
         self.buffers["next_tokens"].download(self.next_tokens, self.stream)
         check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize (after ar_step)")
+        self.b.bundle.check_tokens(AR_STEP, self.next_tokens, self.batch)
         return self.next_tokens.astype(np.int64)
+
+    def _check_output_shapes(self, n: int) -> None:
+        """The engine's output shapes for this step must be the contract's: the buffers were sized
+        from it, so a larger output would be written past them."""
+        sizes = {"rows": self.rows, "batch": self.batch, "new_tokens": n}
+        for spec in self.b.bundle.graphs[AR_STEP]["outputs"]:
+            shape = self.context.get_tensor_shape(spec["name"])
+            self.b.bundle.check_output(AR_STEP, spec["name"], tuple(shape), None, sizes)
 
     def _capture(self) -> None:
         """Capture one decode step as a CUDA graph; an engine that cannot be captured (TensorRT

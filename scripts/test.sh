@@ -26,9 +26,10 @@ if "$RT_VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 cd "$ROOT/build"
 # the runtime's tests (the noise stream, the Generator, the rest of the runtime), its hostile-input
-# matrix, the GPU backends against fakes and the HTTP server (`pip install .[cpu,serve]`), without torch
+# matrix, the GPU backends against fakes and the HTTP server and its hostile clients (`pip install .[cpu,serve]`),
+# without torch
 PROLOGUE_TEST_BUNDLE_DIR="$FIXTURE" "$RT_VENV/bin/python" -m pytest -q -p no:cacheprovider \
   --import-mode=importlib --rootdir "$ROOT" "$ROOT/tests/test_noise.py" "$ROOT/tests/test_generator.py" \
   "$ROOT/tests/test_runtime.py" "$ROOT/tests/test_gpu_backends.py" \
   "$ROOT/tests/test_hostile_runtime.py" "$ROOT/tests/test_hostile_bundle.py" "$ROOT/tests/test_hostile_outputs.py" \
-  "$ROOT/tests/test_serve.py"
+  "$ROOT/tests/test_serve.py" "$ROOT/tests/test_hostile_serve.py"

@@ -20,10 +20,12 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import io
 import secrets
+import sys
 import threading
 import time
 import typing
@@ -37,18 +39,22 @@ from ..runtime.images import ImageError, grid, grid_columns
 from ..runtime.loop import MAX_IMAGES_PER_CALL, InputError, check_class_ids, check_count, check_seed
 from ..runtime.settings import DIRECT_OPTIONS, ConfigError
 from .batch import Batcher, Job, QueueFull, ServerClosed
+from .guard import HEAD_TIMEOUT_S, IDLE_CONNECTIONS, LOOPBACK_HOSTS, REQUESTS_OVER_QUEUE, Guard, Limits
 
 SERVE_EXTRA = "pip install 'prologue-export[serve]'"
 OVERRIDES = tuple(o.name for o in DIRECT_OPTIONS)  # request fields that set one sampling option (runtime/settings.py)
 COMMON_KEYS = ("seed", "sampling", "format", "nrow", "tokens") + OVERRIDES
 FORMATS = ("images", "grid", "both")
 RANDOM_SEED_LIMIT = 2**53  # JavaScript numbers are exact integers below this
-PARSERS = 2  # request bodies parsed at once, off the event loop (each may take up to max_body_bytes x ~60 in Python objects)
-BODY_TIMEOUT_S = 30.0
+SMALL_BODY = 64 * 1024  # bodies up to this size (every request without an image) need no slot below
+BIG_BODIES = 4  # larger bodies held at once, from their first byte until parsed (each up to max_body_bytes)
+PARSERS = 2  # larger bodies parsed at once, off the event loop (small ones are parsed without waiting)
+MAX_JSON_VALUES = 10_000  # commas, colons and brackets in a body: no request needs more (1024 images: ~2100)
+MAX_ERROR_CHARS = 400  # an error message is cut to this (a bounded excerpt of the input, never all of it)
+BODY_TIMEOUT_S = 30.0  # a body that takes longer to arrive (waiting for a slot included) is answered 408
 GRACEFUL_S = 60  # on SIGTERM/SIGINT, requests still running after this are dropped
-CONNECTIONS_OVER_QUEUE = 32  # open connections allowed beyond --max-queue (then uvicorn answers 503)
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a body that takes longer to arrive is answered 408
 MAX_LISTED_CLASSES = 2000  # /v1/info lists class names up to this many classes
+FD_HEADROOM = 128  # file descriptors kept for the model, logs and the listening socket
 
 
 class ServeUnavailable(PrologueError, RuntimeError):
@@ -79,11 +85,15 @@ class ServeOptions:
     max_body_bytes: int = 8 * 1024**2
     max_results: int = 256  # results kept for /v1/variations {"result_id"} (least recently used dropped)
     body_timeout_s: float = BODY_TIMEOUT_S  # a request body that takes longer to arrive: 408
+    head_timeout_s: float = HEAD_TIMEOUT_S  # a request head that takes longer: the connection is closed
+    max_connections: typing.Optional[int] = None  # None: the requests in flight + IDLE_CONNECTIONS
     class_names: typing.Optional[typing.List[str]] = None
 
     def validate(self) -> "ServeOptions":
-        if not (0 < self.body_timeout_s <= 3600):
-            raise InputError(f"body timeout must be in (0, 3600] s, got {self.body_timeout_s!r}")
+        for name in ("body_timeout_s", "head_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise InputError(f"{name} must be in (0, 3600] s, got {value!r}")
         if not (0 <= self.batch_window_ms <= 10_000):
             raise InputError(f"batch window must be in [0, 10000] ms, got {self.batch_window_ms!r}")
         for name, hi in (("max_queue", 100_000), ("max_images", MAX_IMAGES_PER_CALL), ("max_results", 1_000_000),
@@ -91,7 +101,27 @@ class ServeOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
                 raise InputError(f"{name} must be an integer in [1, {hi}], got {value!r}")
+        if self.max_connections is not None and (isinstance(self.max_connections, bool) or not isinstance(
+                self.max_connections, int) or not 1 <= self.max_connections <= 1_000_000):
+            raise InputError(f"max_connections must be an integer in [1, 1000000], got {self.max_connections!r}")
         return self
+
+    def limits(self) -> Limits:
+        """The connection-level limits: POST requests in flight (--max-queue + REQUESTS_OVER_QUEUE),
+        connections (those + IDLE_CONNECTIONS, within this process's file descriptor limit), the
+        head timeout, and the body timeout again for a client that stops reading its answer."""
+        requests = self.max_queue + REQUESTS_OVER_QUEUE
+        connections = self.max_connections or requests + IDLE_CONNECTIONS
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft != resource.RLIM_INFINITY:
+                connections = min(connections, max(16, soft - FD_HEADROOM))
+        except (ImportError, OSError, ValueError):
+            pass
+        return Limits(max_requests=requests, max_connections=connections, head_timeout_s=self.head_timeout_s,
+                      write_timeout_s=self.body_timeout_s)
 
 
 # ------------------------------------------------------------------------------- encoding
@@ -154,7 +184,9 @@ class Service:
         allowed = tuple(allowed)
         unknown = sorted(map(str, set(body) - set(allowed)))
         if unknown:
-            raise RequestError(f"unknown field(s) {', '.join(short_repr(k) for k in unknown)}; known: {', '.join(allowed)}")
+            shown = ", ".join(short_repr(k, 40) for k in unknown[:5])
+            shown += f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise RequestError(f"unknown field(s) {shown}; known: {', '.join(allowed)}")
 
     def sampling_of(self, body: dict) -> typing.Tuple[typing.Optional[dict], dict]:
         """A request's `sampling` object (our or the release's names) and its direct option fields."""
@@ -171,7 +203,7 @@ class Service:
     def count(self, value, what: str) -> int:
         limit = self.options.max_images
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > limit:
-            raise RequestError(f"{what} {value} is more than this server's limit of {limit} images a request")
+            raise RequestError(f"{what} {short_repr(value, 40)} is more than this server's limit of {limit} images a request")
         n = check_count(value, what)
         if n > limit:
             raise RequestError(f"{what} {n} is more than this server's limit of {self.options.max_images} images a request")
@@ -294,7 +326,9 @@ class Service:
                 # the request fields that set one sampling option, with this bundle's defaults: the page's form
                 "options": [o.to_json(getattr(bundle.sampling_defaults, o.name)) for o in DIRECT_OPTIONS],
                 "batching": {"enabled": opts.batching, "window_ms": opts.batch_window_ms, "max_queue": opts.max_queue},
-                "limits": {"max_images": opts.max_images, "max_body_bytes": opts.max_body_bytes}}
+                "limits": {"max_images": opts.max_images, "max_body_bytes": opts.max_body_bytes,
+                           "body_timeout_s": opts.body_timeout_s, "head_timeout_s": opts.head_timeout_s,
+                           "max_requests": opts.limits().max_requests}}
 
 
 # ------------------------------------------------------------------------------- HTTP
@@ -312,12 +346,15 @@ def error_status(exc: BaseException) -> int:
     return 500
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def one_line(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """The error on one line, cut to `limit` characters: never more than an excerpt of the input."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-async def read_body(request, limit: int, timeout: float = BODY_TIMEOUT_S) -> bytes:
-    """The request's body, at most `limit` bytes (413 beyond) arriving within `timeout` s (408 after)."""
+async def read_body(request, limit: int, deadline: float, timeout: float = BODY_TIMEOUT_S) -> bytes:
+    """The request's body, at most `limit` bytes (413 beyond), all of it by `deadline` (the event
+    loop's clock; 408 after, naming the body `timeout`)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise RequestError(f"the request body is larger than {limit} bytes", 413)
@@ -331,48 +368,34 @@ async def read_body(request, limit: int, timeout: float = BODY_TIMEOUT_S) -> byt
             chunks.append(chunk)
         return b"".join(chunks)
 
-    try:
-        body = await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
-        raise RequestError(f"the request body did not arrive within {timeout:g} s", 408) from None
+    body = await until(deadline, timeout, read())
     if not body:
         raise RequestError("the request body is empty: send a JSON object", 400)
     return body
 
 
-class SameOrigin:
-    """ASGI middleware: refuse requests whose Host is not an allowed name (when a list is given:
-    DNS rebinding) and requests a browser sends from another site (an `Origin` whose host:port is
-    not the request's Host), so a web page elsewhere cannot drive a local server. 403, JSON."""
-
-    def __init__(self, app, allowed_hosts=None):
-        self.app, self.allowed = app, None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            problem = self.problem(dict(scope["headers"]))
-            if problem:
-                return await send_json(send, 403, {"error": problem})
-        await self.app(scope, receive, send)
-
-    def problem(self, headers: dict) -> typing.Optional[str]:
-        host = headers.get(b"host", b"").decode("latin-1").lower()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if self.allowed is not None and name.strip("[]") not in self.allowed:
-            return f"host {short_repr(host)} is not served here (this server answers {', '.join(sorted(self.allowed))})"
-        origin = headers.get(b"origin")
-        if origin is not None and origin.decode("latin-1").lower().partition("://")[2] != host:
-            return f"cross-origin request from {short_repr(origin.decode('latin-1'))} refused"
-        return None
+async def until(deadline: float, timeout: float, awaitable):
+    """`awaitable`'s result, or 408 (the body `timeout`) once the loop's clock passes `deadline`."""
+    try:
+        return await asyncio.wait_for(awaitable, max(deadline - asyncio.get_running_loop().time(), 0.001))
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} s", 408) from None
 
 
-async def send_json(send, status: int, payload: dict) -> None:
-    import json
-
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def parse_body(body: bytes) -> dict:
+    """The body as a strict JSON object, its size in values bounded before it is parsed (a body of
+    small values costs ~10x its size in Python objects and seconds of parsing)."""
+    values = sum(body.count(c) for c in (b",", b":", b"[", b"{"))
+    if values > MAX_JSON_VALUES:
+        raise RequestError(f"the request body holds more than {MAX_JSON_VALUES} JSON values (commas, colons, "
+                           "brackets); no request needs that many", 413)
+    try:
+        return parse_json(body, "the request body", expect=dict)
+    except FileFormatError as exc:
+        if "integer string conversion" in str(exc):  # json's int() under Python's int-string limit
+            raise RequestError(f"the request body is not valid JSON: a number has more than "
+                               f"{sys.get_int_max_str_digits()} digits", 400) from None
+        raise
 
 
 async def wait_disconnect(request) -> None:
@@ -381,6 +404,25 @@ async def wait_disconnect(request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def receive_job(request, service: Service, make_job, big_bodies, parsers):
+    """(job, meta) of a request: its body read, parsed and checked. A body over SMALL_BODY (or of no
+    declared size) first takes one of the `big_bodies` slots, held until it is parsed (waiting
+    counts against the body timeout), and is parsed in one of the `parsers` slots; small bodies wait
+    for neither, so big ones never stall them."""
+    timeout = service.options.body_timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout
+    declared = request.headers.get("content-length")
+    big = not (declared is not None and declared.isdigit() and int(declared) <= SMALL_BODY)
+    async with contextlib.AsyncExitStack() as held:
+        if big:
+            await until(deadline, timeout, big_bodies.acquire())
+            held.callback(big_bodies.release)
+        body = await read_body(request, service.options.max_body_bytes, deadline, timeout)
+        if big:
+            await held.enter_async_context(parsers)
+        return await asyncio.to_thread(lambda: make_job(parse_body(body)))
 
 
 async def run_job(request, service: Service, job: Job):
@@ -398,13 +440,11 @@ async def run_job(request, service: Service, job: Job):
 
 
 def create_app(generator, options: typing.Optional[ServeOptions] = None, service: typing.Optional[Service] = None,
-               allowed_hosts: typing.Optional[typing.Sequence[str]] = None):
-    """The Starlette app of a Generator. Its shutdown (uvicorn finishes the running requests first)
-    stops the worker after the queue is done. `allowed_hosts`: the Host names it answers (None:
-    any; `serve` on a loopback address passes the loopback names, against DNS rebinding)."""
+               allowed_hosts: typing.Sequence[str] = LOOPBACK_HOSTS):
+    """The Starlette app of a Generator, behind `guard.Guard`. Its shutdown (uvicorn finishes the
+    running requests first) stops the worker after the queue is done. `allowed_hosts`: the Host
+    names it answers besides IP literals (`"*"`: any; see `guard.Guard`)."""
     require_serve()
-    import contextlib
-
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -423,15 +463,13 @@ def create_app(generator, options: typing.Optional[ServeOptions] = None, service
         message = one_line(exc) if status != 500 else f"internal error ({type(exc).__name__}); see the server's log"
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    parsing = asyncio.Semaphore(PARSERS)
+    big_bodies, parsers = asyncio.Semaphore(BIG_BODIES), asyncio.Semaphore(PARSERS)
 
     def endpoint(make_job):
         async def handle(request):
             t0 = time.perf_counter()
             try:
-                body = await read_body(request, service.options.max_body_bytes, service.options.body_timeout_s)
-                async with parsing:  # off the event loop, a bounded number at once: others keep being served
-                    job, meta = await asyncio.to_thread(lambda: make_job(parse_json(body, "the request body", expect=dict)))
+                job, meta = await receive_job(request, service, make_job, big_bodies, parsers)
                 result = await run_job(request, service, job)
                 if result is None:
                     return Response(status_code=499)  # nobody is listening; what uvicorn does with it does not matter
@@ -472,23 +510,24 @@ def create_app(generator, options: typing.Optional[ServeOptions] = None, service
                             headers=getattr(exc, "headers", None))
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error},
-                    middleware=[Middleware(SameOrigin, allowed_hosts=allowed_hosts)])
+                    middleware=[Middleware(Guard, allowed_hosts=allowed_hosts,
+                                           max_requests=service.options.limits().max_requests)])
     app.state.service = service
     return app
 
 
 def serve(generator, host: str = "127.0.0.1", port: int = 8000, options: typing.Optional[ServeOptions] = None,
-          log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight."""
+          log_level: str = "info", allow_hosts: typing.Sequence[str] = ()) -> None:
+    """Run the server until SIGINT/SIGTERM; uvicorn then finishes the requests in flight (at most
+    GRACEFUL_S). Whatever the bind address, the Host header must be an IP literal, a loopback name
+    or one of `allow_hosts` (`"*"`: any), against DNS rebinding."""
     require_serve()
     import uvicorn
 
-    loopback = host in LOOPBACK_HOSTS
+    from .guard import server_config
+
     options = (options or ServeOptions()).validate()
-    app = create_app(generator, options, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
-    # a bounded number of connections (each may hold a body of up to max_body_bytes) and a bounded
-    # shutdown: requests still running after GRACEFUL_S are dropped
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False,
-                            limit_concurrency=options.max_queue + CONNECTIONS_OVER_QUEUE,
-                            timeout_graceful_shutdown=GRACEFUL_S)
+    app = create_app(generator, options, allowed_hosts=LOOPBACK_HOSTS + tuple(allow_hosts))
+    config = server_config(app, options.limits(), host=host, port=port, log_level=log_level,
+                           timeout_graceful_shutdown=GRACEFUL_S)
     uvicorn.Server(config).run()

@@ -154,8 +154,9 @@ class Batcher:
         job.future.cancel()  # a no-op once running or done
 
     def _waiting(self) -> int:
-        """Requests none of whose rows has reached a loop yet (a running request does not count)."""
-        return sum(1 for j in self.pending if j.next_row == 0 and j.started is None)
+        """Requests none of whose rows has reached a loop yet (a running request does not count; a
+        variations request whose image is already encoded, waiting for a loop, does)."""
+        return sum(1 for j in self.pending if j.next_row == 0)
 
     def queued(self) -> int:
         with self.cond:

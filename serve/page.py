@@ -1,12 +1,17 @@
 """The one page `prologue serve` shows at `/`: plain HTML with its CSS and JS inline, no build step,
-nothing fetched from anywhere but this server's API (the Content-Security-Policy enforces it). Its
-sampling fields are built from `/v1/info`'s `options` (the runtime's table of sampling options)."""
+nothing fetched from anywhere but this server's API (the Content-Security-Policy enforces it), and
+no site may frame it. Its sampling fields are built from `/v1/info`'s `options` (the runtime's
+table of sampling options). Answers are sequenced: of two requests for the same grid the later
+click wins and an answer that arrives after a newer request was made is dropped (the log says so);
+a server that does not answer is named as such."""
 
 from __future__ import annotations
 
 PAGE_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'"),
+                                "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                                "frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",  # no site may frame the page (clickjacking); older browsers read this one
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
@@ -68,6 +73,10 @@ PAGE = """<!doctype html>
 "use strict";
 const $ = (id) => document.getElementById(id);
 let info = null;
+// the latest request for each grid: an answer to an older one is stale and dropped (new samples
+// also make pending variations stale: their source image is gone)
+const latest = {samples: 0, variations: 0};
+let pending = 0;
 
 function setStatus(text, error) {
   $("status").textContent = text;
@@ -113,21 +122,37 @@ function knobs() {
   return body;
 }
 
-async function call(path, body) {
+function logLine(text) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  $("log").prepend(item);
+}
+
+class Stale extends Error {}
+
+async function call(path, body, grid, ticket) {
   const t0 = performance.now();
-  const response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
-                                      body: JSON.stringify(body)});
+  let response;
+  try {
+    response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                                  body: JSON.stringify(body)});
+  } catch (e) {  // the browser got no answer at all: "Failed to fetch" says nothing useful
+    throw new Error(path + ": the server at " + location.host + " does not answer (is prologue serve still " +
+                    "running? restart it and reload this page)");
+  }
   let data = null;
   try { data = await response.json(); } catch (e) { data = {error: response.statusText}; }
   const ms = performance.now() - t0;
+  if (ticket !== latest[grid]) {  // a newer request for this grid was made meanwhile: it wins
+    logLine(path + ": an answer after " + ms.toFixed(0) + " ms dropped (a newer request replaced it)");
+    throw new Stale();
+  }
   if (!response.ok) throw new Error(path + ": " + response.status + " " + (data.error || ""));
   const t = data.timing || {};
   const line = path + ": " + (data.images || []).length + " images in " + ms.toFixed(0) + " ms (server " +
     (t.total_ms || 0).toFixed(0) + " ms, queued " + (t.queued_ms || 0).toFixed(0) + " ms, loop of " +
     (t.batch_images || 0) + " images), seed " + data.seed;
-  const item = document.createElement("li");
-  item.textContent = line;
-  $("log").prepend(item);
+  logLine(line);
   setStatus(line, false);
   return data;
 }
@@ -147,22 +172,33 @@ function show(target, data) {
 }
 
 async function busy(work) {
-  $("generate").disabled = true;
-  try { await work(); } catch (e) { setStatus(e.message, true); } finally { $("generate").disabled = false; }
+  pending += 1;
+  document.body.dataset.pending = pending;
+  try {
+    await work();
+  } catch (e) {
+    if (!(e instanceof Stale)) setStatus(e.message, true);
+  } finally {
+    pending -= 1;
+    document.body.dataset.pending = pending;
+  }
 }
 
 function generate() {
+  const ticket = ++latest.samples;
+  latest.variations += 1;  // variations still on their way belong to samples about to be replaced
   return busy(async () => {
     const body = knobs();
     body.class_ids = [Number($("class").value)];
     body.n = number("n", true) || 1;
     setStatus("generating...", false);
-    const data = await call("/v1/generate", body);
+    const data = await call("/v1/generate", body, "samples", ticket);
     show($("samples"), data);
   });
 }
 
 function vary(img) {
+  const ticket = ++latest.variations;
   return busy(async () => {
     document.querySelectorAll(".grid img.source").forEach((el) => el.classList.remove("source"));
     img.classList.add("source");
@@ -172,7 +208,7 @@ function vary(img) {
     body.class_id = Number(img.dataset.classId);
     body.n = number("nvar", true) || 1;
     setStatus("resampling the visual tokens...", false);
-    const data = await call("/v1/variations", body);
+    const data = await call("/v1/variations", body, "variations", ticket);
     $("variations-title").hidden = false;
     show($("variations"), data);
   });
@@ -183,7 +219,8 @@ async function start() {
     const response = await fetch("/v1/info");
     info = await response.json();
   } catch (e) {
-    setStatus("cannot reach the server: " + e.message, true);
+    setStatus("the server at " + location.host + " does not answer (is prologue serve still running?): " +
+              e.message, true);
     return;
   }
   $("bundle").textContent = info.bundle.name + " | " + info.bundle.image_size + "x" + info.bundle.image_size +

@@ -103,8 +103,9 @@ def test_modified_bundle_is_detected(exported, tmp_path):
         Bundle(copy)
 
 
-def test_declared_axis_fixed_in_file_is_caught(exported, tmp_path):
+def test_declared_axis_fixed_in_file_is_caught(exported, tmp_path, monkeypatch):
     from prologue_export.export.verify import check_dynamic_axes
+    from prologue_export.runtime.bundle import BundleError
 
     _, _, bundle_dir, _ = exported
     copy = tmp_path / "b"
@@ -112,6 +113,12 @@ def test_declared_axis_fixed_in_file_is_caught(exported, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["graphs"]["decoder"]["inputs"][0]["shape"][1] = "tokens"  # claims dynamic, file has 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    # the runtime refuses the manifest itself: its shapes must be the contract's (issue 24: engine
+    # profiles and output checks are derived from them)
+    with pytest.raises(BundleError, match=r"says \['batch', 64\]"):
+        Bundle(copy, check_hashes=False)
+    # and verification, reading the graph file, catches it too (the manifest check skipped)
+    monkeypatch.setattr(Bundle, "_check_contract", lambda self, f, name: None)
     with pytest.raises(VerificationError, match="declared dynamic .* fixes it to 64"):
         check_dynamic_axes(Bundle(copy))
 

@@ -41,13 +41,20 @@ def work(tmp_path):
     return tmp_path
 
 
-def run_cli(argv, capsys):
-    """(exit code, stderr) of `main(argv)` in this process."""
+def run_both(argv, capsys):
+    """(exit code, stdout, stderr) of `main(argv)` in this process."""
     try:
         rc = main([str(a) for a in argv])
     except SystemExit as exc:  # argparse's usage errors
         rc = exc.code
-    return rc, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def run_cli(argv, capsys):
+    """(exit code, stderr) of `main(argv)` in this process."""
+    rc, _, err = run_both(argv, capsys)
+    return rc, err
 
 
 def assert_one_line_error(rc, err, expect=2):
@@ -331,3 +338,35 @@ def test_hostile_input_against_a_real_model(case, real, work, capsys):
     rc, err = run_cli(_fill(case, _paths(work, bundle=real / "bundle", ckpt=real / "ckpt")), capsys)
     assert_one_line_error(rc, err)
     assert _snapshot(work) == before and _snapshot(real) == bundle_before, "something was written"
+
+
+# --------------------------------------------------------------------------- serve (issue 24)
+
+SERVE_CASES = [  # --threads beyond the CPUs (20000 never answered), --digest and --allow-host that are not one
+    (*SRV, "--threads", "20000"), (*SRV, "--threads", str((os.cpu_count() or 1) * 64)), (*SRV, "--digest", "xyz"),
+    (*SRV, "--digest", "ab" * 33), (*SRV, "--allow-host", "http://evil.example"), (*SRV, "--allow-host", "evil.example:80"),
+    (*SRV, "--allow-host", ""), (*SRV, "--allow-host", "a/b"), (*SRV, "--allow-host", "x" * 300),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"serve-{i}-{c[3]}") for i, c in enumerate(SERVE_CASES)])
+def test_serve_flags_are_one_line_errors(case, work, capsys):
+    before = _snapshot(work)
+    rc, err = run_cli(_fill(case, _paths(work)), capsys)
+    assert_one_line_error(rc, err)
+    assert f"argument {case[3]}: must be" in err, err  # the flag's own rule, not the missing bundle
+    assert _snapshot(work) == before, "something was written"
+
+
+def test_serve_refuses_a_bundle_that_is_not_the_pinned_one(runtime_fixture_root, capsys):
+    """`prologue serve --digest`: a bundle whose manifest has another sha256 (an impostor with its
+    checksums updated) is refused in one line before anything listens."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rc, err = run_cli(["serve", "--bundle", runtime_fixture_root / "bundle", "--digest", "0" * 64, "--port", port,
+                       "--backend", "cpu"], capsys)
+    assert_one_line_error(rc, err)
+    assert "not the expected " + "0" * 64 in err, err

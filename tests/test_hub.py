@@ -71,6 +71,36 @@ def fixture_release(reference_dir, cache, commit: str = COMMIT) -> None:
         put(cache, f"ar-prologue-b-b/{name}", b"\x80\x04 not to be opened", commit)
 
 
+def isolate_hub(monkeypatch, tmp_path, endpoint: str) -> None:
+    """huggingface_hub pointed at `endpoint` as HF_ENDPOINT would point it (read at its import), with its
+    user-agent registry not yet fetched (so a stray request shows) and no progress bars on stderr."""
+    import huggingface_hub.utils._detect_agent  # noqa: F401
+    import huggingface_hub.utils.tqdm  # noqa: F401
+
+    c = huggingface_hub.constants
+    monkeypatch.setattr(c, "ENDPOINT", endpoint)
+    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(c, "HF_HUB_DISABLE_TELEMETRY", False)
+    monkeypatch.setattr(c, "AGENT_HARNESSES_PATH", str(tmp_path / "agent-harnesses.json"))
+    monkeypatch.setattr(sys.modules["huggingface_hub.utils._detect_agent"], "_registry", None)
+    monkeypatch.setattr(sys.modules["huggingface_hub.utils.tqdm"], "HF_HUB_DISABLE_PROGRESS_BARS", True)
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _never_the_real_hub(monkeypatch, tmp_path):
+    """No test here may reach huggingface.co: the client's endpoint is a local port nothing listens on."""
+    isolate_hub(monkeypatch, tmp_path, f"http://127.0.0.1:{closed_port()}")
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Every file huggingface_hub is asked for, and every file the import opens."""
@@ -87,11 +117,11 @@ def spy(monkeypatch):
     import prologue_export.official as official
 
     real_read = official.read_tensors
-    real_hash = hub.hub_sha256
+    real_hash = hub.hub_digest
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", no_network)
-    monkeypatch.setattr(official, "read_tensors", lambda f: seen["opened"].append(str(f)) or real_read(f))
-    monkeypatch.setattr(hub, "hub_sha256", lambda f: seen["opened"].append(str(f)) or real_hash(f))
+    monkeypatch.setattr(official, "read_tensors", lambda f, **kw: seen["opened"].append(str(f)) or real_read(f, **kw))
+    monkeypatch.setattr(hub, "hub_digest", lambda f, *a, **kw: seen["opened"].append(str(f)) or real_hash(f, *a, **kw))
     return seen
 
 
@@ -199,7 +229,10 @@ def test_hub_import_is_bit_identical_to_the_local_import(kind, reference_dir, tm
     assert load_checkpoint(tmp_path / "from-hub").config.to_dict() == load_checkpoint(tmp_path / "local").config.to_dict()
     # only the inference files were requested, and nothing else in the cache was opened
     assert spy["requested"] == [p for p, _ in release.files]
-    opened_names = {p.split("/")[-2] + "/" + p.split("/")[-1] for p in spy["opened"]}
+    # the hash is taken of the blob a release file's snapshot link points to: the same file
+    snapshot = cache / "models--Zyriix--prologue" / "snapshots" / COMMIT
+    blobs = {os.path.realpath(snapshot / p): p for p, _ in release.files}
+    opened_names = {blobs.get(os.path.realpath(p)) or p.split("/")[-2] + "/" + p.split("/")[-1] for p in spy["opened"]}
     assert opened_names <= hub.ALLOWED_PATHS | {f"{d}/{n}" for d in ("tokenizer", "ar", "onestage-folder")
                                                  for n in ("model.safetensors", "model_1.safetensors", "model_2.safetensors",
                                                            "model_3.safetensors", "model_5.safetensors")}
@@ -315,7 +348,8 @@ def _fake_hub(monkeypatch, remote: dict, cache, events: list, tamper: str = ""):
         events.append(("download", filename))
         local = cache / "models--Zyriix--prologue" / "snapshots" / COMMIT / filename
         if not local.exists():  # a cached file is not fetched again
-            put(cache, filename, remote[filename] + (b"!" if filename == tamper else b""))
+            data = remote[filename]
+            put(cache, filename, data[:-1] + bytes([data[-1] ^ 1]) if filename == tamper else data)
         return str(local)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", paths_info)
@@ -351,6 +385,8 @@ def test_online_damaged_download_and_missing_file(reference_dir, tmp_path, monke
     _fake_hub(monkeypatch, remote, tmp_path / "c1", events, tamper="ar-prologue-b-b/model.safetensors")
     with pytest.raises(hub.HubError, match="does not match the Hub's sha256 of ar-prologue-b-b/model.safetensors"):
         hub.fetch_release(hub.resolve_release("prologue-b-b"), cache_dir=tmp_path / "c1", log=lambda line: None)
+    assert not os.path.lexists(tmp_path / "c1" / "models--Zyriix--prologue" / "snapshots" / COMMIT / "ar-prologue-b-b" /
+                               "model.safetensors")  # evicted: the next run downloads it again
     del remote["ar-prologue-b-b/model.safetensors"]
     _fake_hub(monkeypatch, remote, tmp_path / "c2", events)
     with pytest.raises(hub.HubError, match="has no ar-prologue-b-b/model.safetensors"):

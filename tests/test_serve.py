@@ -32,16 +32,20 @@ TIMEOUT = 30  # seconds: no request, server start or stop may hang a test longer
 
 
 @contextlib.contextmanager
-def running_server(generator, options=None):
-    """(base url, app) of a uvicorn server on a free 127.0.0.1 port, stopped (gracefully) on exit."""
+def running_server(generator, options=None, **app_kw):
+    """(base url, app, server) of a uvicorn server on a free 127.0.0.1 port, configured as `prologue
+    serve` configures it (`guard.server_config`: the guarded protocol and its limits), stopped
+    (gracefully) on exit."""
     import uvicorn
 
-    app = create_app(generator, options)
+    from prologue_export.serve.guard import server_config
+
+    app = create_app(generator, options, **app_kw)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, app.state.service.options.limits(), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT
@@ -272,42 +276,28 @@ def test_slow_or_abandoned_bodies_do_not_hold_the_server(gen, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_other_sites_and_hosts_are_refused():
-    """A page elsewhere cannot drive a local server (foreign Origin), nor can a rebound DNS name
-    (foreign Host when the server is on a loopback address)."""
-    import asyncio
-
-    from prologue_export.serve.app import LOOPBACK_HOSTS, SameOrigin
-
-    async def inner(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    async def statuses():
-        out = []
-        for allowed in (LOOPBACK_HOSTS, None):
-            transport = httpx.ASGITransport(app=SameOrigin(inner, allowed_hosts=allowed))
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
-                for headers in ({}, {"origin": "http://127.0.0.1:8000"}, {"origin": "http://evil.example"},
-                                {"host": "evil.example"}, {"host": "localhost:8000", "origin": "http://localhost:8000"}):
-                    response = await client.post("/v1/generate", headers=headers)
-                    out.append(response.status_code)
-        return out
-
-    assert asyncio.run(statuses()) == [200, 200, 403, 403, 200, 200, 200, 403, 200, 200]
-
-
-def test_serve_bounds_connections_and_shutdown(gen, monkeypatch):
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "127.0.0.2", "::"])
+def test_serve_guards_every_bind_address(gen, monkeypatch, host):
+    """`serve` gives uvicorn the guarded protocol (head timeout, connection bound, 16 KiB heads, no
+    websockets, uvicorn's own connection-counting limit off), a bounded shutdown and, whatever the
+    bind address, the Host allowlist of the loopback names plus --allow-host (0.0.0.0 does not
+    mean any Host). The guards themselves: tests/test_hostile_serve.py."""
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from prologue_export.serve import app as serve_module
+    from prologue_export.serve.guard import LOOPBACK_HOSTS, MAX_HEAD_BYTES, Guard
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: seen.update(kw) or kw)
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: seen.update(kw, app=app) or kw)
     monkeypatch.setattr(uvicorn, "Server", lambda config: type("S", (), {"run": lambda self: None})())
-    serve_module.serve(gen, options=ServeOptions(max_queue=10))
-    assert seen["limit_concurrency"] == 10 + serve_module.CONNECTIONS_OVER_QUEUE
-    assert seen["timeout_graceful_shutdown"] == serve_module.GRACEFUL_S
+    serve_module.serve(gen, host=host, options=ServeOptions(max_queue=10), allow_hosts=["images.example.org"])
+    assert seen["host"] == host and seen["timeout_graceful_shutdown"] == serve_module.GRACEFUL_S
+    assert "limit_concurrency" not in seen and seen["ws"] == "none"
+    assert seen["h11_max_incomplete_event_size"] == MAX_HEAD_BYTES and issubclass(seen["http"], H11Protocol)
+    guard = next(m for m in seen["app"].user_middleware if m.cls is Guard)
+    assert guard.kwargs["allowed_hosts"] == LOOPBACK_HOSTS + ("images.example.org",)
+    assert guard.kwargs["max_requests"] == 10 + serve_module.REQUESTS_OVER_QUEUE
 
 
 class GatedGenerator:
@@ -403,7 +393,8 @@ def test_cli_arguments_are_checked():
 
 
 def test_the_command_serves_and_stops_on_sigterm(runtime_fixture_root, tmp_path):
-    """`prologue serve` end to end: a process that answers, then shuts down gracefully on SIGTERM."""
+    """`prologue serve` end to end (the bundle pinned with --digest): a process that answers, then
+    shuts down gracefully on SIGTERM."""
     import signal
 
     with socket.socket() as sock:
@@ -411,8 +402,10 @@ def test_the_command_serves_and_stops_on_sigterm(runtime_fixture_root, tmp_path)
         port = sock.getsockname()[1]
     names = tmp_path / "names.txt"
     names.write_text("".join(f"thing {k}\n" for k in range(10)))
+    digest = Generator.from_bundle(runtime_fixture_root / "bundle", backend="cpu").bundle.digest
     cmd = [sys.executable, "-m", "prologue_export.cli", "serve", "--bundle", str(runtime_fixture_root / "bundle"),
-           "--port", str(port), "--backend", "cpu", "--class-names", str(names), "--log-level", "info"]
+           "--port", str(port), "--backend", "cpu", "--class-names", str(names), "--log-level", "info",
+           "--digest", digest]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -431,6 +424,7 @@ def test_the_command_serves_and_stops_on_sigterm(runtime_fixture_root, tmp_path)
         assert proc.wait(TIMEOUT) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
         err = proc.stderr.read()
         assert "prologue serve:" in err and "Finished server process" in err and "Traceback" not in err
+        assert f"sha256 {digest}" in err  # the bundle was pinned to this digest
     finally:
         if proc.poll() is None:
             proc.kill()

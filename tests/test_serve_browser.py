@@ -90,7 +90,38 @@ def _set(driver, element_id: str, value) -> None:
     field.send_keys(str(value))
 
 
+HOLD_NEXT_VARIATIONS = """
+const original = window.fetch;
+window.heldRelease = null;
+window.fetch = function (path, init) {
+  const answer = original(path, init);
+  if (String(path).endsWith("/v1/variations") && window.heldRelease === null) {
+    return new Promise((resolve, reject) => { window.heldRelease = () => answer.then(resolve, reject); });
+  }
+  return answer;
+};
+"""
+
+
+def _sources(images):
+    return [base64.b64decode(im.get_attribute("src").split(",", 1)[1]) for im in images]
+
+
+def _shown(driver, grid: str):
+    """The PNG bytes a grid shows once all are decoded, read in one script (the page may replace
+    the grid at any moment: elements found earlier can be stale)."""
+    sources = driver.execute_script(
+        "const ims = Array.from(document.querySelectorAll(arguments[0]));"
+        "return ims.length && ims.every((im) => im.complete && im.naturalWidth) ? ims.map((im) => im.src) : null;",
+        f"#{grid} img")
+    return None if sources is None else [base64.b64decode(src.split(",", 1)[1]) for src in sources]
+
+
 def test_page_generates_and_varies_in_a_browser(browser, runtime_fixture_root, tmp_path):
+    """Generate, vary; then two quick clicks whose answers arrive out of order (the first one's held
+    back in the page's fetch): the later click wins and the stale answer is dropped (issue 24 item
+    5); finally, with the server gone, the page says so."""
+    import httpx
     from selenium.webdriver.support.ui import Select
 
     from prologue_export.runtime import Generator
@@ -108,8 +139,7 @@ def test_page_generates_and_varies_in_a_browser(browser, runtime_fixture_root, t
         samples = _wait(browser, lambda d: _images(d, "samples"), "the samples")
         assert len(samples) == 4
         expected = [png_bytes(im) for im in gen.generate([3] * 4, seed=7)]  # the page sends the bundle's defaults
-        shown = [base64.b64decode(im.get_attribute("src").split(",", 1)[1]) for im in samples]
-        assert shown == expected
+        assert _sources(samples) == expected
         samples[2].click()
         variations = _wait(browser, lambda d: _images(d, "variations"), "the variations")
         assert len(variations) == 3 and "source" in samples[2].get_attribute("class")
@@ -120,3 +150,24 @@ def test_page_generates_and_varies_in_a_browser(browser, runtime_fixture_root, t
         assert errors == [], errors
         shot = os.environ.get("PROLOGUE_SERVE_SCREENSHOT") or str(tmp_path / "serve_page.png")
         assert browser.save_screenshot(shot) and os.path.getsize(shot) > 1000
+
+        # sequencing: the answer to the first of two clicks arrives last and is dropped
+        second = {"result_id": samples[1].get_attribute("data-result"), "index": 1, "n": 3, "seed": 7, "class_id": 3}
+        wanted = [base64.b64decode(b) for b in httpx.post(url + "/v1/variations", json=second, timeout=TIMEOUT).json()["images"]]
+        browser.execute_script(HOLD_NEXT_VARIATIONS)
+        samples[0].click()
+        _wait(browser, lambda d: d.execute_script("return window.heldRelease !== null"), "the first click's request")
+        samples[1].click()
+        _wait(browser, lambda d: _shown(d, "variations") == wanted, "the second click's variations")
+        browser.execute_script("window.heldRelease()")
+        _wait(browser, lambda d: "dropped" in d.find_element("css selector", "#log li").text, "the stale answer")
+        assert _shown(browser, "variations") == wanted
+        outlined = browser.find_elements("css selector", "#samples img.source")
+        assert outlined == [samples[1]]
+        assert browser.execute_script("return document.body.dataset.pending") == "0"
+
+    # the server is gone: the page names the problem instead of "Failed to fetch"
+    browser.find_element("id", "generate").click()
+    status = _wait(browser, lambda d: d.find_element("id", "status").get_attribute("class") == "error"
+                   and d.find_element("id", "status").text, "the page to notice the server is gone")
+    assert "does not answer" in status and "prologue serve" in status, status

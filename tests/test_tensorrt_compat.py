@@ -22,6 +22,7 @@ from prologue_export.export.trt_support import TOPK_MAX_K, check_model  # noqa: 
 from prologue_export.runtime import Generator  # noqa: E402
 from prologue_export.runtime.bundle import Bundle  # noqa: E402
 from prologue_export.runtime.contract import ENGINE_GRAPHS, cache_feeds, step_feeds  # noqa: E402
+from prologue_export.runtime.files import sha256_file  # noqa: E402
 from prologue_export.runtime.loop import InputError  # noqa: E402
 
 from .fakes.tensorrt import fake_tensorrt  # noqa: E402
@@ -254,17 +255,27 @@ def test_build_engines_builds_from_the_checked_files(released_vocab, tmp_path, m
     monkeypatch.setattr(export_trt, "device_info", lambda: {"name": "Fake GPU", "compute_capability": "9.0"})
     refusing = fake_tensorrt(timing_cache_ok=False)
     monkeypatch.setitem(sys.modules, "tensorrt", refusing)
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
     with pytest.raises(ExportError, match="timing cache"):
         export_trt.build_engines(bundle, "fp16", timing_cache=tmp_path / "cache", log=lambda m: None)
-    assert not Bundle(bundle).manifest.get("engines")  # nothing half-installed
-    trt = fake_tensorrt()
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before  # nothing half-installed: all or nothing
+    trt, parsed = fake_tensorrt(), []
+
+    class Recording(trt.OnnxParser):  # what TensorRT reads, at the moment it reads it
+        def parse_from_file(self, path):
+            parsed.append(sha256_file(path))
+            return super().parse_from_file(path)
+
+    trt.OnnxParser = Recording
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     engines = export_trt.build_engines(bundle, "fp16", timing_cache=tmp_path / "cache", log=lambda m: None)
-    manifest = Bundle(bundle).manifest  # engines and ONNX copies are vouched for
+    b = Bundle(bundle)  # engines and ONNX copies are vouched for
+    manifest = b.manifest
+    assert engines.digest == b.digest  # what build-engines reports is the manifest it wrote
     section = manifest["tensorrt"]["fp16"]["graphs"]
-    assert trt.parsed == [str(bundle / section[g]["onnx"]) for g in section]  # exactly the checked files
+    assert parsed == [manifest["files"][section[g]["onnx"]]["sha256"] for g in section]  # exactly the checked files
     assert set(trt.flags) == {1 << 5}  # strongly typed networks
-    ar = trt.shapes[str(bundle / section["ar_step"]["onnx"])]
+    ar = trt.shapes[trt.parsed[list(section).index("ar_step")]]
     assert ar["input_ids"] == ([1, 1], [8, 1], [8, 73])  # rows up to 2 x max batch 4; new tokens 1..T
     assert engines["ar_step"]["top_k_max"] == 1024 and engines["ar_step"]["onnx"] == "ar_step.fp16.trt.onnx"
     assert (tmp_path / "cache").read_bytes() == b"timing-cache"

@@ -494,12 +494,15 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
 
 
 def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
-    """Create the run folder; refuse to reuse one that holds a run unless --resume.
+    """Create the run folder; refuse to reuse one that holds a run unless --resume, and `--resume`
+    where there is no run (a missing or empty folder).
 
     A folder left by a run killed before its first checkpoint (only `partial_run_files`) is
     not a run to protect: a plain start there starts over, and so does `--resume`
-    (`start_or_resume`). Only the main process checks and creates it (the others would race
-    with its first files); callers synchronise with `wait_for_everyone()` afterwards."""
+    (`start_or_resume`, which says so). Only the main process checks and creates it (the others
+    would race with its first files); callers synchronise with `wait_for_everyone()` afterwards.
+    `folders_to_create` / `remove_created` take it away again if the run is refused before it
+    starts (bad data, bad perceptual weights)."""
     if not is_main:
         return
     if out.exists() and not out.is_dir():
@@ -510,6 +513,9 @@ def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
     if resume:
         if not out.is_dir():
             raise TrainError(f"--resume: no checkpoint in {out} (the folder does not exist); "
+                             "run without --resume to start a new run there")
+        if not any(out.iterdir()):
+            raise TrainError(f"--resume: {out} is empty: there is no run to resume; "
                              "run without --resume to start a new run there")
         if ckpt.exists() and not (ckpt / STATE_FILE).is_file():
             raise TrainError(f"--resume: {ckpt} has no {STATE_FILE}: the checkpoint is damaged; {DAMAGED_HINT}")
@@ -526,6 +532,26 @@ def prepare_out_dir(out: Path, resume: bool, is_main: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise TrainError(f"cannot write to --out {out}: {exc.strerror}; choose a writable folder") from None
+
+
+def folders_to_create(out: Path) -> typing.List[Path]:
+    """`out` and its missing parents, innermost first: what `prepare_out_dir` is about to create."""
+    missing = []
+    for folder in (out, *out.parents):
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_created(folders: typing.List[Path]) -> None:
+    """Remove the folders a refused run created (`folders_to_create`, innermost first), each only
+    while it is empty: never a folder that existed before, never one that holds a file."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 _PARTIAL_FILES = {CONFIG_FILE, METRICS_FILE, ".write-test"}

@@ -92,15 +92,21 @@ class Phase:
 def run_phase(cfg, out, resume: bool, build: typing.Callable[[typing.Any], Phase]) -> Path:
     """Run a training phase into the folder `out`; returns the checkpoint folder.
 
-    `build(acc)` makes the phase (after the run folder is prepared). A run that already reached
-    `run.steps` returns at once."""
+    `build(acc)` makes the phase (after the run folder is prepared; if it raises, the folders this
+    run created are removed again). A run that already reached `run.steps` returns at once."""
     out = Path(out)
+    created = common.folders_to_create(out)
     acc = common.make_accelerator(cfg.run)
     common.prepare_out_dir(out, resume, acc.is_main_process)
     acc.wait_for_everyone()
     main = acc.is_main_process
     cfg_dict = dataclasses.asdict(cfg)
-    phase = build(acc)
+    try:
+        phase = build(acc)  # opens the data and the perceptual weights: a refusal leaves no run folder
+    except BaseException:
+        if main:
+            common.remove_created(created)
+        raise
     ckpt_dir = out / CHECKPOINT_DIR
     start = common.start_or_resume(out, resume, main, cfg_dict, phase.modules, phase.optimizers, phase.emas,
                                    phase.name)
