@@ -64,7 +64,8 @@ def add_parsers(sub) -> None:
         p.set_defaults(func=_cmd_train)
 
     p = phases.add_parser("tokenizer", help="phase 1: tokenizer + joint AR (variants prologue, 2d, post)")
-    common(p, "a JSON training config or a preset: tiny, tiny-2d, tiny-post, prologue-b, 2d")
+    common(p, "a JSON training config or a preset: tiny, tiny-2d, tiny-post, prologue-b, 2d (the last two need "
+              "perceptual_weights=PATH, or perceptual_weights=none to train without the perceptual loss)")
     p.add_argument("--data", type=data_argument, default="fashion-mnist", metavar="PATH",
                    help="fashion-mnist (default; Debian's dataset-fashion-mnist), synthetic[:N], a folder "
                    "with the Fashion-MNIST IDX files, or ImageNet-style class folders")

@@ -245,19 +245,144 @@ def test_adm_random_crop_sizes_offsets_and_exact_pixels():
     assert min(resized.size) in range(16, 21) and resized.size[1] == min(resized.size)
 
 
-def test_ten_crop():
+def release_ten_crop(img, S):
+    """OFFICIAL_TRAINING §3 step by step, written apart from train/data.py: the ADM centre crop
+    (`center_crop_arr`) to `int(1.1 S)` in HWC numpy, then torchvision's TenCrop spelled out
+    (five_crop of the square, then five_crop of its mirror). Returns (square [H, W(, C)], views)."""
+    side = int(S * 1.1)
+    w, h = img.size
+    while min(w, h) >= 2 * side:
+        w, h = w // 2, h // 2
+        img = img.resize((w, h), resample=Image.Resampling.BOX)
+    k = side / min(w, h)
+    img = img.resize((round(w * k), round(h * k)), resample=Image.Resampling.BICUBIC)
+    arr = np.array(img)
+    y, x = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
+    sq = arr[y:y + side, x:x + side]
+    d = side - S
+    c = d // 2 + (d % 2) * ((d // 2) % 2)  # round((side - S) / 2) with ties to even, as Python 3 round
+    views = []
+    for im in (sq, np.ascontiguousarray(sq[:, ::-1])):  # torchvision hflip, then five_crop again
+        tl, tr = im[:S, :S], im[:S, d:]
+        bl, br = im[d:, :S], im[d:, d:]
+        views += [tl, tr, bl, br, im[c:c + S, c:c + S]]
+    return sq, views
+
+
+def chw(v):
+    return v[None] if v.ndim == 2 else v.transpose(2, 0, 1)
+
+
+def noise(w, h, mode="RGB", seed=0):
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("w, h, resized, square_at", [
+    (500, 375, (375, 281), (0, 47)),  # landscape: no halving (375 < 562), bicubic 375x281, left 47
+    (281, 1000, (281, 1000), (359, 0)),  # shorter side already 281: same size, top (1000-281)//2
+    (200, 150, (375, 281), (0, 47)),  # smaller than 281: upscaled, no halving
+    (1200, 900, (375, 281), (0, 47)),  # BOX halving once (900 >= 562 -> 600x450), then bicubic
+    (1125, 2251, (281, 562), (140, 0)),  # halved twice (1125 -> 562 -> 281; 562 >= 562 still halves)
+])
+def test_ten_crop_is_the_release_geometry(w, h, resized, square_at):
+    S = 256
+    img = noise(w, h, seed=w)
+    sq, views = release_ten_crop(img, S)
+    v = ten_crop(img, S, 3)
+    assert v.shape == (10, 3, S, S) and v.dtype == np.uint8 and sq.shape == (281, 281, 3)
+    for j in range(10):
+        np.testing.assert_array_equal(v[j], chw(views[j]), err_msg=f"view {j}")
+    # the literal boxes, in the coordinates of the resized (after halving) image
+    small = img
+    while min(small.size) >= 562:
+        small = small.resize((small.size[0] // 2, small.size[1] // 2), resample=Image.Resampling.BOX)
+    r = np.asarray(small.resize(resized, resample=Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    y, x = square_at
+    boxes = [(0, 0), (0, 25), (25, 0), (25, 25), (12, 12)]  # tl, tr, bl, br, centre (round(12.5) = 12)
+    for j, (t, l) in enumerate(boxes):
+        np.testing.assert_array_equal(v[j], r[:, y + t:y + t + S, x + l:x + l + S])
+    # mirrored square: its tl/tr/bl/br/centre are the mirrors of the square's tr/tl/br/bl and of
+    # columns 13..268 (281 - 12 - 256 = 13), not of view 4's 12..267
+    for j, (t, l) in enumerate([(0, 25), (0, 0), (25, 25), (25, 0), (12, 13)]):
+        np.testing.assert_array_equal(v[5 + j], r[:, y + t:y + t + S, x + l:x + l + S][:, :, ::-1])
+
+
+def test_ten_crop_500x375_stays_inside_the_281_square():
+    """The issue's case: every view of a 500x375 image lies within columns 47..327 of the 375x281
+    resize (the old geometry's corners reached columns 0..375 of a 376x282 resize)."""
+    W = 500
+    coords = np.broadcast_to(np.arange(W, dtype=np.float64) / (W - 1) * 255, (375, W))
+    img = Image.fromarray(np.round(coords).astype(np.uint8))  # a horizontal ramp: value ~ column
+    v = ten_crop(img, 256, 1).astype(int)
+    col = np.round(np.arange(375) * (W / 375) + (W / 375 - 1) / 2)  # resized column -> source column
+    lo, hi = col[47] / (W - 1) * 255, col[327] / (W - 1) * 255
+    assert v[:, :, 128, :].min() >= lo - 2 and v[:, :, 128, :].max() <= hi + 2
+    assert v[0, 0, 128, 0] <= lo + 2 and v[1, 0, 128, -1] >= hi - 2  # tl starts at 47, tr ends at 327
+
+
+def test_ten_crop_exact_coordinates_without_resampling():
+    """A 281 x 1000 image is not resampled: encode each pixel's (x, y) and read the boxes back."""
+    w, h, S = 281, 1000, 256
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x % 256, y % 256, (x // 256) * 16 + y // 256]).astype(np.uint8)  # [3, H, W]
+    v = ten_crop(img, S, 3).astype(int)
+    xs = v[:, 0] + (v[:, 2] // 16) * 256  # [10, S, S] source column
+    ys = v[:, 1] + (v[:, 2] % 16) * 256
+    top = (1000 - 281) // 2  # 359
+    lefts = [0, 25, 0, 25, 12]  # tl, tr, bl, br, centre of the square (x offset 0)
+    tops = [0, 0, 25, 25, 12]
+    for j in range(5):
+        assert (ys[j, 0, 0], xs[j, 0, 0]) == (top + tops[j], lefts[j])
+        assert (ys[j, -1, -1], xs[j, -1, -1]) == (top + tops[j] + S - 1, lefts[j] + S - 1)
+    # the mirrored square: view 5 + j starts (left column) at the mirror of these columns
+    for j, first_col in enumerate([280, 255, 280, 255, 268]):  # 280 - {0, 25, 0, 25, 12}
+        assert (ys[5 + j, 0, 0], xs[5 + j, 0, 0]) == (top + tops[j], first_col)
+        assert xs[5 + j, 0, -1] == first_col - (S - 1)
+    assert np.all(np.diff(xs[5:], axis=-1) == -1) and np.all(np.diff(xs[:5], axis=-1) == 1)
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "L"), (1, "RGB"), (3, "RGB")])
+def test_ten_crop_small_presets_and_channels(channels, mode):
+    """The tiny demo: 28x28 Fashion-MNIST at image_size 32 -> 35 square (int(35.2)), centre offset
+    round(1.5) = 2 (ties to even), so the mirrored centre is columns 1..32 of the square."""
+    img = noise(28, 28, mode, seed=channels)
+    sq, views = release_ten_crop(img.convert("L") if channels == 1 else img, 32)
+    assert sq.shape[:2] == (35, 35)
+    v = ten_crop(np.asarray(img)[None] if mode == "L" else np.asarray(img).transpose(2, 0, 1), 32, channels)
+    assert v.shape == (10, channels, 32, 32)
+    ref = np.stack([chw(x) for x in views])
+    if ref.shape[1] != channels:  # grayscale -> RGB by repetition
+        ref = np.repeat(ref, channels, axis=1)
+    np.testing.assert_array_equal(v, ref)
+    s = np.repeat(chw(sq), channels // chw(sq).shape[0], axis=0)  # the 35 x 35 square, [C, 35, 35]
+    np.testing.assert_array_equal(v[4], s[:, 2:34, 2:34])
+    np.testing.assert_array_equal(v[9], s[:, 2:34, 1:33][:, :, ::-1])
+
+
+def test_ten_crop_other_scales():
     a = np.random.default_rng(0).integers(0, 256, (3, 11, 13), dtype=np.uint8)
-    v = ten_crop(a, 10, 3)  # shorter side already round(1.1 * 10) = 11: no resize
-    assert v.shape == (10, 3, 10, 10) and v.dtype == np.uint8
-    np.testing.assert_array_equal(v[0], a[:, :10, :10])
-    np.testing.assert_array_equal(v[1], a[:, :10, 3:])
-    np.testing.assert_array_equal(v[2], a[:, 1:, :10])
-    np.testing.assert_array_equal(v[3], a[:, 1:, 3:])
-    np.testing.assert_array_equal(v[4], a[:, 0:10, 1:11])
-    np.testing.assert_array_equal(v[5:], v[:5, :, :, ::-1])
-    g = ten_crop(Image.fromarray(a.transpose(1, 2, 0)), 8, 1, scale=1.25)
+    v = ten_crop(a, 10, 3)  # side int(11.000000000000002) = 11 = the shorter side: no resampling
+    np.testing.assert_array_equal(v[0], a[:, :10, 1:11])  # square at left (13 - 11) // 2 = 1
+    np.testing.assert_array_equal(v[4], a[:, :10, 1:11])  # centre offset round(0.5) = 0
+    np.testing.assert_array_equal(v[3], a[:, 1:, 2:12])
+    np.testing.assert_array_equal(v[9], a[:, 0:10, 2:12][:, :, ::-1])
+    g = ten_crop(Image.fromarray(a.transpose(1, 2, 0)), 8, 1, scale=1.25)  # side 10
     assert g.shape == (10, 1, 8, 8)
-    np.testing.assert_array_equal(g[5:], g[:5, :, :, ::-1])
+    np.testing.assert_array_equal(g[5:9], g[[1, 0, 3, 2]][..., ::-1])
+    np.testing.assert_array_equal(g[9], g[4][..., ::-1])  # even margin: centre mirrors onto itself
+    with pytest.raises(ValueError, match="scale"):
+        ten_crop(a, 10, 3, scale=0.5)
+
+
+def test_ten_crop_matches_torchvision_when_installed():
+    tv = pytest.importorskip("torchvision.transforms")
+    for w, h in [(500, 375), (281, 1000), (200, 150), (1200, 900)]:
+        img = noise(w, h, seed=h)
+        sq, _ = release_ten_crop(img, 256)
+        views = tv.TenCrop(256)(Image.fromarray(sq))
+        ref = np.stack([np.asarray(x).transpose(2, 0, 1) for x in views])
+        np.testing.assert_array_equal(ten_crop(img, 256, 3), ref)
 
 
 # ----------------------------------------------------------------------------- loader

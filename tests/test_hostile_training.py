@@ -3,6 +3,7 @@ their first checkpoint, metrics logged twice after a resume, non-strict / out-of
 configs, and perceptual weights that are not float safetensors. Every case must end in a
 one-line `PrologueError` that names the file or field and says what to do; nothing is unpickled."""
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -442,3 +443,81 @@ def test_float16_perceptual_weights_are_fine(tmp_path):
     path = tmp_path / "vgg16.safetensors"
     save_file(_vgg_state(torch.float16), str(path))
     assert isinstance(load_perceptual(path), PerceptualLoss)
+
+
+# ------------------------------------------------------------------ the perceptual loss never switches off silently
+# (issue 25 item 2): the released-scale presets need perceptual_weights=PATH or =none; VGG needs the LPIPS heads
+
+
+def _lpips_state(heads: bool):
+    return {k: torch.randn(v.shape) for k, v in PerceptualLoss().state_dict().items()
+            if k.startswith("features.") or (heads and k.startswith("lin"))}
+
+
+@pytest.mark.parametrize("preset", ["prologue-b", "2d"])
+def test_released_presets_refuse_to_start_without_perceptual_weights(preset, tmp_path, capsys, monkeypatch):
+    from prologue_export.cli import main
+    from prologue_export.train import tokenizer as phase1
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was opened")
+
+    monkeypatch.setattr(phase1, "open_dataset", no_data)
+    out = tmp_path / "runs" / "b"
+    rc = main(["train", "tokenizer", "--config", preset, "--data", "synthetic:8", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "perceptual_weights is required" in err and "LPIPS-VGG16 file with its 'lin' heads" in err, err
+    assert "ConvNeXt-S for prologue-l" in err and "perceptual_weights=none" in err, err
+    assert not (tmp_path / "runs").exists()  # refused before any run folder
+    with pytest.raises(ConfigError) as exc:  # the same for a config built in Python
+        load_train_config(TokenizerTrainConfig, tokenizer_train_preset, preset, [])
+    assert "perceptual_weights=PATH" in one_line(exc)
+
+
+@pytest.mark.parametrize("spelling", ["none", '"none"', "None"])
+def test_explicit_none_turns_the_perceptual_loss_off_on_purpose(spelling):
+    cfg = load_train_config(TokenizerTrainConfig, tokenizer_train_preset, "prologue-b", [f"perceptual_weights={spelling}"])
+    assert cfg.perceptual_file() is None and cfg.perceptual_weights.lower() == "none"
+    assert cfg.perceptual_weight == 1.0  # only the file says "off"; the recipe's weight is kept
+
+
+def test_explicit_none_is_recorded_and_said(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_tokenizer(tiny_cfg("steps=1", "perceptual_weights=none"), DATA, out)
+    assert json.loads((out / common.CONFIG_FILE).read_text())["perceptual_weights"] == "none"
+    assert "[phase 1] perceptual_weights=none: training without the perceptual loss" in capsys.readouterr().err
+
+
+def test_tiny_presets_keep_the_loss_off_and_old_configs_still_load(tmp_path):
+    for name in ("tiny", "tiny-2d", "tiny-post"):
+        cfg = tokenizer_train_preset(name)
+        assert cfg.perceptual_weights is None and cfg.perceptual_file() is None
+    # a released-scale run saved before "none"/"REQUIRED" existed (null) resumes as it was trained: no loss
+    old = dataclasses.asdict(tokenizer_train_preset("prologue-b"))
+    old["perceptual_weights"] = None
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(old))
+    assert load_train_config(TokenizerTrainConfig, tokenizer_train_preset, str(path), []).perceptual_file() is None
+    # perceptual_weight 0 turns it off too, without a file
+    assert load_train_config(TokenizerTrainConfig, tokenizer_train_preset, "2d",
+                             ["perceptual_weight=0"]).perceptual_file() is None
+
+
+def test_vgg_without_lpips_heads_is_refused_for_the_lpips_loss(tmp_path):
+    from prologue_export.train.tokenizer import load_perceptual_loss
+
+    bare, full = tmp_path / "vgg16_features.safetensors", tmp_path / "lpips_vgg16.safetensors"
+    save_file(_lpips_state(heads=False), str(bare))
+    save_file(_lpips_state(heads=True), str(full))
+    assert not load_perceptual(bare).has_lpips_weights  # the loss module itself still reads such a file
+    cfg = load_train_config(TokenizerTrainConfig, tokenizer_train_preset, "prologue-b",
+                            [f"perceptual_weights={json.dumps(str(full))}"])
+    assert load_perceptual_loss(cfg).has_lpips_weights
+    out = tmp_path / "runs" / "run"
+    with pytest.raises(PerceptualWeightsError) as exc:  # a phase-1 run refuses it, and leaves no run folder
+        train_tokenizer(tiny_cfg("steps=1", f"perceptual_weights={json.dumps(str(bare))}"), DATA, out)
+    text = one_line(exc)
+    assert bare.name in text and "without the LPIPS heads (lin0..lin4.model.1.weight)" in text
+    assert "perceptual_weights=none" in text
+    assert not (tmp_path / "runs").exists()

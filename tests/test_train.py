@@ -205,6 +205,32 @@ def test_two_processes_match_one(tokens, tmp_path):
                            load_file(tmp_path / "one" / "checkpoint" / "train_ema_ar.safetensors")["token_emb.weight"])
 
 
+def _launch_two(*args):
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+
+
+def test_lecam_emas_and_bn_statistics_come_from_rank_0_under_ddp(tmp_path):
+    """As the release's DDP-wrapped GAN loss (broadcast_buffers=True, OFFICIAL_TRAINING.md §7.18):
+    every loss forward starts from rank 0's buffers, so at the start of each (before the LeCam update
+    and the BatchNorm forwards, which use each rank's own images) the EMAs and the discriminator's
+    running statistics are the same on both ranks; without the broadcast (the control) they drift
+    apart after the first forward."""
+    probe = Path(__file__).with_name("ddp_lecam_probe.py")
+    runs = {}
+    for name, extra in (("synced", []), ("control", ["--no-sync"])):
+        res = _launch_two(probe, tmp_path / f"{name}.json", *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    rank0, rank1 = runs["synced"]
+    assert len(rank0) == len(rank1) >= 3
+    assert rank0 == rank1  # every EMA and running mean, at every update, bit for bit
+    c0, c1 = runs["control"]
+    assert c0[0] == c1[0]  # both start from the same initial buffers
+    assert c0[-1][:2] != c1[-1][:2] and c0[1][2] != c1[1][2]  # then each rank keeps its own
+
+
 def test_step_a_updates_the_tokenizer_only_and_ce_reaches_the_encoder():
     cfg = load_train_config(TokenizerTrainConfig, tokenizer_train_preset, "tiny", FAST)
     trainer = TokenizerTrainer(cfg, common.make_accelerator(cfg.run))

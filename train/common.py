@@ -67,6 +67,14 @@ def make_accelerator(run, log_with=None):
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
+def broadcast_from_main(tensors: typing.Sequence[torch.Tensor]) -> None:
+    """Overwrite `tensors` (in place) with the main process's values (torch.distributed, rank 0)."""
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
 def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(module) if enabled else module
 

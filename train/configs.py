@@ -17,6 +17,13 @@ over its own calls, `run.steps` of them, as the release's over `total_global_ste
 
 Overrides on the command line are `dotted.key=value` with JSON values (`steps=200`,
 `tokenizer.encoder.dim=128`, `optim.lr=3e-4`, `perceptual_weights="vgg.safetensors"`).
+
+Perceptual loss (`perceptual_weights`): a local weights file (`train/losses.py`), `"none"` (the loss
+off on purpose, recorded as such in train_config.json) or null (not given: off, with a note; the
+tiny presets' choice, and what runs saved before `"none"` existed hold). The released-scale presets
+hold `"REQUIRED"` instead, because the release always trains with it (LPIPS-VGG for B, ConvNeXt-S
+for L, weight 1.0; OFFICIAL_TRAINING.md:179, :224-238, :485-486): they refuse to start until a file
+or `none` is given (`TokenizerTrainConfig.perceptual_file`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,14 @@ MAX_WORKERS = 256
 MAX_GAN_CHANNELS = 4096
 MAX_GAN_LAYERS = 16
 MAX_SAMPLE_CFG = 100.0
+
+PERCEPTUAL_REQUIRED = "REQUIRED"  # released-scale presets: a weights file or "none" must be given
+PERCEPTUAL_NONE = "none"  # perceptual_weights=none: no perceptual loss, on purpose
+PERCEPTUAL_MISSING = (
+    "perceptual_weights is required by the released-scale presets (the release always trains with the perceptual "
+    "loss, weight 1.0): pass perceptual_weights=PATH to a local LPIPS-VGG16 file with its 'lin' heads "
+    "(prologue-b, 2d; ConvNeXt-S for prologue-l; conversion recipe in train/losses.py), or perceptual_weights=none "
+    "to train without it on purpose")
 
 
 @dataclass
@@ -95,7 +110,9 @@ class TokenizerTrainConfig:
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     perceptual_weight: float = 1.0
-    perceptual_weights: typing.Optional[str] = None  # local LPIPS-VGG16 or ConvNeXt-S file; none -> none
+    # a local LPIPS-VGG16 (with its heads) or ConvNeXt-S file; "none": off on purpose; null: not given (off,
+    # with a note); "REQUIRED" (released-scale presets): refused until one of the others is given
+    perceptual_weights: typing.Optional[str] = None
     gan_weight: float = 0.1
     gan_start: int = 0  # step from which the generator/discriminator losses are on
     vq_weight: float = 1.0
@@ -129,7 +146,19 @@ class TokenizerTrainConfig:
         for name in ("perceptual_weights", "init_from"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a path (a string) or null, got {getattr(self, name)!r}")
+        self.perceptual_file()
         return self
+
+    def perceptual_file(self) -> typing.Optional[str]:
+        """The perceptual-loss weights file phase 1 loads, or None when the loss is off (`post`,
+        `perceptual_weight` 0, `perceptual_weights` "none" or null). A released-scale preset's
+        "REQUIRED" raises `ConfigError` (`PERCEPTUAL_MISSING`), before any run folder or data."""
+        path = self.perceptual_weights
+        if self.tokenizer.variant == "post" or self.perceptual_weight == 0 or path is None:
+            return None
+        if path == PERCEPTUAL_REQUIRED:
+            raise ConfigError(PERCEPTUAL_MISSING)
+        return None if path.strip().lower() == PERCEPTUAL_NONE else path
 
 
 @dataclass
@@ -226,7 +255,10 @@ def _release_phase1(pairs: int) -> dict:
         # patchgan (model_gan.py:1099-1101)
         gan=GANConfig(loss="vanilla", base_channels=64, num_layers=3, lecam_weight=0.001, r1_weight=0.01),
         l1_weight=1.0, l2_weight=0.0,  # ae.yaml:50; DO_L2 is never set (ae.yaml:51 dead)
-        perceptual_weight=1.0,  # lpips_weight (ae.yaml:52), LPIPS-VGG for B
+        # lpips_weight 1.0 (ae.yaml:52) on LPIPS-VGG for B and 2d (default.yaml:16), ConvNeXt-S for L (train.sh:73),
+        # always on in the release (train_tokenizer.py:621-629; OFFICIAL_TRAINING.md:179, :224-238, :485-486):
+        # no silent fallback, a weights file or "none" must be given (`perceptual_file`)
+        perceptual_weight=1.0, perceptual_weights=PERCEPTUAL_REQUIRED,
         gan_weight=0.1, gan_start=0,  # gan_G_weight 0.1 non-adaptive, gan_start 0 (ae.yaml:53, 59-60)
         vq_weight=1.0,  # commitment_loss_weight (ae.yaml:56); vq_beta 0.25 is in the tokenizer config
         ce_weight_prologue=3.0, ce_weight_visual=3.0,  # prior_enc_*_weight (train.sh:17-18)

@@ -37,9 +37,9 @@ from ..tokenizer import uint8_to_images
 __all__ = [
     "DataError", "ArrayDataset", "FolderDataset", "SyntheticDataset",
     "read_idx", "fashion_mnist", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_ROOT",
-    "IMAGE_EXTENSIONS", "adm_random_crop", "train_transform", "ten_crop",
-    "epoch_permutation", "sample_rng", "StepBatchSampler", "make_loader", "steps_per_epoch",
-    "to_model_input", "open_dataset", "fill_skipped",
+    "IMAGE_EXTENSIONS", "adm_random_crop", "adm_center_crop", "five_crop_offsets", "train_transform",
+    "ten_crop", "TEN_CROP_GEOMETRY", "epoch_permutation", "sample_rng", "StepBatchSampler", "make_loader",
+    "steps_per_epoch", "to_model_input", "open_dataset", "fill_skipped",
 ]
 
 log = logging.getLogger(__name__)
@@ -323,29 +323,54 @@ def _to_chw(img: Image.Image, channels: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _adm_resize(img: Image.Image, side: int) -> Image.Image:
+    """The ADM resize shared by the release's random and centre crops: while the shorter side is
+    `>= 2 * side`, halve both sides (integer division) with BOX resampling; then BICUBIC-resize so
+    the shorter side is `side` (each side `round(x * side / shorter)`)."""
+    while min(img.size) >= 2 * side:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
+    scale = side / min(img.size)
+    return img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
+
+
 def adm_random_crop(img: Image.Image, image_size: int, rng: np.random.Generator,
                     min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> Tuple[Image.Image, int, int]:
     """The release's phase-1 random-resize crop (ADM style; OFFICIAL_TRAINING §2.2,
     `dataset.py:242-264` of the release, re-implemented from that description).
 
     Draws an integer shorter side `s` uniformly from `[ceil(S / max_crop_frac),
-    ceil(S / min_crop_frac)]` = `[S, ceil(S / 0.8)]`; while the shorter side is `>= 2 s`, halves
-    both sides (integer division) with BOX resampling; BICUBIC-resizes so the shorter side is `s`
-    (each side `round(side * s / shorter)`); returns the resized image and the crop offsets
-    `(top, left)`, each uniform over all valid positions. Draws from `rng` in order: `s`, top,
-    left. The caller cuts `[top:top + S, left:left + S]`.
+    ceil(S / min_crop_frac)]` = `[S, ceil(S / 0.8)]`; `_adm_resize` to `s` (BOX halving while the
+    shorter side is `>= 2 s`, then BICUBIC so the shorter side is `s`); returns the resized image
+    and the crop offsets `(top, left)`, each uniform over all valid positions. Draws from `rng` in
+    order: `s`, top, left. The caller cuts `[top:top + S, left:left + S]`.
     """
     S = image_size
     lo, hi = math.ceil(S / max_crop_frac), math.ceil(S / min_crop_frac)
     s = int(rng.integers(lo, hi + 1))
-    while min(img.size) >= 2 * s:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
-    scale = s / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
+    img = _adm_resize(img, s)
     w, h = img.size
     top = int(rng.integers(0, h - S + 1))
     left = int(rng.integers(0, w - S + 1))
     return img, top, left
+
+
+def adm_center_crop(img: Image.Image, side: int) -> Image.Image:
+    """The release's ADM centre crop (`center_crop_arr`, `dataset.py:222-240` of the release;
+    OFFICIAL_TRAINING §3): `_adm_resize` to `side`, then the `side x side` square at the floor
+    offsets `((W - side) // 2, (H - side) // 2)`."""
+    img = _adm_resize(img, side)
+    w, h = img.size
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+def five_crop_offsets(side: int, size: int) -> List[Tuple[int, int]]:
+    """`(top, left)` of torchvision's `five_crop(img, size)` on a `side x side` image, in its order
+    (top-left, top-right, bottom-left, bottom-right, centre). The centre offset is torchvision's
+    `center_crop`: `int(round((side - size) / 2.0))`, Python's round half to even (12 for 281/256,
+    2 for 35/32), not the floor."""
+    e, c = side - size, int(round((side - size) / 2.0))
+    return [(0, 0), (0, e), (e, 0), (e, e), (c, c)]
 
 
 def train_transform(image: ImageLike, image_size: int, channels: int, rng: np.random.Generator,
@@ -380,22 +405,29 @@ def train_transform(image: ImageLike, image_size: int, channels: int, rng: np.ra
     return np.ascontiguousarray(out)
 
 
-def ten_crop(image: ImageLike, image_size: int, channels: int, scale: float = 1.1) -> np.ndarray:
-    """Ten views for evaluation: uint8 `[10, channels, image_size, image_size]`.
+TEN_CROP_GEOMETRY = "adm-centre-int(1.1S)+TenCrop(S)"  # recorded by pretokenize: shards of another geometry never mix
 
-    The shorter side is resized to `round(scale * image_size)`; views 0-4 are the top-left,
-    top-right, bottom-left, bottom-right and centre crops, views 5-9 their horizontal flips
-    in the same order (view 5 + i = flip of view i).
+
+def ten_crop(image: ImageLike, image_size: int, channels: int, scale: float = 1.1) -> np.ndarray:
+    """The release's phase-2 ten crops: uint8 `[10, channels, image_size, image_size]`.
+
+    As the release (`dataset.py:475-480` -> `:222-240`, then `:269-279`; OFFICIAL_TRAINING §3):
+    the ADM centre crop to a square of side `int(image_size * scale)` (281 for 256;
+    `adm_center_crop`), then torchvision `TenCrop(image_size)` of that square: views 0-4 are
+    `five_crop` of the square (top-left, top-right, bottom-left, bottom-right, centre), views 5-9
+    `five_crop` of the horizontally mirrored square in the same order. So view 5 is the mirror of
+    view 1 (not of view 0), 6 of view 0, 7 of 3, 8 of 2, and view 9 (the mirrored square's centre)
+    mirrors the square's columns `[side - c - S, side - c)` (`c` the centre offset), which are
+    view 4's shifted by `side - S - 2c` columns (+1 for 281/256, -1 for 35/32, 0 when even).
     """
     S = image_size
-    side = round(scale * S)
+    side = int(S * scale)
     if side < S:
         raise ValueError(f"scale must make the resized side >= image_size, got scale={scale}")
-    a = _to_chw(_resize_shorter(_to_pil(image, channels), side), channels)  # [C, H, W]
-    H, W = a.shape[1:]
-    corners = [(0, 0), (0, W - S), (H - S, 0), (H - S, W - S), ((H - S) // 2, (W - S) // 2)]
-    crops = np.stack([a[:, t:t + S, l:l + S] for t, l in corners])  # [5, C, S, S]
-    return np.ascontiguousarray(np.concatenate([crops, crops[..., ::-1]]))  # [10, C, S, S]
+    a = _to_chw(adm_center_crop(_to_pil(image, channels), side), channels)  # [C, side, side]
+    boxes = five_crop_offsets(side, S)
+    views = [v[:, t:t + S, l:l + S] for v in (a, a[:, :, ::-1]) for t, l in boxes]  # TenCrop order
+    return np.ascontiguousarray(np.stack(views))  # [10, C, S, S]
 
 
 # ----------------------------------------------------------------------------- loader

@@ -40,6 +40,7 @@ A file that fits neither raises :class:`PerceptualWeightsError` (a ``PrologueErr
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
 
 import torch
@@ -250,6 +251,18 @@ class GANLoss(nn.Module):
         self.aug_prob = float(aug_prob)  # unused by PatchGAN, as in the release
         # discriminator updates begun so far (persistent: an exact resume keeps the R1 cadence)
         self.register_buffer("d_updates", torch.zeros((), dtype=torch.int64))
+        # Under DDP the trainer sets this to a broadcast from rank 0: every forward of the loss then
+        # starts from rank 0's buffers (the discriminator's BatchNorm running statistics, the LeCam
+        # EMAs), as the release's DDP-wrapped GAN loss does with DDP's default `broadcast_buffers=True`
+        # (OFFICIAL_TRAINING.md §7.18). Our DDP wrappers keep `broadcast_buffers=False` (a broadcast
+        # into the tokenizer's buffers between two forwards of one graph would break its backward),
+        # so the GAN loss broadcasts its own, here.
+        self.sync_buffers: typing.Optional[typing.Callable[[typing.List[Tensor]], None]] = None
+
+    def _from_rank0(self) -> None:
+        if self.sync_buffers is not None and self.training:
+            with torch.no_grad():
+                self.sync_buffers(list(self.buffers()))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -282,6 +295,7 @@ class GANLoss(nn.Module):
         vanilla: ``softplus(-D(fake)).mean()``; hinge: ``-D(fake).mean()``
         (``model_gan.py:1155-1158``, ``:1016-1017``). No augmentation; ``generator`` is unused.
         """
+        self._from_rank0()
         logits = self.discriminator(fake_images.contiguous())
         if self.loss == "hinge":
             return -logits.mean()
@@ -315,6 +329,7 @@ class GANLoss(nn.Module):
         Returns scalars: ``loss`` = ``d_loss + lecam + r1``, ``d_loss``, ``lecam``, ``r1``,
         ``logits_real`` / ``logits_fake`` (detached means).
         """
+        self._from_rank0()
         counting = self.training and torch.is_grad_enabled()
         want_r1 = False
         if counting:

@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..model import PrologueModel
 from ..config import ModelConfig
-from .data import open_dataset, ten_crop, to_model_input, train_transform
+from .data import TEN_CROP_GEOMETRY, open_dataset, ten_crop, to_model_input, train_transform
 from ..runtime.files import atomic_output, sha256_file, write_json_atomic
 from .common import TrainError, progress
 
@@ -76,6 +76,8 @@ def pretokenize(checkpoint, data: typing.Optional[str], out, crops: str = "ten",
     n = len(dataset) if limit is None else min(len(dataset), int(limit))
     source = {"data": str(data), "num_items": n, "tokenizer_sha256": sha256_file(Path(checkpoint) / "tokenizer.safetensors"),
               "crops": crops, "shard_size": shard_size}
+    if crops == "ten":  # a folder begun with the earlier ten-crop geometry is not resumed with this one
+        source["ten_crop"] = TEN_CROP_GEOMETRY
     index = _open_index(out, source, model, dataset)
     vocab = model.config.vocab()
     encoder = _ShardEncoder(model.tokenizer, dataset, crops, batch_size, num_workers, device, _id_dtype(vocab),

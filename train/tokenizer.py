@@ -33,7 +33,7 @@ from ..checkpoint import load_checkpoint
 from ..model import PrologueModel
 from ..config import ModelConfig
 from .data import fill_skipped, make_loader, open_dataset, to_model_input
-from .losses import GANLoss, load_perceptual
+from .losses import GANLoss, PerceptualLoss, PerceptualWeightsError, load_perceptual
 from ..tokenizer import images_to_uint8
 from . import common
 from .common import EMA, TrainError
@@ -92,12 +92,11 @@ class TokenizerTrainer(Phase):
             g = cfg.gan
             self.gan = GANLoss(tcfg.channels, base_channels=g.base_channels, num_layers=g.num_layers, loss=g.loss,
                                lecam_weight=g.lecam_weight, r1_weight=g.r1_weight)
-        self.perceptual = None
-        if tcfg.variant != "post" and cfg.perceptual_weight > 0:
-            self.perceptual = load_perceptual(cfg.perceptual_weights)
-            if self.perceptual is None and acc.is_main_process:
-                print("[phase 1] no perceptual weights given (perceptual_weights=PATH to a local LPIPS-VGG16 or ConvNeXt-S "
-                      "file): training without the perceptual loss", file=sys.stderr, flush=True)
+        self.perceptual = load_perceptual_loss(cfg)
+        if self.perceptual is None and tcfg.variant != "post" and cfg.perceptual_weight > 0 and acc.is_main_process:
+            why = ("perceptual_weights=none" if cfg.perceptual_weights else "no perceptual weights given "
+                   "(perceptual_weights=PATH to a local LPIPS-VGG16 or ConvNeXt-S file, or none)")
+            print(f"[phase 1] {why}: training without the perceptual loss", file=sys.stderr, flush=True)
         for m in (self.tok, self.joint, self.gan, self.perceptual):
             if m is not None:
                 m.to(self.device)
@@ -130,6 +129,8 @@ class TokenizerTrainer(Phase):
         self.joint_fwd = self.prepare(self.joint) if self.joint is not None else None
         if self.gan is not None:
             self.gan.discriminator = self.acc.prepare(self.gan.discriminator)
+            if self.world > 1:  # the release's buffers come from rank 0 at every loss forward (GANLoss.sync_buffers)
+                self.gan.sync_buffers = common.broadcast_from_main
         self.synced = [m for m in (self.tok_fwd, self.joint_fwd, self.gan.discriminator if self.gan else None)
                        if m is not None]
 
@@ -327,6 +328,24 @@ def _recon_grid(ema: EMA, model_cfg: ModelConfig, images_u8: torch.Tensor, path:
     _, visual_ids = model.tokenizer.encode(x)
     rec = images_to_uint8(model.tokenizer.decode(visual_ids)).cpu()
     common.save_grid(torch.cat([images_u8.cpu(), rec]), path, nrow=images_u8.shape[0])
+
+
+def load_perceptual_loss(cfg: TokenizerTrainConfig):
+    """Phase 1's perceptual loss, or None when `cfg` turns it off (`TokenizerTrainConfig.perceptual_file`).
+
+    VGG16 weights must carry the LPIPS heads (`lin0..4.model.1.weight`): without them
+    `PerceptualLoss` is a plain channel-normalised VGG distance, not the release's LPIPS
+    (OFFICIAL_TRAINING.md:226-232), so they are refused here."""
+    path = cfg.perceptual_file()
+    if path is None:
+        return None
+    loss = load_perceptual(path)
+    if isinstance(loss, PerceptualLoss) and not loss.has_lpips_weights:
+        raise PerceptualWeightsError(
+            f"{path}: VGG16 weights without the LPIPS heads (lin0..lin4.model.1.weight), which the LPIPS loss needs: "
+            "add the heads of LPIPS vgg.pth (recipe in train/losses.py), give a ConvNeXt-S file, or "
+            "perceptual_weights=none")
+    return loss
 
 
 def _load_frozen_2d(tok, init_from: typing.Optional[str]) -> None:
