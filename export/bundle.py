@@ -209,11 +209,6 @@ def build_manifest(model: PrologueModel, folder: Path, graph_contracts, files_by
     return manifest
 
 
-def write_json(path: Path, obj) -> str:
-    """The manifest, strict JSON (read_json refuses NaN), written atomically; returns its digest."""
-    return write_manifest(path, obj)
-
-
 def _still_a_bundle(out: Path) -> None:
     if out.is_symlink() or (out.exists() and not (out / MANIFEST).is_file()):
         raise ExportError(f"--out {shown(out)} changed while exporting (now a link or not a bundle); "
@@ -258,13 +253,13 @@ def export_bundle(checkpoint, out, max_batch: int = DEFAULT_MAX_BATCH, force: bo
             log(f"[export] {ar_graph_name(weights)} (weight-only {weights}) ...")
             files_by_graph[ar_graph_name(weights)] = quantize_ar_step(tmp, weights)
         manifest = build_manifest(model, tmp, graph_contracts, files_by_graph, max_batch, sampling)
-        digest = write_json(tmp / MANIFEST, manifest)
+        digest = write_manifest(tmp / MANIFEST, manifest)
         if verify:
             from .verify import verify_bundle
 
             report = verify_bundle(tmp, model=model, log=log, digest=digest)
             manifest["verification"] = report
-            digest = write_json(tmp / MANIFEST, manifest)
+            digest = write_manifest(tmp / MANIFEST, manifest)
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)

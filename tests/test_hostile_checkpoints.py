@@ -37,16 +37,11 @@ from prologue_export.train.configs import TokenizerTrainConfig, load_train_confi
 from prologue_export.train.tokenizer import train_tokenizer
 
 from .test_hostile_cli import assert_one_line_error, run_cli
+from .test_hostile_training import one_line
+from .test_import_official import _copy_fixture
 
 ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1, "C64": 8, "F8_E4M3": 1}
 HUGE = [375_000_000]  # float32: 1.5 GB declared, a hole on disk
-
-
-def one_line(exc) -> str:
-    text = str(exc.value)
-    assert "\n" not in text and "Traceback" not in text, text
-    assert isinstance(exc.value, PrologueError)
-    return text
 
 
 # ------------------------------------------------------------------ writing (hostile) safetensors files
@@ -242,11 +237,7 @@ def test_round_trip_reads_the_same_bits_through_the_header_reader(ckpt):
 
 @pytest.fixture
 def fixture(reference_dir, tmp_path):
-    root = tmp_path / "fixture"
-    shutil.copytree(reference_dir / "fixture_a", root)
-    for p in root.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return root
+    return _copy_fixture(reference_dir, tmp_path)
 
 
 def _import(root: Path, out: Path):

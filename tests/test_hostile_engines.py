@@ -464,6 +464,13 @@ class _Session:
         return getattr(self.real, name)
 
 
+def _changed_generator(source, graph: str, change) -> Generator:
+    """A CPU Generator of the fixture bundle whose `graph` session passes its results through `change`."""
+    gen = Generator.from_bundle(source / "bundle", backend="cpu")
+    gen.backend._sessions[graph] = _Session(gen.backend.session(graph), change)
+    return gen
+
+
 def _changed(index, fn):
     def change(outputs, results):
         results = list(results)
@@ -489,9 +496,7 @@ AR_OUTPUTS = {
 @pytest.mark.parametrize("case", list(AR_OUTPUTS))
 def test_ar_step_outputs_are_checked_before_the_cache_is_written(source, case):
     change, words = AR_OUTPUTS[case]
-    gen = Generator.from_bundle(source / "bundle", backend="cpu")
-    session = gen.backend.session("ar_step")
-    gen.backend._sessions["ar_step"] = _Session(session, change)
+    gen = _changed_generator(source, "ar_step", change)
     with pytest.raises(BundleError) as info:
         gen.generate([1, 2], seed=0, cfg=2.0)
     one_line(info.value, "ar_step", words)
@@ -508,9 +513,7 @@ ENCODER_OUTPUTS = {
 @pytest.mark.parametrize("case", list(ENCODER_OUTPUTS))
 def test_prologue_generator_outputs_are_checked(source, case):
     change, words = ENCODER_OUTPUTS[case]
-    gen = Generator.from_bundle(source / "bundle", backend="cpu")
-    session = gen.backend.session("prologue_generator")
-    gen.backend._sessions["prologue_generator"] = _Session(session, change)
+    gen = _changed_generator(source, "prologue_generator", change)
     with pytest.raises(BundleError) as info:
         gen.variations(np.zeros((32, 32, 1), np.uint8), n=2, seed=0)
     one_line(info.value, "prologue_generator", words)
