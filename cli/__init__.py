@@ -47,8 +47,11 @@ def main(argv=None) -> int:
     Ctrl-C is one line and 130; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)  # usage errors: one line, exit code 2
     name = f"prologue {args.command}"  # tests and scripts match this prefix
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = not code
+        return code
     except PrologueError as exc:
         print(f"{name}: error: {_one_line(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
@@ -58,6 +61,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a training command under `accelerate launch`
+            from ..train.common import end_distributed
+
+            end_distributed(ok)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,6 +51,7 @@ def main(out: str, sync: bool) -> None:
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(every, fh)
+    common.end_distributed(ok=True)
 
 
 if __name__ == "__main__":
