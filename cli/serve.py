@@ -7,10 +7,11 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 from ..runtime.contract import AR_WEIGHTS
 from ..runtime.generator import BACKENDS
-from .checks import CLIError, bundle_dir, input_path, non_negative_float, positive_int, sha256_digest
+from .checks import CLIError, bundle_dir, input_path, non_negative_float, non_negative_int, positive_int, sha256_digest
 
 HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?")
 
@@ -110,6 +111,33 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def gpu_list(text: str) -> tuple:
+    """`--gpus 0,1`: distinct GPU indices."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be GPU indices separated by commas, such as 0,1, got {text!r}") from None
+    if not values or any(v < 0 or v > 1023 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"must be distinct GPU indices in [0, 1023], got {text!r}")
+    return values
+
+
+def _cmd_triton(args) -> int:
+    from ..serve.triton import RepositoryOptions, write_repository
+
+    bundle_dir(args.bundle, "BUNDLE")
+    options = RepositoryOptions(name=args.name, backend=args.backend, kind=args.kind, instances=args.instances,
+                                gpus=args.gpus or (), max_batch_size=args.max_batch_size,
+                                queue_delay_us=args.queue_delay_us, dynamic_batching=not args.no_dynamic_batching,
+                                threads=args.threads, ar_weights=args.ar_weights, reference=args.reference,
+                                site_packages=tuple(str(Path(p).resolve()) for p in args.site_packages))
+    out = write_repository(args.bundle, args.out, options, digest=args.digest, force=args.force)
+    print(f"prologue triton: model repository {out} (model {args.name!r}, {args.kind} x {args.instances}, backend "
+          f"{args.backend}); serve it with: tritonserver --model-repository={out}  (see docs/triton.md)",
+          file=sys.stderr, flush=True)
+    return 0
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP: a JSON API and a web page (needs the serve extra)")
     p.add_argument("--bundle", required=True, metavar="DIR", help="a bundle written by `prologue export`")
@@ -139,3 +167,43 @@ def add_parsers(sub) -> None:
     p.add_argument("--log-level", dest="log_level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's log level")
     p.set_defaults(func=_cmd_serve)
+    _add_triton(sub)
+
+
+def _add_triton(sub) -> None:
+    from ..serve.triton import DEFAULT_QUEUE_DELAY_US, MAX_INSTANCES, MODEL_NAME
+
+    p = sub.add_parser("triton", help="write a Triton Inference Server model repository for a bundle (docs/triton.md)",
+                       description="A Python-backend Triton model that runs the bundle through the torch-free runtime: "
+                       "typed inputs (class_id, seed, every sampling option, prologue_ids), a uint8 image output, "
+                       "dynamic batching with per-row noise (every image equals Generator.generate for its seed), "
+                       "the bundle copied in (or referenced) and pinned by its sha256.")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by prologue export")
+    p.add_argument("--out", required=True, metavar="REPO", help="the model repository folder to write")
+    p.add_argument("--name", default=MODEL_NAME, help=f"the model's name in the repository (default {MODEL_NAME})")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="the runtime's backend inside Triton (default auto; tensorrt needs engines built on that GPU)")
+    p.add_argument("--kind", default="cpu", choices=("cpu", "gpu"), help="instance_group kind (default cpu)")
+    p.add_argument("--instances", type=positive_int, default=1, metavar="N",
+                   help=f"model instances per device (default 1, at most {MAX_INSTANCES})")
+    p.add_argument("--gpus", type=gpu_list, metavar="LIST", help="with --kind gpu: the GPUs to use, such as 0,1 "
+                   "(default all)")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=positive_int, metavar="N",
+                   help="max_batch_size: rows per execute (default the bundle's max batch)")
+    p.add_argument("--queue-delay-us", dest="queue_delay_us", type=non_negative_int, default=DEFAULT_QUEUE_DELAY_US,
+                   metavar="US", help=f"the dynamic batcher's max_queue_delay_microseconds (default {DEFAULT_QUEUE_DELAY_US})")
+    p.add_argument("--no-dynamic-batching", dest="no_dynamic_batching", action="store_true",
+                   help="no dynamic_batching block: each request runs alone (the images are the same either way)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime intra-op threads per instance")
+    p.add_argument("--ar-weights", dest="ar_weights", default="fp32", choices=AR_WEIGHTS,
+                   help="AR graph: fp32 (default) or a weight-only quantized one the bundle carries")
+    p.add_argument("--reference", action="store_true",
+                   help="reference the bundle by its absolute path instead of copying it in (its sha256 is still "
+                        "pinned and checked when the model loads)")
+    p.add_argument("--site-packages", dest="site_packages", action="append", default=[], metavar="DIR",
+                   help="a folder the model's Python puts first on sys.path (repeatable): the site-packages of the "
+                        "environment prologue-export is installed in, when it is not the Triton Python's own")
+    p.add_argument("--digest", type=sha256_digest, metavar="SHA256",
+                   help="refuse the bundle unless its manifest.json has this sha256")
+    p.add_argument("--force", action="store_true", help="replace --out when it is a repository prologue triton wrote")
+    p.set_defaults(func=_cmd_triton)

@@ -483,7 +483,12 @@ class Bundle:
         against the manifest's size and sha256: use these bytes, never read the file again."""
         return self._read_checked(name, keep=True)
 
-    def _read_checked(self, name: str, keep: bool) -> typing.Optional[bytes]:
+    def copy_verified(self, name: str, sink: typing.BinaryIO) -> None:
+        """Write the listed file `name` to `sink` in chunks (never through a symlink), checked as
+        `read_verified` checks it: a mismatch raises BundleError after the copy (discard `sink`)."""
+        self._read_checked(name, keep=False, sink=sink)
+
+    def _read_checked(self, name: str, keep: bool, sink: typing.Optional[typing.BinaryIO] = None) -> typing.Optional[bytes]:
         info = self.files.get(name)
         if info is None:
             raise BundleError(f"{self.path}: {name!r} is not listed in the manifest's files; re-export the bundle")
@@ -503,6 +508,8 @@ class Bundle:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
                     total += len(chunk)
+                    if sink is not None:
+                        sink.write(chunk)
         if total != info["bytes"] or h.hexdigest() != info["sha256"]:
             raise BundleError(f"{file} does not match the sha256 in the manifest: the file was modified; "
                               "re-export the bundle")

@@ -16,3 +16,13 @@ def short_repr(value, limit: int = 80) -> str:
     """`repr(value)` on one line, cut to `limit` characters: how error messages show what they got."""
     text = repr(value).replace("\n", " ")
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+MAX_ERROR_CHARS = 400  # an error message a server answers is cut to this (a bounded excerpt of the input)
+
+
+def one_line(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """The error on one line, cut to `limit` characters: never more than an excerpt of the input
+    (what `prologue serve` and the Triton model answer a bad request with)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

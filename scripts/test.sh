@@ -6,6 +6,9 @@
 # Extra arguments go to the first pytest run only (e.g. `bash scripts/test.sh -k fixture`), and
 # then the second environment is skipped.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# the real Triton Inference Server of tests/test_triton_server.py (.triton/; .ci/run gets it first, and
+# in CI those tests fail without it; elsewhere they skip, saying why)
+bash "$ROOT/scripts/get_triton.sh" || echo "[test] no Triton server (scripts/get_triton.sh failed): its tests will skip" >&2
 python -m pytest -q "$@"
 if [ "$#" -gt 0 ]; then
   exit 0
@@ -32,4 +35,4 @@ PROLOGUE_TEST_BUNDLE_DIR="$FIXTURE" "$RT_VENV/bin/python" -m pytest -q -p no:cac
   --import-mode=importlib --rootdir "$ROOT" "$ROOT/tests/test_noise.py" "$ROOT/tests/test_generator.py" \
   "$ROOT/tests/test_runtime.py" "$ROOT/tests/test_gpu_backends.py" \
   "$ROOT/tests/test_hostile_runtime.py" "$ROOT/tests/test_hostile_bundle.py" "$ROOT/tests/test_hostile_outputs.py" \
-  "$ROOT/tests/test_serve.py" "$ROOT/tests/test_hostile_serve.py"
+  "$ROOT/tests/test_serve.py" "$ROOT/tests/test_hostile_serve.py" "$ROOT/tests/test_triton.py"

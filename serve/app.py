@@ -33,7 +33,7 @@ import typing
 import numpy as np
 
 from ..runtime.bundle import BundleError
-from ..runtime.errors import PrologueError, short_repr
+from ..runtime.errors import PrologueError, one_line, short_repr
 from ..runtime.files import FileFormatError, parse_json
 from ..runtime.images import ImageError, grid, grid_columns
 from ..runtime.loop import MAX_IMAGES_PER_CALL, InputError, check_class_ids, check_count, check_seed
@@ -50,7 +50,6 @@ SMALL_BODY = 64 * 1024  # bodies up to this size (every request without an image
 BIG_BODIES = 4  # larger bodies held at once, from their first byte until parsed (each up to max_body_bytes)
 PARSERS = 2  # larger bodies parsed at once, off the event loop (small ones are parsed without waiting)
 MAX_JSON_VALUES = 10_000  # commas, colons and brackets in a body: no request needs more (1024 images: ~2100)
-MAX_ERROR_CHARS = 400  # an error message is cut to this (a bounded excerpt of the input, never all of it)
 BODY_TIMEOUT_S = 30.0  # a body that takes longer to arrive (waiting for a slot included) is answered 408
 GRACEFUL_S = 60  # on SIGTERM/SIGINT, requests still running after this are dropped
 MAX_LISTED_CLASSES = 2000  # /v1/info lists class names up to this many classes
@@ -344,12 +343,6 @@ def error_status(exc: BaseException) -> int:
     if isinstance(exc, (InputError, ConfigError, ImageError, BundleError)):
         return 422
     return 500
-
-
-def one_line(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
-    """The error on one line, cut to `limit` characters: never more than an excerpt of the input."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 async def read_body(request, limit: int, deadline: float, timeout: float = BODY_TIMEOUT_S) -> bytes:

@@ -1,5 +1,6 @@
-"""Request batching for `prologue serve`: one worker thread runs every model call; requests that
-arrive within a short window and share their sampling settings share one AR loop. Torch-free and
+"""Request batching for `prologue serve` and the Triton model (`triton.py`): one worker thread runs
+every model call (or, for Triton, `Batcher.run` in the caller's thread); requests that arrive within
+a short window and share their sampling settings share one AR loop. Torch-free and
 web-free (numpy, the standard library and the runtime's `Generator`; the HTTP side is `app.py`).
 
 Exactness: a request's images are those `Generator.generate` (or `variations`) gives it alone for
@@ -112,7 +113,8 @@ class Batcher:
     `window_s`: when the worker is idle and a job arrives, it waits this long for more to join
     (less when a batch is already full). `batching=False`: one request per loop, no window."""
 
-    def __init__(self, generator, window_s: float = 0.01, batching: bool = True, max_queue: int = 64):
+    def __init__(self, generator, window_s: float = 0.01, batching: bool = True, max_queue: int = 64,
+                 start: bool = True):
         self.generator = generator
         self.window_s = max(0.0, float(window_s))
         self.batching = bool(batching)
@@ -124,8 +126,29 @@ class Batcher:
         self.busy = False
         self.loop_seconds = 0.0  # running mean of one loop's time, for Retry-After
         self.loops = 0
-        self.thread = threading.Thread(target=self._work, name="prologue-serve-worker", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if start:
+            self.thread = threading.Thread(target=self._work, name="prologue-serve-worker", daemon=True)
+            self.thread.start()
+
+    def run(self, jobs: typing.Sequence[Job]) -> typing.List[concurrent.futures.Future]:
+        """Run `jobs` to the end in the caller's thread, merged into AR loops exactly as the worker
+        merges a queue (same key, up to `max_batch` rows a loop): a Batcher made with `start=False`
+        (Triton's `execute`, which hands over the requests its own dynamic batcher gathered). Returns
+        their futures, all done (a result or the job's exception)."""
+        if self.thread is not None:
+            raise RuntimeError("Batcher.run is for a batcher without a worker thread (start=False)")
+        with self.cond:
+            for job in jobs:
+                job.enqueued = time.perf_counter()
+                self.pending.append(job)
+        while self.pending:
+            head = self.pending[0]
+            progress = head.next_row
+            self._run_head(head)
+            if self.pending and self.pending[0] is head and head.next_row == progress:  # cannot happen; never spin
+                self._fail([head], RuntimeError("the batcher made no progress on a request"))
+        return [job.future for job in jobs]
 
     # -- the request side (any thread) ---------------------------------------------------------
 
@@ -166,7 +189,7 @@ class Batcher:
         with self.cond:
             self.closing = True
             self.cond.notify_all()
-        if self.thread is not threading.current_thread():
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout)
 
     # -- the worker ---------------------------------------------------------------------------
@@ -185,17 +208,22 @@ class Batcher:
                 head = self.pending[0]
                 self.busy = True
             try:
-                if head.call is not None:
-                    self._run_call(head)
-                else:
-                    self._run_loop(head)
-            except BaseException as exc:  # a bug: answer the requests rather than leave their clients hanging
-                with self.cond:
-                    partly = [j for j in self.pending if j.next_row > 0]
-                self._fail([head, *partly], exc)
+                self._run_head(head)
             finally:
                 with self.cond:
                     self.busy = False
+
+    def _run_head(self, head: Job) -> None:
+        """One model call or one AR loop, starting with `head` (the oldest job)."""
+        try:
+            if head.call is not None:
+                self._run_call(head)
+            else:
+                self._run_loop(head)
+        except BaseException as exc:  # a bug: answer the requests rather than leave their clients hanging
+            with self.cond:
+                partly = [j for j in self.pending if j.next_row > 0]
+            self._fail([head, *partly], exc)
 
     def _wait_window(self) -> None:
         """Hold (the lock released) until the oldest job has waited `window_s`, or a batch is full.

@@ -26,7 +26,8 @@ pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installe
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 
 from prologue_export.runtime import Generator  # noqa: E402
-from prologue_export.serve.app import MAX_ERROR_CHARS, ServeOptions, png_bytes  # noqa: E402
+from prologue_export.runtime.errors import MAX_ERROR_CHARS  # noqa: E402
+from prologue_export.serve.app import ServeOptions, png_bytes  # noqa: E402
 from prologue_export.serve.guard import LOOPBACK_HOSTS, MAX_HEAD_BYTES  # noqa: E402
 from tests.test_serve import TIMEOUT, running_server, wait_for  # noqa: E402
 

@@ -245,7 +245,7 @@ def test_each_extra_brings_the_onnx_runtime_it_should(source, declared):
 
 def test_the_extras_are_the_documented_ones(declared):
     assert set(declared) - {""} == {"cpu", "gpu-cu12", "gpu-cu13", "tensorrt-cu12", "tensorrt-cu13", "train", "export",
-                                     "eval", "hub", "serve", "dev"}
+                                     "eval", "hub", "serve", "triton", "dev"}
 
 
 def test_cuda_packages_of_an_extra_share_its_cuda_major(declared):
