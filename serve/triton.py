@@ -195,14 +195,40 @@ def config_pbtxt(bundle: Bundle, options: RepositoryOptions, bundle_ref: str) ->
 
 
 def _is_our_repository(folder: Path) -> bool:
-    """A folder `write_repository` wrote: only model folders whose config.pbtxt starts with MARKER."""
+    """A folder `write_repository` wrote and nobody added to: model folders only, each holding just
+    its config.pbtxt (starting with MARKER) and version folder (model.py, the bundle copy whose files
+    its manifest all lists, Python's __pycache__)."""
     try:
-        entries = list(folder.iterdir())
-        return bool(entries) and all(e.is_dir() and not e.is_symlink()
-                                     and (e / "config.pbtxt").read_text(errors="replace").startswith(MARKER)
-                                     for e in entries)
-    except OSError:
+        models = list(folder.iterdir())
+        return bool(models) and all(_is_our_model(m) for m in models)
+    except (OSError, BundleError):
         return False
+
+
+def _is_our_model(model: Path) -> bool:
+    if model.is_symlink() or not model.is_dir() or {p.name for p in model.iterdir()} != {"config.pbtxt", VERSION}:
+        return False
+    if not (model / "config.pbtxt").read_text(errors="replace").startswith(MARKER):
+        return False
+    version = model / VERSION
+    names = {p.name for p in version.iterdir()} if version.is_dir() and not version.is_symlink() else {"?"}
+    if not names <= {"model.py", BUNDLE_FOLDER, "__pycache__"} or "model.py" not in names:
+        return False
+    if BUNDLE_FOLDER in names:
+        copy = Bundle(version / BUNDLE_FOLDER, check_hashes=False)
+        if copy._scan() - set(copy.files) - {MANIFEST}:
+            return False
+    return True
+
+
+def _check_apart(bundle: Bundle, out: Path) -> None:
+    """The repository and the bundle must not hold each other: a repository inside the bundle adds
+    files its manifest does not vouch for, and a bundle inside the repository being replaced would
+    be deleted with it."""
+    b, o = bundle.path.resolve(), out.resolve()
+    if b == o or b in o.parents or o in b.parents:
+        raise TritonError(f"--out {out} and the bundle {bundle.path} must not be inside one another; write the "
+                          "repository elsewhere (or copy the bundle out first)")
 
 
 def write_repository(bundle_path, out, options: typing.Optional[RepositoryOptions] = None,
@@ -214,6 +240,7 @@ def write_repository(bundle_path, out, options: typing.Optional[RepositoryOption
     options = (options or RepositoryOptions()).validate()
     bundle = Bundle(bundle_path, digest=digest)
     out = check_output_path(out, "model repository", folder=True)
+    _check_apart(bundle, out)
     if os.path.lexists(out) and not _empty_folder(out):
         if not force:
             raise TritonError(f"{out} exists; pass --force to replace a model repository written by prologue triton")

@@ -216,6 +216,33 @@ def test_an_existing_folder_is_replaced_only_when_ours(runtime_fixture_root, tmp
     with pytest.raises(TritonError, match="not a model repository written by prologue triton"):
         write_repository(source, foreign, force=True)
     assert (foreign / "notes.txt").read_text() == "keep me"
+    ours = tmp_path / "repo" / "other"  # a repository we wrote, with files a user added: not replaced
+    for added in (ours / "labels.txt", ours / "2" / "model.py", ours / "1" / "notes.txt",
+                  ours / "1" / "bundle" / "extra.bin"):
+        added.parent.mkdir(exist_ok=True)
+        added.write_text("the user's")
+        with pytest.raises(TritonError, match="not a model repository written by prologue triton"):
+            write_repository(source, tmp_path / "repo", force=True)
+        assert added.read_text() == "the user's"
+        added.unlink()
+        if added.parent.name == "2":
+            added.parent.rmdir()
+    write_repository(source, tmp_path / "repo", force=True)  # as written again: replaced
+
+
+def test_the_repository_and_the_bundle_stay_apart(runtime_fixture_root, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(runtime_fixture_root / "bundle", bundle)
+    for out in (bundle / "repo", bundle, tmp_path):
+        with pytest.raises(TritonError, match="must not be inside one another"):
+            write_repository(bundle, out, RepositoryOptions(reference=True), force=True)
+    repo = write_repository(bundle, tmp_path / "repo")  # the copy, then a reference to the copy in it
+    with pytest.raises(TritonError, match="must not be inside one another"):
+        write_repository(repo / "prologue" / "1" / "bundle", repo, RepositoryOptions(reference=True), force=True)
+    assert Generator.from_bundle(repo / "prologue" / "1" / "bundle", backend="cpu")  # still there, still valid
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in (runtime_fixture_root / "bundle").iterdir())
 
 
 def test_the_command_writes_a_repository_and_refuses_in_one_line(runtime_fixture_root, tmp_path, capsys):
