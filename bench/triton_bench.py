@@ -191,11 +191,11 @@ def main(argv=None) -> int:
             work = folder / f"triton_{preset}"
             work.mkdir(exist_ok=True)
             rows += [{"preset": preset, **row} for row in bench_preset(bundle, work, args)]
-    head = f"{'preset':<6}{'clients':>8}" + "".join(f"{t + ' img/s':>22}{'p50 ms':>8}" for t in TARGETS)
+    head = f"{'preset':<6}{'clients':>8}" + "".join(f"{t + ' img/s':>22}{'p50 ms':>9}" for t in TARGETS)
     print(head + f"{'batched/serve':>15}{'unbatched/serve':>17}{'same':>6}")
     for r in rows:
         line = f"{r['preset']:<6}{r['clients']:>8}" + "".join(
-            f"{r[t + '_img_s']:>22.2f}{r[t + '_p50_ms']:>8.0f}" for t in TARGETS)
+            f"{r[t + '_img_s']:>22.2f}{r[t + '_p50_ms']:>9.0f}" for t in TARGETS)
         print(line + f"{r['triton-batched_vs_serve']:>15.2f}{r['triton-unbatched_vs_serve']:>17.2f}"
                      f"{str(r['images_identical']):>6}")
     print("ratios: Triton images/s / prologue serve images/s, median of the per-round ratios")
