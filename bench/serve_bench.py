@@ -69,8 +69,20 @@ def start_server(bundle: Path, batching: bool, window_ms: float):
     raise RuntimeError("prologue serve did not start within 120 s")
 
 
-async def load(url: str, clients: int, requests: int, images: int, first_seed: int) -> dict:
-    """`requests` requests from `clients` concurrent clients; images/s, latencies, PNG digests by seed."""
+def pixel_digest(png: bytes) -> str:
+    """sha256 of a PNG's decoded pixels as uint8 [H, W, C] (comparable with a raw array's bytes)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)))
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+async def load(url: str, clients: int, requests: int, images: int, first_seed: int, pixels: bool = False) -> dict:
+    """`requests` requests from `clients` concurrent clients; images/s, latencies, digests by seed
+    (of the PNG bytes, or with `pixels` of the decoded pixels)."""
     import httpx
 
     todo = list(range(requests))
@@ -86,7 +98,8 @@ async def load(url: str, clients: int, requests: int, images: int, first_seed: i
                 response = await http.post(url + "/v1/generate", json=body)
                 latencies.append(time.perf_counter() - t0)
                 response.raise_for_status()
-                digests[seed] = hashlib.sha256(b"".join(base64.b64decode(im) for im in response.json()["images"])).hexdigest()
+                pngs = [base64.b64decode(im) for im in response.json()["images"]]
+                digests[seed] = pixel_digest(pngs[0]) if pixels and images == 1 else hashlib.sha256(b"".join(pngs)).hexdigest()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -128,20 +141,22 @@ def bench_preset(bundle: Path, args) -> list:
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every load benchmark of a server shares (this one and triton_bench.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--presets", default="tiny,mid")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=32, help="requests per measurement (at least 2 a client)")
-    parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--window-ms", dest="window_ms", type=float, default=10.0, help="the batched server's window")
     parser.add_argument("--folder", help="reuse (or build into) this folder's bundle_<preset>")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
-    args = parser.parse_args(argv)
-    from runtime_bench import build_bundle, save_json
+    return parser
 
-    rows = []
+
+def preset_bundles(args):
+    """(preset, bundle, folder) for each of `--presets`: the random-weight bundle of runtime_bench's
+    `build_bundle` in `--folder` (built when missing) or in a temporary folder removed at the end."""
+    from runtime_bench import build_bundle
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder or tmp)
         for preset in args.presets.split(","):
@@ -150,7 +165,20 @@ def main(argv=None) -> int:
                 print(f"building the {preset} bundle", flush=True)
                 build_bundle(preset, folder)
             print(f"{preset}: {bundle}", flush=True)
-            rows += [{"preset": preset, **row} for row in bench_preset(bundle, args)]
+            yield preset, bundle, folder
+
+
+def main(argv=None) -> int:
+    parser = load_parser(__doc__)
+    parser.add_argument("--images", type=int, default=1, help="images per request")
+    parser.add_argument("--window-ms", dest="window_ms", type=float, default=10.0, help="the batched server's window")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
+    args = parser.parse_args(argv)
+    from runtime_bench import save_json
+
+    rows = []
+    for preset, bundle, _ in preset_bundles(args):
+        rows += [{"preset": preset, **row} for row in bench_preset(bundle, args)]
     print(f"{'preset':<6}{'clients':>8}{'batched img/s':>15}{'p50 ms':>9}{'p95 ms':>9}"
           f"{'unbatched img/s':>17}{'p50 ms':>9}{'p95 ms':>9}{'ratio':>7}{'same':>6}")
     for r in rows:

@@ -19,14 +19,10 @@ requests go to every target and the images are compared. No assertions.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import base64
 import concurrent.futures
 import hashlib
-import io
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,36 +69,10 @@ def triton_load(address: str, model: str, clients: int, requests: int, first_see
 
 
 def serve_load(url: str, clients: int, requests: int, first_seed: int) -> dict:
-    """serve_bench's load, with the digests of the decoded pixels (comparable with Triton's arrays)."""
-    import httpx
-    from PIL import Image
+    """serve_bench's load, one image a request, with the digests of the decoded pixels."""
+    from serve_bench import load
 
-    todo = list(range(requests))
-    latencies, digests = [], {}
-
-    async def run():
-        limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-            async def client():
-                while todo:
-                    i = todo.pop()
-                    seed = first_seed + i
-                    t0 = time.perf_counter()
-                    response = await http.post(url + "/v1/generate", json={"class_ids": [seed % 10], "seed": seed})
-                    latencies.append(time.perf_counter() - t0)
-                    response.raise_for_status()
-                    png = base64.b64decode(response.json()["images"][0])
-                    pixels = np.asarray(Image.open(io.BytesIO(png)))
-                    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-                    digests[seed] = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
-
-            await asyncio.gather(*(client() for _ in range(clients)))
-
-    t0 = time.perf_counter()
-    asyncio.run(run())
-    wall = time.perf_counter() - t0
-    return {"img_s": requests / wall, "p50_ms": float(np.percentile(latencies, 50)) * 1e3,
-            "p95_ms": float(np.percentile(latencies, 95)) * 1e3, "wall_s": wall, "digests": digests}
+    return asyncio.run(load(url, clients, requests, 1, first_seed, pixels=True))
 
 
 def write_repositories(bundle: Path, folder: Path):
@@ -163,15 +133,12 @@ def bench_preset(bundle: Path, folder: Path, args) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="tiny,mid")
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=32, help="requests per measurement (at least 2 a client)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--folder", help="reuse (or build into) this folder's bundle_<preset>")
+    from serve_bench import load_parser, preset_bundles
+
+    parser = load_parser(__doc__)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "triton_bench.json"))
     args = parser.parse_args(argv)
-    from runtime_bench import build_bundle, save_json
+    from runtime_bench import save_json
 
     from tests import triton_server
 
@@ -180,17 +147,10 @@ def main(argv=None) -> int:
         print(f"triton_bench: {missing}", file=sys.stderr)
         return 2
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.folder or tmp)
-        for preset in args.presets.split(","):
-            bundle = folder / f"bundle_{preset}"
-            if not (bundle / "manifest.json").exists():
-                print(f"building the {preset} bundle", flush=True)
-                build_bundle(preset, folder)
-            print(f"{preset}: {bundle}", flush=True)
-            work = folder / f"triton_{preset}"
-            work.mkdir(exist_ok=True)
-            rows += [{"preset": preset, **row} for row in bench_preset(bundle, work, args)]
+    for preset, bundle, folder in preset_bundles(args):
+        work = folder / f"triton_{preset}"
+        work.mkdir(exist_ok=True)
+        rows += [{"preset": preset, **row} for row in bench_preset(bundle, work, args)]
     head = f"{'preset':<6}{'clients':>8}" + "".join(f"{t + ' img/s':>22}{'p50 ms':>9}" for t in TARGETS)
     print(head + f"{'batched/serve':>15}{'unbatched/serve':>17}{'same':>6}")
     for r in rows:
