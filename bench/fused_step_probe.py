@@ -5,7 +5,8 @@ fused operators against the form exported today, on the same random weights.
 
 Today's form: `ARModel.step` exported by torch.onnx with per-layer cache inputs, returning the last
 position's logits and the new K/V slice, which the host writes into its cache (as `HostKVState`).
-Fused form, written here with onnx.helper from the model's weights: per layer
+Fused form (bench/fused_generation_probe.py `fused_transformer`, written with onnx.helper from the
+model's weights): per layer
 `SimplifiedLayerNormalization` (the adaptive norms' scale folded: the AR's condition is always the
 null class's), the Q/KV matmuls, QK-norm (per head, before the attention: GQA's own
 `q_norm_weight`/`k_norm_weight` run only on CUDA and WebGPU), `com.microsoft.GroupQueryAttention`
@@ -30,99 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def constants(model):
-    """numpy weights and the null-condition vectors the fused graph folds in."""
-    import torch
-
-    ar = model.ar
-    tf = ar.transformer
-    with torch.no_grad():
-        cond = tf.null_condition()  # [1, 1, C]
-        layers = []
-        for layer in tf.layers:
-            a = layer.attn1
-            layers.append({
-                "s1": (1 + layer.adaln_1.affine(cond)).reshape(-1), "g1": layer.gate1(cond).reshape(-1),
-                "s2": (1 + layer.adaln_mlp.affine(cond)).reshape(-1), "g2": layer.gate_mlp(cond).reshape(-1),
-                "wq": a.to_q.weight.T, "wkv": a.to_kv.weight.T, "qn": 1 + a.q_norm.weight, "kn": 1 + a.k_norm.weight,
-                "wo": a.proj.weight.T, "bo": a.proj.bias if a.proj.bias is not None else torch.zeros(a.proj.out_features),
-                "w1": layer.ffn.fc1.weight.T, "b1": _bias(layer.ffn.fc1), "w2": layer.ffn.fc2.weight.T,
-                "b2": _bias(layer.ffn.fc2)})
-        head = {"so": (1 + tf.out_norm.affine(cond)).reshape(-1), "wh": tf.out.weight.T, "bh": _bias(tf.out)}
-        emb = ar.token_emb.weight
-    as_np = lambda t: np.ascontiguousarray(t.detach().float().numpy())  # noqa: E731
-    return ([{k: as_np(v) for k, v in d.items()} for d in layers], {k: as_np(v) for k, v in head.items()},
-            as_np(emb), as_np(ar.rope_cos), as_np(ar.rope_sin))
-
-
-def _bias(linear):
-    import torch
-
-    return linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-
-
-def fused_graph(model, rows: int, path: Path) -> None:
+def fused_graph(model, path: Path) -> None:
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    layers, head, emb, cos, sin = constants(model)
-    a = model.config.ar
-    H, d, D, S, V = a.heads, a.head_dim, a.dim, model.config.vocab().seq_len, emb.shape[0]
-    inits, nodes = [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(cos, "cos"),
-                    numpy_helper.from_array(sin, "sin"), numpy_helper.from_array(np.array([rows, 1, H, d]), "heads_shape"),
-                    numpy_helper.from_array(np.array([rows, 1, D]), "flat_shape")], []
-    f = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [rows, 1]),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [rows]),
-              helper.make_tensor_value_info("total_len", TensorProto.INT32, [])]
-    outputs = [helper.make_tensor_value_info("logits", f, [rows, 1, V])]
-    nodes.append(helper.make_node("Gather", ["emb", "input_ids"], ["x0"]))
-    x = "x0"
-    for i, w in enumerate(layers):
-        for k, v in w.items():
-            inits.append(numpy_helper.from_array(v, f"l{i}_{k}"))
-        n = lambda s: f"l{i}_{s}"  # noqa: E731
-        inputs += [helper.make_tensor_value_info(n(c), f, [rows, H, S, d]) for c in ("past_k", "past_v")]
-        outputs += [helper.make_tensor_value_info(n(c), f, [rows, H, S, d]) for c in ("present_k", "present_v")]
-        nodes += [
-            helper.make_node("SimplifiedLayerNormalization", [x, n("s1")], [n("h")], axis=-1, epsilon=1e-30),
-            helper.make_node("MatMul", [n("h"), n("wq")], [n("q")]),
-            helper.make_node("MatMul", [n("h"), n("wkv")], [n("kv")]),
-            helper.make_node("Split", [n("kv")], [n("k"), n("v")], axis=-1, num_outputs=2),
-            # QK-norm per head, outside GQA: its q_norm_weight/k_norm_weight inputs run on CUDA and
-            # WebGPU only (ONNX Runtime 1.32's CPU kernel refuses them)
-            helper.make_node("Reshape", [n("q"), "heads_shape"], [n("qh")]),
-            helper.make_node("SimplifiedLayerNormalization", [n("qh"), n("qn")], [n("qhn")], axis=-1, epsilon=1e-30),
-            helper.make_node("Reshape", [n("qhn"), "flat_shape"], [n("qf")]),
-            helper.make_node("Reshape", [n("k"), "heads_shape"], [n("kh")]),
-            helper.make_node("SimplifiedLayerNormalization", [n("kh"), n("kn")], [n("khn")], axis=-1, epsilon=1e-30),
-            helper.make_node("Reshape", [n("khn"), "flat_shape"], [n("kf")]),
-            helper.make_node("GroupQueryAttention",
-                             [n("qf"), n("kf"), n("v"), n("past_k"), n("past_v"), "seqlens_k", "total_len", "cos", "sin"],
-                             [n("o"), n("present_k"), n("present_v")], domain="com.microsoft", num_heads=H,
-                             kv_num_heads=H, do_rotary=1, rotary_interleaved=1),
-            helper.make_node("MatMul", [n("o"), n("wo")], [n("om")]),
-            helper.make_node("Add", [n("om"), n("bo")], [n("ob")]),
-            helper.make_node("Mul", [n("ob"), n("g1")], [n("og")]),
-            helper.make_node("Add", [x, n("og")], [n("x1")]),
-            helper.make_node("SimplifiedLayerNormalization", [n("x1"), n("s2")], [n("h2")], axis=-1, epsilon=1e-30),
-            helper.make_node("MatMul", [n("h2"), n("w1")], [n("f1m")]),
-            helper.make_node("Add", [n("f1m"), n("b1")], [n("f1")]),
-            helper.make_node("Split", [n("f1")], [n("u"), n("gv")], axis=-1, num_outputs=2),
-            helper.make_node("Gelu", [n("gv")], [n("ga")], approximate="tanh"),
-            helper.make_node("Mul", [n("ga"), n("u")], [n("gu")]),
-            helper.make_node("MatMul", [n("gu"), n("w2")], [n("f2m")]),
-            helper.make_node("Add", [n("f2m"), n("b2")], [n("f2")]),
-            helper.make_node("Mul", [n("f2"), n("g2")], [n("fg")]),
-            helper.make_node("Add", [n("x1"), n("fg")], [n("x2")])]
-        x = n("x2")
-    for k, v in head.items():
-        inits.append(numpy_helper.from_array(v, k))
-    nodes += [helper.make_node("SimplifiedLayerNormalization", [x, "so"], ["hn"], axis=-1, epsilon=1e-30),
-              helper.make_node("MatMul", ["hn", "wh"], ["lm"]), helper.make_node("Add", ["lm", "bh"], ["logits"])]
-    model_proto = helper.make_model(helper.make_graph(nodes, "fused_step", inputs, outputs, inits),
-                                    opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
-    onnx.save(model_proto, str(path))
+    from fused_generation_probe import fused_transformer
+
+    onnx.save(fused_transformer(model), str(path))
 
 
 def standard_graph(model, rows: int, path: Path) -> None:
@@ -165,7 +79,7 @@ def main(argv=None) -> int:
     a = model.config.ar
     R, L, H, d, S, p = 2 * args.batch, a.layers, a.heads, a.head_dim, model.config.vocab().seq_len, args.position
     tmp = Path(tempfile.mkdtemp())
-    fused_graph(model, R, tmp / "fused.onnx")
+    fused_graph(model, tmp / "fused.onnx")
     standard_graph(model, R, tmp / "std.onnx")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
@@ -188,16 +102,15 @@ def main(argv=None) -> int:
     buffers = {}
     io = fused.io_binding()
     io.bind_cpu_input("input_ids", ids)
-    io.bind_cpu_input("seqlens_k", np.full(R, p, np.int32))
-    io.bind_cpu_input("total_len", np.array(p + 1, np.int32))
+    io.bind_cpu_input("start_pos", np.array([p]))
     for i in range(L):
         for kind, cache in (("k", k_cache), ("v", v_cache)):
             buffers[(i, kind)] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cache[i]))
             io.bind_ortvalue_input(f"l{i}_past_{kind}", buffers[(i, kind)])
             io.bind_ortvalue_output(f"l{i}_present_{kind}", buffers[(i, kind)])
-    io.bind_output("logits")
+    io.bind_output("last")
     fused.run_with_iobinding(io)
-    fused_logits = io.copy_outputs_to_cpu()[-1][:, 0]  # in binding order: the caches, then the logits
+    fused_logits = io.copy_outputs_to_cpu()[-1]  # in binding order: the caches, then the logits
     print(f"max |logits - torch|: today's form {np.abs(std_logits - ref).max():.2e}, fused {np.abs(fused_logits - ref).max():.2e} "
           f"(logit scale {np.abs(ref).max():.2f}); argmax equal: {np.array_equal(fused_logits.argmax(-1), ref.argmax(-1))}")
 
