@@ -86,6 +86,7 @@ XP = ["experiment", "small", "--data", "synthetic:8", "--out", "{t}/xp", "--no-c
 IMP = ["import-official", "--tokenizer", "{t}/adir", "--preset", "tiny", "--out", "{t}/imp"]
 HUB = ["import-official", "--hub", "--preset", "prologue-b-b", "--out", "{t}/imp"]
 SRV = ["serve", *FB]
+TRI = ["triton", "{t}/fakebundle", "--out", "{t}/repo"]
 
 CASES = {
     # family "json": JSON arguments that do not parse or are not an object
@@ -111,6 +112,10 @@ CASES = {
         (*DEMO, "--pretokenize-limit", "-1"),
         (*SRV, "--port", "0"), (*SRV, "--port", "70000"), (*SRV, "--max-queue", "0"), (*SRV, "--max-images", "0"),
         (*SRV, "--max-images", "5000"),
+        (*TRI, "--instances", "0"), (*TRI, "--instances", "65"), (*TRI, "--max-batch-size", "0"),
+        (*TRI, "--max-batch-size", "2000"), (*TRI, "--queue-delay-us", "-1"), (*TRI, "--queue-delay-us", "1e12"),
+        (*TRI, "--threads", "0"), (*TRI, "--kind", "gpu", "--gpus", "0,0"), (*TRI, "--kind", "gpu", "--gpus", "-1"),
+        (*TRI, "--gpus", "0"), (*TRI, "--kind", "gpu", "--backend", "cpu"),
     ],
     # family "float": NaN, infinities and values out of range
     "float": [
@@ -139,6 +144,8 @@ CASES = {
         ("import-official", "--tokenizer", "{t}/adir", "--preset", "tiny", "--out", "{t}/afile"),
         (*HUB[:-1], "{t}/afile"), (*HUB[:-1], "{t}/afile/x"),
         (*BE, "--timing-cache", "{t}/adir"),
+        ("triton", "{t}/fakebundle", "--out", "{t}/afile"), ("triton", "{t}/fakebundle", "--out", "{t}/afile/r"),
+        ("triton", "{t}/fakebundle", "--out", ""), (*TRI, "--name", "../x"), (*TRI, "--name", "a b"),
     ],
     # family "in": inputs that are missing or not what they must be
     "in": [
@@ -176,12 +183,16 @@ CASES = {
         (*XP, "--rows", ""), ("eval", "probe", "--checkpoint", "{t}/fakeckpt", "--data", "synthetic:0"),
         ("train", "tokenizer", "--config", "tiny", "--data", "synthetic:-3", "--out", "{t}/run"),
         (*DEMO, "--data", "synthetic:x"), (*XP, "--data", "synthetic:"),
+        ("triton", "{t}/nope", "--out", "{t}/repo"), ("triton", "{t}/afile", "--out", "{t}/repo"), TRI,
+        ("triton", "{t}/badjson", "--out", "{t}/repo"), ("triton", "{t}/listjson", "--out", "{t}/repo"),
+        (*TRI, "--digest", "0" * 64), (*TRI, "--site-packages", "{t}/nope"), (*TRI, "--site-packages", "{t}/afile"),
     ],
     # family "usage": what argparse already refuses (kept: exit code 2, now on one line)
     "usage": [
         ("generate", *FB, "--out", "{t}/o.png"), ("export",), ("export", "--checkpoint", "{t}/fakeckpt"),
         ("export", "--checkpoint", "{t}/fakeckpt", "--out", "{t}/b", "--verify", "{t}/fakebundle"),
         ("train",), ("eval", "fid"), ("nonsense",), (*GEN, "--backend", "quantum"),
+        ("triton",), ("triton", "{t}/fakebundle"), (*TRI, "--kind", "tpu"), (*TRI, "--backend", "quantum"),
     ],
 }
 
