@@ -68,7 +68,6 @@ class Tensor:
     data_type: str  # Triton's TYPE_* name
     dims: typing.Tuple[int, ...]
     optional: bool = False
-    help: str = ""
 
     @property
     def dtype(self):
@@ -80,24 +79,22 @@ OPTION_TYPES = {float: "TYPE_FP64", int: "TYPE_INT64", str: "TYPE_STRING"}  # FP
 
 
 def inputs(bundle: Bundle) -> typing.List[Tensor]:
-    """class_id and seed, one input per sampling option of the settings table (all optional: the
-    bundle's default when absent), and the prologue ids to fix (bundles with a prologue)."""
-    out = [Tensor("class_id", "TYPE_INT64", (1,), help=f"class id in [0, {bundle.num_classes}] "
-                  f"({bundle.null_class} = the null class: unconditional)"),
-           Tensor("seed", "TYPE_UINT64", (1,), optional=True, help="the row's seed (absent: a random one, sent back)")]
-    out += [Tensor(o.name, OPTION_TYPES[o.type], (1,), optional=True, help=o.help) for o in SAMPLING_OPTIONS]
+    """class_id (the null class allowed) and seed (absent: a random one, sent back), one input per
+    sampling option of the settings table (all optional: the bundle's default when absent), and
+    the raw prologue codes to keep fixed (bundles with a prologue). docs/triton.md has the table."""
+    out = [Tensor("class_id", "TYPE_INT64", (1,)), Tensor("seed", "TYPE_UINT64", (1,), optional=True)]
+    out += [Tensor(o.name, OPTION_TYPES[o.type], (1,), optional=True) for o in SAMPLING_OPTIONS]
     if bundle.vocab.has_prologue:
-        out.append(Tensor("prologue_ids", "TYPE_INT64", (bundle.vocab.num_prologue_tokens,), optional=True,
-                          help="raw prologue codes to keep fixed (variations); the `prologue_ids` output of a row"))
+        out.append(Tensor("prologue_ids", "TYPE_INT64", (bundle.vocab.num_prologue_tokens,), optional=True))
     return out
 
 
 def outputs(bundle: Bundle) -> typing.List[Tensor]:
-    out = [Tensor("image", "TYPE_UINT8", (bundle.image_size, bundle.image_size, bundle.channels), help="HWC, RGB"),
-           Tensor("seed", "TYPE_UINT64", (1,), help="the seed the row used")]
+    """The image (HWC), the seed each row used, and its prologue codes (bundles with a prologue)."""
+    out = [Tensor("image", "TYPE_UINT8", (bundle.image_size, bundle.image_size, bundle.channels)),
+           Tensor("seed", "TYPE_UINT64", (1,))]
     if bundle.vocab.has_prologue:
-        out.append(Tensor("prologue_ids", "TYPE_INT64", (bundle.vocab.num_prologue_tokens,),
-                          help="the row's prologue codes (send them back as an input for variations)"))
+        out.append(Tensor("prologue_ids", "TYPE_INT64", (bundle.vocab.num_prologue_tokens,)))
     return out
 
 
@@ -258,7 +255,7 @@ def write_repository(bundle_path, out, options: typing.Optional[RepositoryOption
         shutil.copyfile(ENTRY_FILE, version / "model.py")
         write_text_atomic(tmp / options.name / "config.pbtxt", config_pbtxt(bundle, options, ref), "config.pbtxt")
         tmp.chmod(0o777 & ~_umask())  # mkdtemp made it owner-only; a repository is read by the server's user
-        for folder in (version, tmp / options.name, tmp):
+        for folder in (version, tmp / options.name):  # publish_folder fsyncs tmp itself
             fsync_dir(folder)
         publish_folder(tmp, out, "model repository", check=lambda dest: None if not os.path.lexists(dest)
                        or _empty_folder(dest) or _is_our_repository(dest) else _refuse(dest))
@@ -393,6 +390,7 @@ class TritonModel:
                                                digest=params.get("bundle_sha256") or None)
         bundle = self.generator.bundle
         self.inputs, self.outputs = inputs(bundle), outputs(bundle)
+        self.specs = {t.name: t for t in self.inputs}
         self.batcher = Batcher(self.generator, batching=True, start=False)
         self.metrics = RequestMetrics(pb_utils, str(config.get("name", MODEL_NAME)), str(args.get("model_version", "1")))
         print(f"[prologue] {config.get('name', MODEL_NAME)}: bundle {bundle.path} (sha256 {bundle.digest}), "
@@ -404,7 +402,7 @@ class TritonModel:
         parsed, jobs = [], []
         for request in requests:
             try:
-                rows = request_jobs(self.generator, self._arrays(request))
+                rows = request_jobs(self.generator, self._arrays(request), self.specs)
             except (InputError, ConfigError, BundleError) as exc:
                 parsed.append(exc)
                 continue
@@ -464,12 +462,13 @@ def _maps() -> str:
         return ""
 
 
-def request_jobs(generator, arrays: typing.Dict[str, np.ndarray]) -> typing.List[Job]:
+def request_jobs(generator, arrays: typing.Dict[str, np.ndarray],
+                 specs: typing.Optional[typing.Dict[str, Tensor]] = None) -> typing.List[Job]:
     """One batcher job per row of a request (`arrays`: input name -> its `[B, *dims]` array as Triton
     hands it over). Every row is checked before any runs; a bad row fails the whole request with a
     message naming the row and the input."""
     bundle = generator.bundle
-    specs = {t.name: t for t in inputs(bundle)}
+    specs = specs or {t.name: t for t in inputs(bundle)}  # the model passes its own, made once
     if "class_id" not in arrays:
         raise InputError("class_id is required")
     rows = len(arrays["class_id"]) if np.ndim(arrays["class_id"]) else 0
